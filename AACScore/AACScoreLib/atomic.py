@@ -21,11 +21,18 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(handle)
     temporary_path = Path(temporary)
+    os.chmod(temporary_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual mode
     try:
         yield temporary_path
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> None:

@@ -16,6 +16,8 @@ from .errors import AACScoreError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "phantoms",
+    "packages",
+    "evaluate",
 )
 
 
