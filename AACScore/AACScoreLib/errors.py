@@ -24,3 +24,7 @@ class GeometryError(AACScoreError):
 
 class ModelPackageError(AACScoreError):
     """A model package is missing, malformed, or fails its checksum."""
+
+
+class Cancelled(AACScoreError):
+    """The user cancelled a long task; callers stop the whole job rather than record an error row."""

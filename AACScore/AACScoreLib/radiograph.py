@@ -1,0 +1,408 @@
+"""Reading a radiograph file into one float image with its physical spacing and orientation hints.
+
+Everything downstream (segmenter, geometry, scorer, Slicer scene) takes a `Radiograph`, so this is the only
+place that knows about file formats, photometric interpretation and pixel spacing tags. The format is found
+from the file's content, not its extension, and every failure, whatever library it comes from, leaves as a
+`RadiographError` naming the file and the problem, so that a batch run can report it and carry on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RadiographError
+
+MIN_SIDE = 64
+"""Smallest accepted image side in pixels: smaller images cannot show five vertebrae."""
+MAX_PIXELS = 100_000_000
+"""Largest accepted image (pixels), checked before decoding so a corrupt header cannot exhaust memory."""
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI_MAGICS = (b"n+1\x00", b"ni1\x00")
+# A DICOM file without the 128-byte preamble starts with a group 0002 or 0008 tag (little or big endian).
+_DICOM_NO_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x08")
+# Everything else a decoder raises is wrapped, BaseException included: the Rust RLE decoder reports corrupt
+# data with pyo3's PanicException, which does not derive from Exception.
+_NOT_DECODER_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+_HEAD_BYTES = 348  # enough for the NIfTI-1 magic at offset 344
+_DICOM_METADATA_TAGS = (
+    "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "PhotometricInterpretation",
+    "SOPClassUID", "SOPInstanceUID", "BitsAllocated", "BitsStored", "PixelRepresentation",
+    "RescaleSlope", "RescaleIntercept", "EstimatedRadiographicMagnificationFactor",
+)
+
+
+@dataclass
+class Radiograph:
+    """A 2D grayscale radiograph; `pixels` follows the bone-bright convention whatever the file said."""
+
+    pixels: np.ndarray  # float32 (H, W); modality LUT applied; MONOCHROME1 inverted; bone bright
+    spacing: tuple[float, float] | None  # (row_mm, col_mm), None when unknown
+    spacing_source: str  # which tag or header gave the spacing, "unknown" when none did
+    path: str
+    format: str  # "DICOM" | "PNG" | "JPEG" | "NRRD" | "NIfTI"
+    patient_orientation: tuple[str, str] | None = None  # DICOM (0020,0020): increasing column, increasing row
+    view_position: str | None = None
+    image_laterality: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_radiograph(path: str | Path) -> Radiograph:
+    """Read a DICOM, PNG, JPEG, NRRD or NIfTI radiograph; raises RadiographError and nothing else."""
+    path = Path(path)
+    try:
+        return _read(path)
+    except (RadiographError, *_NOT_DECODER_ERRORS):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
+        raise RadiographError(path, f"cannot be read: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One line, so that the message fits a CSV cell and a status bar."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _read(path: Path) -> Radiograph:
+    if not path.exists():
+        raise RadiographError(path, "file does not exist")
+    if path.is_dir():
+        raise RadiographError(path, "is a folder, not an image file")
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if not head:
+        raise RadiographError(path, "file is empty (0 bytes)")
+    reader = {"DICOM": _read_dicom, "PNG": _read_pillow, "JPEG": _read_pillow,
+              "NRRD": _read_nrrd, "NIfTI": _read_nifti}[_detect_format(path, head)]
+    radiograph = reader(path)
+    _check_pixels(path, radiograph.pixels)
+    return radiograph
+
+
+def _detect_format(path: Path, head: bytes) -> str:
+    """Content first (magic bytes), extension only for NIfTI, whose gzip form has no magic of its own."""
+    if head.startswith(_PNG_MAGIC):
+        return "PNG"
+    if head.startswith(_JPEG_MAGIC):
+        return "JPEG"
+    if head.startswith(b"NRRD"):
+        return "NRRD"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")) or head[344:348] in _NIFTI_MAGICS:
+        return "NIfTI"
+    if head[:2] in _DICOM_NO_PREAMBLE_STARTS:
+        return "DICOM"
+    detail = "gzip-compressed; decompress it first" if head.startswith(_GZIP_MAGIC) else \
+        f"extension '{path.suffix}'" if path.suffix else "no extension"
+    raise RadiographError(path, f"unrecognised file format ({detail}); expected DICOM, PNG, JPEG, NRRD or NIfTI")
+
+
+def _check_pixels(path: Path, pixels: np.ndarray) -> None:
+    """The checks every format shares: one 2D plane, large enough, finite values."""
+    if pixels.ndim != 2:
+        raise RadiographError(path, f"image has shape {pixels.shape}; expected one 2D grayscale image")
+    _check_size(path, *pixels.shape)
+    if not np.isfinite(pixels).all():
+        raise RadiographError(path, "image contains NaN or infinite values")
+
+
+def _check_size(path: Path, rows: int, cols: int) -> None:
+    if min(rows, cols) < MIN_SIDE:
+        raise RadiographError(path, f"image too small ({rows}x{cols} pixels; at least {MIN_SIDE} on each side)")
+    if rows * cols > MAX_PIXELS:
+        raise RadiographError(path, f"image too large ({rows}x{cols} pixels; at most {MAX_PIXELS:,} pixels)")
+
+
+def _valid_spacing(values) -> tuple[float, float] | None:
+    """(row_mm, col_mm) when both values are finite and positive, else None."""
+    try:
+        row, col = (float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(row) and math.isfinite(col) and row > 0 and col > 0):
+        return None
+    return row, col
+
+
+# --- DICOM -------------------------------------------------------------------------------------------------
+
+
+def _read_dicom(path: Path) -> Radiograph:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    # defer_size: the header checks below reject non-radiographs before the pixel data is even read.
+    ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
+    _check_dicom_header(path, ds)
+    _infer_missing_transfer_syntax(ds)
+    try:
+        stored = ds.pixel_array
+    except _NOT_DECODER_ERRORS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any decoder plugin's failure
+        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+        where = f" ({syntax.name})" if syntax else ""
+        raise RadiographError(path, f"cannot decode the pixel data{where}: {_reason(exc)}") from exc
+    if stored.ndim != 2:
+        raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
+    pixels = apply_modality_lut(stored, ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "MONOCHROME1":
+        lo, hi = _modality_range(ds)
+        pixels = (lo + hi) - pixels.astype(np.float64)
+    spacing, spacing_source, spacing_problem = _dicom_spacing(ds)
+    metadata = _dicom_metadata(ds)
+    if spacing_problem:
+        metadata["SpacingProblem"] = spacing_problem
+    return Radiograph(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        spacing=spacing,
+        spacing_source=spacing_source,
+        path=str(path),
+        format="DICOM",
+        patient_orientation=_patient_orientation(ds),
+        view_position=_dicom_string(ds, "ViewPosition"),
+        image_laterality=_dicom_string(ds, "ImageLaterality"),
+        metadata=metadata,
+    )
+
+
+def _check_dicom_header(path: Path, ds) -> None:
+    """Reject what is not a single grayscale image before decoding, with the reason a user can act on."""
+    if "PixelData" not in ds:
+        kind = _sop_class_name(ds)
+        if not kind:
+            raise RadiographError(path, "DICOM file has no pixel data and no SOP Class; it is corrupt or not an image")
+        raise RadiographError(path, f"DICOM file has no pixel data ({kind}); it is not an image")
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames or 1)
+    except (TypeError, ValueError):
+        raise RadiographError(path, f"invalid NumberOfFrames {frames!r}") from None
+    if frames > 1:
+        raise RadiographError(path, f"multi-frame DICOM ({frames} frames); expected a single 2D radiograph")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = ds.get("SamplesPerPixel", 1)
+    if not photometric:
+        raise RadiographError(path, "DICOM image has no PhotometricInterpretation; cannot tell grayscale from colour")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
+        raise RadiographError(
+            path, f"colour or non-grayscale image (PhotometricInterpretation {photometric}, "
+                  f"SamplesPerPixel {samples}); a radiograph must be grayscale")
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise RadiographError(path, "DICOM image has no Rows or Columns")
+    _check_size(path, int(rows), int(cols))
+
+
+def _infer_missing_transfer_syntax(ds) -> None:
+    """Files without a file meta header (older than DICOM Part 10) are uncompressed; pydicom knows how it read
+    them but will not decode pixels without a Transfer Syntax UID, so give it the one matching that encoding."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+              (False, False): ExplicitVRBigEndian}.get(tuple(ds.original_encoding))
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _sop_class_name(ds) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return str(uid.name) if uid is not None else ""
+
+
+def _modality_range(ds) -> tuple[float, float]:
+    """Nominal output range of the modality LUT, so MONOCHROME1 inverts the same way for every image."""
+    from pydicom.pixels import apply_modality_lut
+
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
+    mapped = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    return float(mapped.min()), float(mapped.max())
+
+
+def _dicom_spacing(ds) -> tuple[tuple[float, float] | None, str, str]:
+    """(spacing, source, problem): the first valid of PixelSpacing, ImagerPixelSpacing (magnification-corrected
+    when the factor is given) and NominalScannedPixelSpacing; invalid values are reported, never used."""
+    problems: list[str] = []
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        spacing = _valid_spacing(value)
+        if spacing is None:
+            problems.append(f"{keyword} {value!r} is not two positive numbers")
+            continue
+        source = keyword
+        if keyword == "ImagerPixelSpacing":
+            spacing, source = _magnification_corrected(ds, spacing, problems)
+        return spacing, source, "; ".join(problems)
+    return None, "unknown", "; ".join(problems)
+
+
+def _magnification_corrected(ds, spacing: tuple[float, float], problems: list[str]) -> tuple[tuple[float, float], str]:
+    """ImagerPixelSpacing is at the detector; dividing by the magnification brings it to the patient plane."""
+    value = ds.get("EstimatedRadiographicMagnificationFactor")
+    if value is None or value == "":
+        return spacing, "ImagerPixelSpacing"
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        problems.append(f"EstimatedRadiographicMagnificationFactor {value!r} ignored (not a positive number)")
+        return spacing, "ImagerPixelSpacing"
+    return ((spacing[0] / factor, spacing[1] / factor),
+            "ImagerPixelSpacing corrected by EstimatedRadiographicMagnificationFactor")
+
+
+def _patient_orientation(ds) -> tuple[str, str] | None:
+    value = ds.get("PatientOrientation")
+    if value is None or value == "":
+        return None
+    parts = [value] if isinstance(value, str) else list(value)
+    parts = [str(p).strip().upper() for p in parts]
+    if len(parts) != 2 or not all(parts):
+        return None
+    return parts[0], parts[1]
+
+
+def _dicom_string(ds, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _dicom_metadata(ds) -> dict[str, str]:
+    metadata = {}
+    for keyword in _DICOM_METADATA_TAGS:
+        text = _dicom_string(ds, keyword)
+        if text is not None:
+            metadata[keyword] = text
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax:
+        metadata["TransferSyntaxUID"] = str(syntax)
+        metadata["TransferSyntax"] = str(syntax.name)
+    return metadata
+
+
+# --- PNG / JPEG --------------------------------------------------------------------------------------------
+
+
+def _read_pillow(path: Path) -> Radiograph:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        _check_size(path, image.height, image.width)
+        image.load()  # decodes now, so a truncated file fails here
+        fmt = "PNG" if image.format == "PNG" else "JPEG"
+        if getattr(image, "n_frames", 1) > 1:
+            raise RadiographError(path, f"animated or multi-frame {fmt} ({image.n_frames} frames)")
+        mode = image.mode
+        image = ImageOps.exif_transpose(image)  # as viewers show it
+        pixels = _pillow_gray(path, image)
+    return Radiograph(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        spacing=None,  # a DPI in PNG/JPEG says nothing about millimetres on the detector
+        spacing_source="unknown",
+        path=str(path),
+        format=fmt,
+        metadata={"Mode": mode, "Format": fmt},
+    )
+
+
+def _pillow_gray(path: Path, image) -> np.ndarray:
+    """Grayscale pixels; an RGB image is accepted only when its channels are equal (gray stored as RGB)."""
+    if image.mode in ("L", "I", "F") or image.mode.startswith("I;"):
+        return np.asarray(image)
+    if image.mode == "1":
+        return np.asarray(image.convert("L"))
+    rgba = np.asarray(image.convert("RGBA"))
+    if (rgba[..., 3] != 255).any():
+        raise RadiographError(path, f"image has transparent pixels (mode {image.mode}); expected an opaque radiograph")
+    red, green, blue = rgba[..., 0], rgba[..., 1], rgba[..., 2]
+    if not (np.array_equal(red, green) and np.array_equal(red, blue)):
+        raise RadiographError(
+            path, f"colour image (mode {image.mode}, channels differ); a radiograph must be grayscale")
+    return red
+
+
+# --- NRRD / NIfTI ------------------------------------------------------------------------------------------
+
+
+def _read_nrrd(path: Path) -> Radiograph:
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    sizes = [int(n) for n in header.get("sizes", [])]
+    if int(np.prod(sizes, dtype=np.int64)) > MAX_PIXELS:
+        raise RadiographError(path, f"image too large (sizes {sizes}; at most {MAX_PIXELS:,} pixels)")
+    data, header = nrrd.read(str(path), index_order="C")  # C order: (..., rows, cols)
+    kinds = [str(k).lower() for k in header.get("kinds", [])]
+    if any("color" in k for k in kinds):
+        raise RadiographError(path, f"colour NRRD (kinds {kinds}); a radiograph must be grayscale")
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise RadiographError(path, f"NRRD has {data.ndim} dimensions {data.shape}; expected one 2D image")
+    spacing, source = None, "unknown"
+    directions = header.get("space directions")
+    if directions is not None:
+        # Header axes run fastest first: axis 0 is columns, axis 1 rows.
+        norms = [float(np.linalg.norm(np.asarray(d, dtype=float))) for d in list(directions)[:2]]
+        spacing, source = _valid_spacing((norms[1], norms[0])), "NRRD space directions"
+    elif header.get("spacings") is not None:
+        spacings = list(header["spacings"])[:2]
+        spacing, source = _valid_spacing((spacings[1], spacings[0])), "NRRD spacings"
+    return Radiograph(
+        pixels=np.ascontiguousarray(data, dtype=np.float32),
+        spacing=spacing,
+        spacing_source=source if spacing is not None else "unknown",
+        path=str(path),
+        format="NRRD",
+        metadata={"type": str(header.get("type", "")), "space": str(header.get("space", ""))},
+    )
+
+
+def _read_nifti(path: Path) -> Radiograph:
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if image.get_data_dtype().names:  # RGB24 and other structured voxel types
+        raise RadiographError(path, f"colour NIfTI (voxel type {image.get_data_dtype()}); expected grayscale")
+    shape = image.shape
+    if len(shape) < 2 or any(n != 1 for n in shape[2:]):
+        raise RadiographError(path, f"NIfTI has shape {shape}; expected one 2D image")
+    _check_size(path, shape[1], shape[0])
+    data = np.asarray(image.dataobj).reshape(shape[:2])
+    if np.iscomplexobj(data):
+        raise RadiographError(path, "NIfTI has complex voxels; expected a real grayscale image")
+    # NIfTI's first voxel axis is x (columns), the second y (rows), as ITK and Slicer write 2D images.
+    zoom_i, zoom_j = (float(z) for z in image.header.get_zooms()[:2])
+    unit = image.header.get_xyzt_units()[0]
+    scale = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}.get(unit, 1.0)
+    spacing = _valid_spacing((zoom_j * scale, zoom_i * scale))
+    source = "NIfTI header" if unit in ("meter", "mm", "micron") else "NIfTI header (units unknown, assumed mm)"
+    return Radiograph(
+        pixels=np.ascontiguousarray(data.T, dtype=np.float32),
+        spacing=spacing,
+        spacing_source=source if spacing is not None else "unknown",
+        path=str(path),
+        format="NIfTI",
+        metadata={"datatype": str(image.get_data_dtype()), "units": str(unit)},
+    )
