@@ -41,7 +41,7 @@ class ResultsFile:
         return row is not None and not (retry_errors and row.get("status") == "error")
 
     def add(self, row: dict[str, object]) -> None:
-        self.rows[str(row["file"])] = {column: _format(row.get(column)) for column in COLUMNS}
+        self.rows[str(row["file"])] = {column: format_cell(row.get(column)) for column in COLUMNS}
         self._dirty = True
         if time.monotonic() - self._last_save >= self.min_interval:
             self.save()
@@ -72,7 +72,7 @@ class ResultsFile:
         return self.rows.values()
 
 
-def _format(value: object) -> str:
+def format_cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
