@@ -51,7 +51,8 @@ def test_every_widget_the_module_names_exists_in_the_ui():
 def test_readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_latter():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.DOTALL)
-    first_commands = [line.strip() for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+    first_commands = [line.split("#")[0].strip() for line in blocks[0].splitlines()
+                      if line.strip() and not line.startswith("#")]
     assert len(first_commands) == 2, first_commands
     demo_command, test_command = first_commands
     assert "demo" in demo_command and "test" in test_command

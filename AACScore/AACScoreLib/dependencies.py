@@ -1,0 +1,230 @@
+"""The Python packages AACScore needs inside 3D Slicer, and how to install them without breaking Slicer.
+
+A Slicer extension ships no pyproject.toml, so the pins live here (a test checks they equal pyproject's).
+Installing goes through Slicer's pip (`slicer.util.pip_install`) with two safeguards, after what users of other
+AI extensions complain about most:
+
+- Slicer's own packages are never replaced. Every distribution already installed in Slicer's Python is written
+  into a pip constraints file at its installed version (numpy, SimpleITK and vtk too, from their module's
+  version when pip has no record of them), and nothing already installed is requested again, so pip either
+  leaves them as they are or stops with a conflict; it can never up- or downgrade them.
+- torch comes from PyTorch's CPU wheel index, pinned as `torch==2.14.1+cpu`, when this machine has no NVIDIA
+  GPU (no working `nvidia-smi`; torch itself may not be installed yet), so a computer without CUDA does not
+  download gigabytes of CUDA libraries; with a GPU, from PyPI on Linux (those wheels bundle CUDA) and from
+  PyTorch's CUDA index (`+cu128`) on Windows, whose PyPI wheels are CPU-only. macOS always uses PyPI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Mapping
+
+REQUIREMENTS: tuple[str, ...] = (
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "nnunetv2==2.8.1",
+    "grad-cam==1.5.7",
+    "safetensors==0.8.0",
+    "pydicom==3.0.2",
+    "pylibjpeg==2.1.0",
+    "pylibjpeg-libjpeg==2.5.0",
+    "pylibjpeg-openjpeg==2.6.0",
+    "pylibjpeg-rle==2.2.0",
+    "pyjpegls==1.5.1",
+    "pynrrd==1.1.3",
+    "nibabel==5.4.2",
+    "scikit-image==0.26.0",
+    "scipy==1.17.1",
+    "pillow==13.0.0",
+    "matplotlib==3.11.2",
+    "numpy==2.4.6",
+)
+"""The core's pinned dependencies, equal to pyproject.toml's [project] dependencies."""
+
+SLICER_PACKAGES: dict[str, str] = {"numpy": "numpy", "SimpleITK": "SimpleITK", "vtk": "vtk"}
+"""Packages Slicer builds or bundles itself (distribution name: import name); never installed by AACScore."""
+
+TORCH_PACKAGES: tuple[str, ...] = ("torch", "torchvision")
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"  # CUDA 12.8 wheels of torch 2.14 for Windows
+PYPI_INDEX = "https://pypi.org/simple"  # torch's own dependencies (sympy, filelock, ...)
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised distribution name (Pillow, pillow and PIL-low spellings compare equal)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def split_requirement(requirement: str) -> tuple[str, str]:
+    """("torch", "2.14.1") from "torch==2.14.1"."""
+    name, _, version = requirement.partition("==")
+    return name.strip(), version.strip()
+
+
+def _valid_version(version: str) -> bool:
+    """pip rejects a whole constraints file over one non-PEP 440 version (some source builds have them)."""
+    return re.fullmatch(r"v?\d+(\.\d+)*((a|b|rc|\.post|\.dev)\d*)*(\+[A-Za-z0-9.]+)?", version) is not None
+
+
+def installed_versions() -> dict[str, str]:
+    """Every distribution in this Python (canonical name -> version), plus Slicer's packages that pip does not
+    know about (Slicer builds SimpleITK and vtk itself), from their module's version."""
+    versions = {}
+    for distribution in importlib.metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            versions.setdefault(canonical(name), distribution.version)
+    for name, module in SLICER_PACKAGES.items():
+        if canonical(name) not in versions:
+            version = _module_version(module)
+            if version:
+                versions[canonical(name)] = version
+    return versions
+
+
+def _module_version(module_name: str) -> str | None:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - a broken binary module raises anything on import
+        return None
+    version = getattr(module, "__version__", None)
+    if version is None and module_name == "SimpleITK":
+        version = module.Version.VersionString()
+    if version is None and module_name == "vtk":
+        version = module.vtkVersion.GetVTKVersion()
+    return str(version) if version else None
+
+
+def missing_requirements(installed: Mapping[str, str] | None = None) -> list[str]:
+    """Problems with the pinned requirements: "name==version (not installed)" or "(version X installed)".
+
+    A different installed version is reported but never replaced by `pip_install_arguments`.
+    """
+    installed = installed_versions() if installed is None else {canonical(k): v for k, v in installed.items()}
+    problems = []
+    for requirement in REQUIREMENTS:
+        name, version = split_requirement(requirement)
+        have = installed.get(canonical(name))
+        if have is None:
+            problems.append(f"{requirement} (not installed)")
+        elif have.split("+")[0] != version:
+            problems.append(f"{requirement} (version {have} installed)")
+    return problems
+
+
+def cuda_present() -> bool:
+    """An NVIDIA GPU with a working driver, asked without torch (it may not be installed yet)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listing.returncode == 0 and "GPU" in listing.stdout
+
+
+def torch_index(cuda: bool, system: str | None = None) -> str | None:
+    """The wheel index for torch: CPU wheels without CUDA, PyPI (None) or the CUDA index with it."""
+    system = system or platform.system()
+    if system == "Darwin":
+        return None  # PyPI's macOS wheels are the only ones (CPU and Apple MPS)
+    if not cuda:
+        return TORCH_CPU_INDEX
+    return TORCH_CUDA_INDEX if system == "Windows" else None
+
+
+def pip_install_arguments(constraints_file: str | Path, installed: Mapping[str, str] | None = None,
+                          cuda: bool | None = None, system: str | None = None) -> list[list[str]]:
+    """The `slicer.util.pip_install` calls (argument lists) that install what is missing, in order.
+
+    Writes `constraints_file`: every installed distribution (and numpy, SimpleITK, vtk) pinned at its
+    installed version, passed to every call with `-c`. Requirements already installed, in any version, are not
+    requested, and Slicer's own packages never are. torch and torchvision go in their own call when the
+    wheel index differs from PyPI. Returns [] when nothing is missing.
+    """
+    installed = installed_versions() if installed is None else {canonical(k): v for k, v in installed.items()}
+    protected = {canonical(name) for name in SLICER_PACKAGES}
+    wanted = [requirement for requirement in REQUIREMENTS
+              if canonical(split_requirement(requirement)[0]) not in installed
+              and canonical(split_requirement(requirement)[0]) not in protected]
+    if not wanted:
+        return []
+    constraints = Path(constraints_file)
+    constraints.parent.mkdir(parents=True, exist_ok=True)
+    constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted(installed.items())
+                                   if _valid_version(version)))
+    common = ["-c", str(constraints)]
+    torch_wanted = [r for r in wanted if split_requirement(r)[0] in TORCH_PACKAGES]
+    others = [r for r in wanted if r not in torch_wanted]
+    index = torch_index(cuda_present() if cuda is None else cuda, system) if torch_wanted else None
+    calls = []
+    if torch_wanted and index is not None:
+        # the local version (+cpu, +cu128) names the build exactly; the index's pages win over PyPI's torch
+        local = "+" + index.rstrip("/").rsplit("/", 1)[-1]
+        calls.append([requirement + local for requirement in torch_wanted]
+                     + ["--index-url", index, "--extra-index-url", PYPI_INDEX] + common)
+        torch_wanted = []
+    if torch_wanted or others:
+        calls.append(torch_wanted + others + common)
+    return calls
+
+
+def install_missing(constraints_file: str | Path, pip_install: Callable[[list[str]], object] | None = None,
+                    log: Callable[[str], None] = print) -> list[list[str]]:
+    """Install the missing requirements through Slicer's pip (inside Slicer); returns the calls made."""
+    if pip_install is None:
+        import slicer.util
+
+        pip_install = slicer.util.pip_install
+    calls = pip_install_arguments(constraints_file)
+    for arguments in calls:
+        log("pip install " + " ".join(arguments))
+        pip_install(arguments)
+    importlib.invalidate_caches()
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------- device
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here, or None when a tiny operation on the GPU works."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (use Settings > Install dependencies)"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return f"torch {torch.__version__} ({build}) sees no usable NVIDIA GPU"
+    try:
+        (torch.ones(2, device="cuda") * 2).sum().item()
+    except Exception as error:  # noqa: BLE001 - a broken driver raises anything
+        return f"a test operation on the GPU failed ({error})"
+    return None
+
+
+def device_choice(requested: str = "auto",
+                  problem: Callable[[], str | None] = cuda_problem) -> tuple[str, str]:
+    """("cpu" | "cuda", a sentence for the user) for "auto", "cpu" or "cuda".
+
+    CUDA asked for but unusable falls back to the CPU with a message that says why, instead of failing
+    midway through a batch.
+    """
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")
+    if requested == "cpu":
+        return "cpu", "Using the CPU, as chosen."
+    why = problem()
+    if why is None:
+        return "cuda", "Using the NVIDIA GPU (CUDA)."
+    if requested == "cuda":
+        return "cpu", f"CUDA was requested but cannot be used: {why}. Using the CPU instead (slower)."
+    return "cpu", f"Using the CPU: {why}."
