@@ -1,0 +1,231 @@
+"""`aacscore score`: run the pipeline over a cohort, resumable, shardable, one results row per input.
+
+Models are loaded once; the next radiograph is read on a second thread while the current one is scored. Each
+finished image gets its label map and heatmap overlay written atomically and its row added to results.csv, so
+an interruption loses nothing already done and a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import sys
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .atomic import atomic_path
+from .cohort import WorkItem, collect, parse_shard
+from .errors import AACScoreError, Cancelled, RadiographError
+from .overlay import render_overlay, save_overlay
+from .radiograph import read_radiograph
+from .results_file import ResultsFile
+
+log = logging.getLogger(__name__)
+
+
+def output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
+    """A file stem per input, unique across the cohort (same stems in different folders get a path hash)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[_stem(item.image)] = counts.get(_stem(item.image), 0) + 1
+    names = {}
+    for item in items:
+        stem = _stem(item.image)
+        if counts[stem] > 1:
+            stem += "-" + hashlib.sha1(str(item.image.resolve()).encode()).hexdigest()[:8]
+        names[item.image] = stem
+    return names
+
+
+def results_path(out_dir: Path, shard: tuple[int, int] | None) -> Path:
+    if shard is None:
+        return out_dir / "results.csv"
+    return out_dir / "shards" / f"results-{shard[0]:04d}-of-{shard[1]:04d}.csv"
+
+
+def score_cohort(
+    pipeline,
+    items: Sequence[WorkItem],
+    out_dir: str | Path,
+    *,
+    names: dict[Path, str] | None = None,
+    shard: tuple[int, int] | None = None,
+    heatmaps: bool = True,
+    retry_errors: bool = False,
+    anterior: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Path:
+    """Score `items` into `out_dir`; returns the results table's path. Already scored inputs are skipped."""
+    out_dir = Path(out_dir)
+    names = names or output_names(items)
+    table_path = results_path(out_dir, shard)
+    with ResultsFile(table_path) as results:
+        todo = [item for item in items if not results.done(str(item.image), retry_errors)]
+        for done, (item, radiograph) in enumerate(_read_ahead(todo), start=1):
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled after {done - 1} of {len(todo)} radiographs")
+            row = _score_one(pipeline, item, radiograph, out_dir, names[item.image], heatmaps, anterior)
+            results.add(row)
+            if progress is not None:
+                progress(done, len(todo), f"{item.image.name}: {row['status']} {row.get('aac24') or ''}".strip())
+    if shard is not None:
+        merge_shards(out_dir)
+    return table_path
+
+
+def merge_shards(out_dir: str | Path) -> Path:
+    """Join every shard's table into out_dir/results.csv (under a lock, so the last shard to finish sees all)."""
+    out_dir = Path(out_dir)
+    merged = out_dir / "results.csv"
+    with open(out_dir / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = ResultsFile(merged)
+        for shard_file in sorted((out_dir / "shards").glob("results-*.csv")):
+            for row in ResultsFile(shard_file).values():
+                table.add(row)
+        table.save()
+    return merged
+
+
+def _read_ahead(items: Sequence[WorkItem]) -> Iterable[tuple[WorkItem, object]]:
+    """Yield (item, Radiograph or RadiographError) with the next file read on a worker thread."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        futures: list[Future] = [reader.submit(_read, item) for item in items[:2]]
+        for index, item in enumerate(items):
+            radiograph = futures[index].result()
+            if index + 2 < len(items):
+                futures.append(reader.submit(_read, items[index + 2]))
+            futures[index] = None  # free the pixels once used
+            yield item, radiograph
+
+
+def _read(item: WorkItem):
+    try:
+        return read_radiograph(item.image)
+    except RadiographError as error:
+        return error
+
+
+def _score_one(pipeline, item, radiograph, out_dir: Path, stem: str, heatmaps: bool, anterior) -> dict:
+    start = time.perf_counter()
+    if isinstance(radiograph, RadiographError):
+        return {"file": str(item.image), "status": "error", "message": str(radiograph)}
+    try:
+        result = pipeline.run(radiograph, item.labels, anterior=anterior, heatmap=heatmaps)
+        row = result.record()
+        row["file"] = str(item.image)
+        if result.labels is not None:
+            row["labels"] = _write_labels(out_dir / "labels" / f"{stem}_labels.png", result.labels)
+        if result.status != "error":
+            title = f"{item.image.name}  AAC-24 {result.aac24:.1f} ({result.category})"
+            if result.heatmap_all_zero:
+                title += "  heatmap: all zero"
+            picture = render_overlay(result.radiograph.pixels, result.heatmap, result.labels, result.geometry,
+                                     title, result.category)
+            row["heatmap"] = str(save_overlay(out_dir / "overlays" / f"{stem}_heatmap.png", picture))
+    except Cancelled:
+        raise
+    except Exception as error:  # one image's failure must never stop the cohort or lose written rows
+        log.error("%s: unexpected failure\n%s", item.image, traceback.format_exc())
+        kind = "" if isinstance(error, AACScoreError) else f"internal error ({type(error).__name__}): "
+        row = {"file": str(item.image), "status": "error", "message": f"{kind}{error}"}
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _write_labels(path: Path, labels: np.ndarray) -> str:
+    with atomic_path(path) as temporary:
+        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG")
+    return str(path)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.suffix else name
+
+
+class _ProgressBar:
+    """One status line with count, percentage and ETA, on stderr."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int, text: str) -> None:
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done) if done else 0.0
+        line = f"[{done}/{total}] {100 * done / max(total, 1):3.0f}%  eta {_duration(eta)}  {text}"
+        end = "\n" if done == total or not self.stream.isatty() else "\r"
+        print(line[:150].ljust(80 if self.stream.isatty() else 0), end=end, file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score", help="score radiographs (files, folders or CSV lists) into DIR/results.csv with overlays",
+        description="Score radiographs end to end. Resumes an interrupted run in the same --out folder.",
+    )
+    parser.add_argument("paths", nargs="+", help="radiograph files, folders, or CSV lists with a 'file' column "
+                        "(and optionally 'labels': a corrected label map used instead of the segmenter)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--scorer", help="scorer package name, name==version or path (default: newest installed, "
+                        "else the bundled demo)")
+    parser.add_argument("--segmenter", help="segmenter package name, name==version or path")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--shard", help="i/n: score only the i-th of n parts (0 <= i < n), for job arrays")
+    parser.add_argument("--anterior", choices=("left", "right"), help="force the anterior side for every image")
+    parser.add_argument("--no-heatmap", action="store_true", help="skip Grad-CAM (faster)")
+    parser.add_argument("--retry-errors", action="store_true", help="rescore inputs whose row is an error")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from .pipeline import Pipeline
+
+    shard = parse_shard(args.shard)
+    everything = collect(args.paths)
+    if not everything:
+        raise AACScoreError("no radiographs found in " + ", ".join(args.paths))
+    names = output_names(everything)
+    items = collect(args.paths, shard)
+    logging.basicConfig(filename=_log_file(args.out), level=logging.INFO, format="%(asctime)s %(message)s")
+    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
+                                      need_segmenter=any(item.labels is None for item in items))
+    print(f"Scoring {len(items)} radiograph(s) into {args.out}", file=sys.stderr)
+    table = score_cohort(pipeline, items, args.out, names=names, shard=shard, heatmaps=not args.no_heatmap,
+                         retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar())
+    print_summary(table)
+    return 0
+
+
+def _log_file(out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return str(out_dir / "aacscore.log")
+
+
+def print_summary(table: Path, stream=sys.stdout) -> None:
+    """A short table of the results for the terminal."""
+    rows = list(ResultsFile(table).values())
+    print(f"{'file':40} {'AAC-24':>7}  {'category':9} status", file=stream)
+    for row in rows:
+        name = Path(row["file"]).name
+        print(f"{name[:40]:40} {row['aac24'] or '-':>7}  {row['category'] or '-':9} {row['status']}"
+              + (f"  {row['message'][:70]}" if row["message"] else ""), file=stream)
+    print(f"results: {table}", file=stream)

@@ -1,0 +1,84 @@
+"""`aacscore bench`: seconds per stage and end to end, batch throughput and peak memory, on CPU or CUDA.
+
+Benchmarks are a command, not tests: their figures go in the closing notes and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .atomic import write_text_atomic
+
+STAGES = ("read", "segment", "crop", "score", "heatmap")
+
+
+def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Path) -> dict:
+    """Time `single_runs` images one by one (stages), then the whole list as a batch through score_cohort."""
+    from .batch import score_cohort
+    from .cohort import WorkItem
+
+    pipeline.run(images[0])  # warm-up: lazy initialisation, allocator, kernels
+    per_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    end_to_end = []
+    for image in images[:single_runs]:
+        start = time.perf_counter()
+        result = pipeline.run(image)
+        end_to_end.append(time.perf_counter() - start)
+        if result.status == "error":
+            raise RuntimeError(f"benchmark image failed: {result.message}")
+        for stage in STAGES:
+            per_stage[stage].append(result.seconds.get(stage, 0.0))
+    start = time.perf_counter()
+    score_cohort(pipeline, [WorkItem(p) for p in images], batch_out)
+    batch_seconds = time.perf_counter() - start
+    single_mean = statistics.mean(end_to_end)
+    return {
+        "stages_s_per_image": {stage: round(statistics.mean(v), 3) for stage, v in per_stage.items()},
+        "end_to_end_s_per_image": round(single_mean, 3),
+        "batch_images": len(images),
+        "batch_s": round(batch_seconds, 2),
+        "batch_s_per_image": round(batch_seconds / len(images), 3),
+        "batch_vs_sum_of_single": round(batch_seconds / (single_mean * len(images)), 3),
+        "images_per_hour": round(3600 * len(images) / batch_seconds),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="time each stage, end to end and in a batch")
+    parser.add_argument("--n", type=int, default=100, help="batch size (phantoms made for the run)")
+    parser.add_argument("--single", type=int, default=5, help="images timed one by one for the stage figures")
+    parser.add_argument("--size", default="3000x2400", help="radiograph size RowsxCols of the phantoms")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--scorer")
+    parser.add_argument("--segmenter")
+    parser.add_argument("--out", type=Path, help="folder for bench.json (default: a temporary folder)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import torch
+
+    from .phantoms import write_phantoms
+    from .pipeline import Pipeline
+
+    rows, cols = (int(v) for v in args.size.lower().split("x"))
+    work = Path(args.out or tempfile.mkdtemp(prefix="aacscore-bench-"))
+    images = sorted(write_phantoms(work / "phantoms", args.n, seed=31337, size=(rows, cols)))
+    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
+    figures = run_benchmark(pipeline, images, min(args.single, len(images)), work / "batch")
+    if torch.cuda.is_available() and args.device != "cpu":
+        figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    figures["machine"] = {"device": args.device, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+                          "cpu": platform.processor() or platform.machine(), "size": args.size}
+    write_text_atomic(work / "bench.json", json.dumps(figures, indent=2))
+    json.dump(figures, sys.stdout, indent=2)
+    print(f"\nwritten: {work / 'bench.json'}")
+    return 0

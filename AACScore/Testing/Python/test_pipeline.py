@@ -1,0 +1,150 @@
+"""The one pipeline and the batch runner: results, error rows, resume, shards, outputs written whole."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from AACScoreLib.batch import merge_shards, output_names, score_cohort
+from AACScoreLib.cohort import WorkItem, collect
+from AACScoreLib.kauppila import SUBSCORE_COLUMNS
+from AACScoreLib.phantoms import write_phantoms
+from AACScoreLib.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> list[Path]:
+    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 3, seed=77, size_range=(500, 600))
+
+
+def _labels_of(image: Path) -> Path:
+    return image.with_name(image.stem + "_labels.png")
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_pipeline_scores_a_radiograph_from_a_user_label_map(tiny_scorer, phantoms):
+    result = Pipeline(tiny_scorer).run(phantoms[0], _labels_of(phantoms[0]))
+    assert result.status in ("ok", "warning"), result.message
+    assert 0.0 <= result.aac24 <= 24.0 and result.category in ("no/mild", "moderate", "severe")
+    assert set(result.subscores) == set(SUBSCORE_COLUMNS)
+    assert result.labels_source == "user"
+    assert result.heatmap.shape == result.radiograph.pixels.shape
+    assert result.heatmap_all_zero == (not result.heatmap.any())
+    assert set(result.seconds) == {"read", "segment", "crop", "score", "heatmap"}
+    record = result.record()
+    assert record["file"] == str(phantoms[0]) and record["status"] == result.status
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda labels: np.where(labels == 3, 0, labels), "L3 is missing"),
+        (lambda labels: labels[:-7], "label map is"),
+        (lambda labels: np.zeros_like(labels), "missing|empty"),
+    ],
+)
+def test_pipeline_reports_bad_label_maps_as_error_results(tiny_scorer, phantoms, damage, problem):
+    labels = np.asarray(Image.open(_labels_of(phantoms[0])))
+    result = Pipeline(tiny_scorer).run(phantoms[0], damage(labels))
+    assert result.status == "error"
+    assert re.search(problem, result.message), result.message
+
+
+def test_pipeline_without_segmenter_or_labels_says_so(tiny_scorer, phantoms):
+    result = Pipeline(tiny_scorer).run(phantoms[0])
+    assert result.status == "error" and "no label map given and no segmenter loaded" in result.message
+
+
+def _broken_inputs(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.dcm"
+    empty.write_bytes(b"")
+    text = folder / "notes.dcm"
+    text.write_text("this is not an image")
+    colour = folder / "colour.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(colour)
+    return [empty, text, colour, folder / "missing.dcm"]
+
+
+def test_batch_writes_rows_outputs_and_error_rows_and_resumes(tiny_scorer, phantoms, tmp_path):
+    broken = _broken_inputs(tmp_path / "broken")
+    truncated = tmp_path / "broken" / "truncated.dcm"
+    truncated.write_bytes(phantoms[1].read_bytes()[:5000])
+    items = [WorkItem(p, _labels_of(p)) for p in phantoms] + [WorkItem(p) for p in broken + [truncated]]
+    out = tmp_path / "out"
+    pipeline = Pipeline(tiny_scorer)
+    table = score_cohort(pipeline, items, out)
+    rows = {Path(row["file"]).name: row for row in _rows(table)}
+    assert len(rows) == len(items)
+    for phantom in phantoms:
+        row = rows[phantom.name]
+        assert row["status"] in ("ok", "warning") and float(row["aac24"]) >= 0
+        assert Path(row["labels"]).is_file() and "labels" in Path(row["labels"]).name
+        assert Path(row["heatmap"]).is_file()
+        assert all(row[column] != "" for column in SUBSCORE_COLUMNS)
+    for path in broken + [truncated]:
+        row = rows[path.name]
+        assert row["status"] == "error" and path.name in row["message"], row
+        assert "Traceback" not in row["message"]
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".results.lock"], "temporary files left"
+
+    calls = []
+    original = pipeline.run
+    pipeline.run = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+    score_cohort(pipeline, items, out)
+    assert calls == [], "a rerun must not score again what is already in results.csv"
+    broken[0].write_bytes(phantoms[2].read_bytes())  # the user replaces the empty file with a good one
+    score_cohort(pipeline, items, out, retry_errors=True)
+    assert len(calls) == 1, "only error rows are retried, and of those only the now readable file is scored"
+    rows = {Path(row["file"]).name: row for row in _rows(table)}
+    assert "no label map given and no segmenter loaded" in rows[broken[0].name]["message"]
+
+
+def test_an_interrupted_batch_keeps_its_rows_and_resumes(tiny_scorer, phantoms, tmp_path):
+    items = [WorkItem(p, _labels_of(p)) for p in phantoms]
+    pipeline = Pipeline(tiny_scorer)
+    original = pipeline.run
+    count = {"n": 0}
+
+    def interrupt_on_second(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    pipeline.run = interrupt_on_second
+    with pytest.raises(KeyboardInterrupt):
+        score_cohort(pipeline, items, tmp_path)
+    assert [Path(r["file"]).name for r in _rows(tmp_path / "results.csv")] == [phantoms[0].name]
+    pipeline.run = original
+    score_cohort(pipeline, items, tmp_path)
+    assert sorted(Path(r["file"]).name for r in _rows(tmp_path / "results.csv")) == sorted(p.name for p in phantoms)
+
+
+def test_shards_write_their_own_tables_and_merge(tiny_scorer, phantoms, tmp_path):
+    listing = tmp_path / "cohort.csv"
+    listing.write_text("file,labels\n" + "".join(f"{p},{_labels_of(p)}\n" for p in phantoms))
+    pipeline = Pipeline(tiny_scorer)
+    everything = collect([listing])
+    names = output_names(everything)
+    for index in range(2):
+        score_cohort(pipeline, collect([listing], (index, 2)), tmp_path / "out", names=names, shard=(index, 2),
+                     heatmaps=False)
+    assert len(list((tmp_path / "out" / "shards").glob("results-*.csv"))) == 2
+    merged = merge_shards(tmp_path / "out")
+    assert sorted(Path(r["file"]).name for r in _rows(merged)) == sorted(p.name for p in phantoms)
+
+
+def test_output_names_stay_unique_for_equal_stems(tmp_path):
+    items = [WorkItem(tmp_path / "a" / "x.dcm"), WorkItem(tmp_path / "b" / "x.dcm"), WorkItem(tmp_path / "y.dcm")]
+    names = output_names(items)
+    assert len(set(names.values())) == 3 and names[tmp_path / "y.dcm"] == "y"
