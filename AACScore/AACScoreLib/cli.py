@@ -15,14 +15,23 @@ from . import __version__
 from .errors import AACScoreError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "demo",
+    "batch",
+    "segmenter",
     "phantoms",
-    "packages",
+    "segmenter_training",
+    "scorer_training",
     "evaluate",
+    "bench",
+    "packages",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aacscore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="aacscore",
+        description="Kauppila AAC-24 scoring of abdominal aortic calcification on lateral lumbar radiographs.",
+    )
     parser.add_argument("--version", action="version", version=f"aacscore {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
