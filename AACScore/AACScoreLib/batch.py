@@ -7,7 +7,6 @@ an interruption loses nothing already done and a rerun continues where it stoppe
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import logging

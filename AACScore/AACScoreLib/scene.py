@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -135,9 +136,13 @@ def load_scene_mrb(path: str | Path) -> "slicer.vtkMRMLScene":
     if not path.is_file():
         raise AACScoreError(f"{path}: scene file does not exist")
     scene = new_scene()
-    with tempfile.TemporaryDirectory(prefix="aacscore-mrb-") as folder:
-        if not _application_logic(scene).OpenSlicerDataBundle(str(path), folder):
-            raise AACScoreError(f"{path}: not a readable Slicer data bundle (.mrb)")
+    working_directory = os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory(prefix="aacscore-mrb-") as folder:
+            if not _application_logic(scene).OpenSlicerDataBundle(str(path), folder):
+                raise AACScoreError(f"{path}: not a readable Slicer data bundle (.mrb)")
+    finally:
+        os.chdir(working_directory)  # vtkArchive leaves the process in its (deleted) unzip folder on failure
     return scene
 
 

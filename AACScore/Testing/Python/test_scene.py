@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import csv
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from mrml_testing import paint_segment
 import slicer
 import slicer.util
 import vtk
@@ -57,20 +60,6 @@ def scene():
 @pytest.fixture
 def volume(scene):
     return aac_scene.add_radiograph_volume(scene, _radiograph())
-
-
-def _set_segment_from_mask(segmentation_node, segment_id, mask, volume_node):
-    """What the segment editor does when a person paints: replace one segment's binary labelmap."""
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    labelmap.SetIJKToRASMatrix(matrix)
-    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8)[np.newaxis])
-    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-    scene.RemoveNode(labelmap)
 
 
 def test_new_scene_has_colour_tables_and_segmentation_converters(scene):
@@ -195,13 +184,13 @@ def test_edited_segments_are_read_by_name_whatever_their_ids_and_label_values(sc
     # L4 painted larger, segments re-ordered, an unrelated segment added
     grown = labels == 4
     grown[35:43, 30:36] = True
-    _set_segment_from_mask(node, segmentation.GetSegmentIdBySegmentName("L4"), grown, volume)
+    paint_segment(node, segmentation.GetSegmentIdBySegmentName("L4"), grown, volume)
     expected[grown] = 4
     segmentation.SetSegmentIndex(segmentation.GetSegmentIdBySegmentName("L5"), 0)
     aorta = np.zeros_like(labels, bool)
     aorta[:, 2:6] = True
     aorta_id = segmentation.AddEmptySegment("", "Aorta")
-    _set_segment_from_mask(node, aorta_id, aorta, volume)
+    paint_segment(node, aorta_id, aorta, volume)
 
     np.testing.assert_array_equal(aac_scene.read_vertebra_labels(node, volume), expected)
     assert aac_scene.segmentation_was_edited(node)
@@ -229,7 +218,7 @@ def test_update_replaces_unedited_segments_and_refuses_edited_ones(scene, volume
     assert not aac_scene.segmentation_was_edited(node)
 
     segmentation = node.GetSegmentation()
-    _set_segment_from_mask(node, segmentation.GetSegmentIdBySegmentName("L1"), labels == 1, volume)
+    paint_segment(node, segmentation.GetSegmentIdBySegmentName("L1"), labels == 1, volume)
     assert aac_scene.segmentation_was_edited(node)
     with pytest.raises(aac_scene.AACScoreError, match="was edited"):
         aac_scene.update_vertebra_segmentation(node, volume, labels)
@@ -374,5 +363,7 @@ def test_loading_a_missing_or_broken_mrb_says_so(tmp_path):
         aac_scene.load_scene_mrb(tmp_path / "none.mrb")
     broken = tmp_path / "broken.mrb"
     broken.write_bytes(b"not a zip")
+    working_directory = os.getcwd()
     with pytest.raises(aac_scene.AACScoreError, match="broken.mrb"):
         aac_scene.load_scene_mrb(broken)
+    assert os.getcwd() == working_directory, "a failed load must not leave the process in a deleted folder"

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from mrml_testing import paint_segment
 import slicer
 import slicer.util
-import vtk
 
 from AACScoreLib import geometry, kauppila, metrics
 from AACScoreLib import scene as aac_scene
@@ -133,18 +133,8 @@ def volume(scene):
 
 
 def _edit_segment(segmentation_node, name, mask, volume_node):
-    """What the segment editor does when a person paints: replace one segment's binary labelmap."""
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    labelmap.SetIJKToRASMatrix(matrix)
-    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8)[np.newaxis])
-    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
     segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-    scene.RemoveNode(labelmap)
+    paint_segment(segmentation_node, segment_id, mask, volume_node)
 
 
 def _model_rows(workflow):

@@ -1,0 +1,285 @@
+"""Segmentation: dataset export, a real (tiny) nnU-Net training, packaging, in-process inference, post-processing."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from AACScoreLib.cli import main as cli_main
+from AACScoreLib.errors import GeometryError, ModelPackageError
+from AACScoreLib.nnunet_dataset import (export_dataset, phantom_cases, read_label_map, resample_labels,
+                                        vertebra_of_segment, working_shape)
+from AACScoreLib.packages import verify_package
+from AACScoreLib.radiograph import read_radiograph
+from AACScoreLib.segmenter import (Cancelled, DeviceError, Segmenter, assign_levels, levels_at_full_size,
+                                   postprocess_labels, resolve_device)
+from AACScoreLib.segmenter_package import convert_nnunet_results
+
+TOY_SHAPE = (96, 72)
+
+
+def toy_spine(seed: int, shape=TOY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """A radiograph-like toy: seven bright blocks (T12, L1..L5, S1) in a column on a noisy background."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    image = rng.normal(0.2, 0.03, shape)
+    labels = np.zeros(shape, np.uint8)
+    height, gap = rows * 0.1, rows * 0.035
+    top = rng.uniform(0.02, 0.06) * rows
+    left, width = cols * rng.uniform(0.3, 0.4), cols * 0.3
+    for level in range(7):
+        r0, r1 = int(top + level * (height + gap)), int(top + level * (height + gap) + height)
+        image[r0:r1, int(left):int(left + width)] += 0.4 + 0.05 * level
+        if 1 <= level <= 5:
+            labels[r0:r1, int(left):int(left + width)] = level
+    return np.clip(image * 4000, 0, 4095).astype(np.uint16), labels
+
+
+def write_toys(folder: Path, n: int, first_seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in range(first_seed, first_seed + n):
+        pixels, labels = toy_spine(seed)
+        Image.fromarray(pixels).save(folder / f"toy_{seed:03d}.png")
+        Image.fromarray(labels).save(folder / f"toy_{seed:03d}_labels.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder."""
+    from AACScoreLib.segmenter_training import train_segmenter
+
+    base = tmp_path_factory.mktemp("segmenter")
+    data = write_toys(base / "toys", 8)
+    package, metrics = train_segmenter(
+        [data], base / "package", work=base / "work", name="toy-segmenter", epochs=2, iterations_per_epoch=3,
+        patch_size=(64, 48), features=(4, 8, 16), batch_size=2, default_long_side_px=96, device="cpu",
+        eval_cases=phantom_cases(data)[:2])
+    results = next((base / "work" / "results").glob("Dataset*/*__2d"))
+    return {"package": Path(package), "metrics": metrics, "results": results, "base": base}
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_working_shape_uses_spacing_or_assumes_long_side():
+    assert working_shape((3000, 2400), (0.15, 0.15), 1.25) == ((360, 288), False)
+    assert working_shape((3000, 2400), None, 1.25, 300) == ((300, 240), True)
+
+
+def test_resample_labels_keeps_every_vertebra():
+    labels = np.zeros((400, 300), np.uint8)
+    for level in range(1, 6):
+        labels[40 + 60 * (level - 1): 80 + 60 * (level - 1), 100:200] = level
+    small = resample_labels(labels, (40, 30))
+    assert set(np.unique(small)) == {0, 1, 2, 3, 4, 5}
+
+
+def test_export_writes_nnunet_raw_dataset(tmp_path):
+    data = write_toys(tmp_path / "toys", 2)
+    summary = export_dataset(phantom_cases(data), tmp_path / "raw", 7, "Toy", default_long_side_px=48)
+    dataset = summary.dataset_dir
+    assert dataset.name == "Dataset007_Toy"
+    import json
+
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "X-ray"}
+    assert meta["labels"] == {"background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5}
+    assert meta["numTraining"] == 2 and meta["file_ending"] == ".png"
+    image = np.asarray(Image.open(dataset / "imagesTr" / "case_0000_0000.png"))
+    labels = np.asarray(Image.open(dataset / "labelsTr" / "case_0000.png"))
+    assert image.dtype == np.uint16 and image.shape == labels.shape == (48, 36)
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
+    assert summary.assumed_spacing == [str(data / "toy_000.png"), str(data / "toy_001.png")]
+
+
+def test_segment_names_match_levels():
+    assert [vertebra_of_segment(n) for n in ("L1", "l2", "L3 vertebra", "vertebra L4", "l5 body")] == \
+        ["L1", "L2", "L3", "L4", "L5"]
+    assert vertebra_of_segment("aorta") is None and vertebra_of_segment("L12") is None
+
+
+def test_seg_nrrd_segments_are_matched_by_name_not_value(tmp_path):
+    import slicerio
+
+    _, truth = toy_spine(3)
+    ijk = np.diag([0.2, 0.2, 1.0, 1.0])
+    segmentation = slicerio.create_segmentation((TOY_SHAPE[1], TOY_SHAPE[0], 1), ijk)
+    slicerio.add_segment(segmentation, np.zeros((TOY_SHAPE[1], TOY_SHAPE[0], 1), bool), {"name": "aorta"})
+    for level, name in [(5, "L5 vertebra"), (3, "l3"), (1, "L1"), (4, "L4"), (2, "L2 vertebra")]:  # shuffled
+        slicerio.add_segment(segmentation, (truth == level).T[:, :, None], {"name": name})
+    path = tmp_path / "toy.seg.nrrd"
+    slicerio.write_segmentation(str(path), segmentation)
+    labels = read_label_map(path, TOY_SHAPE)
+    assert np.array_equal(labels, truth)
+
+    slicerio.write_segmentation(str(path), {**segmentation, "segments": segmentation["segments"][:3]})
+    with pytest.raises(GeometryError, match="no segment named L1, L2, L4"):
+        read_label_map(path, TOY_SHAPE)
+
+
+# ---------------------------------------------------------------------------------------------- post-processing
+
+
+def stacked_labels(order=(1, 2, 3, 4, 5), heights=(10, 10, 10, 10, 10)) -> np.ndarray:
+    labels = np.zeros((120, 40), np.uint8)
+    row = 5
+    for value, height in zip(order, heights):
+        labels[row:row + height, 10:30] = value
+        row += height + 4
+    return labels
+
+
+def test_postprocess_keeps_largest_piece_and_accepts_good_labels():
+    labels = stacked_labels()
+    noisy = labels.copy()
+    noisy[110:113, 2:5] = 2  # a stray fragment of L2 far away
+    out, status, message = postprocess_labels(noisy)
+    assert status == "ok" and message == ""
+    assert np.array_equal(out, labels)
+
+
+def test_postprocess_reorders_labels_down_the_spine():
+    swapped = stacked_labels(order=(1, 3, 2, 4, 5))
+    out, status, message = postprocess_labels(swapped)
+    assert np.array_equal(out, stacked_labels())
+    assert status == "ok" and "anatomical order" in message
+
+
+def test_postprocess_reports_missing_and_merged():
+    labels = stacked_labels()
+    labels[labels == 3] = 0
+    _, status, message = postprocess_labels(labels)
+    assert status == "error" and "L3 not found" in message
+
+    merged = stacked_labels(order=(1, 2, 3, 4), heights=(10, 24, 10, 10))
+    _, status, message = postprocess_labels(merged)
+    assert status == "error" and "L5 not found" in message and "L2" in message and "merged" in message
+
+    assert postprocess_labels(np.zeros((20, 20), np.uint8))[1] == "error"
+
+
+def test_assign_levels_places_five_consecutive_bodies_by_probability():
+    # six bodies top to bottom: T12 (looks like L1), then L1..L5 with L3 mistaken for L2 by the "network"
+    peaks = [1, 1, 2, 2, 4, 5]
+    probabilities = np.zeros((6, 130, 40))
+    probabilities[0] = 1.0
+    truth = np.zeros((130, 40), np.uint8)
+    for index, peak in enumerate(peaks):
+        rows = slice(5 + 20 * index, 19 + 20 * index)
+        probabilities[0, rows, 10:30] = 0.1
+        probabilities[1:, rows, 10:30] = 0.9 * 0.1
+        probabilities[peak, rows, 10:30] = 0.9 * 0.6
+        truth[rows, 10:30] = index  # 0 for T12, 1..5 for L1..L5
+    levels = assign_levels(probabilities)
+    assert np.array_equal(levels, truth)
+
+    full = levels_at_full_size(np.kron(levels > 0, np.ones((3, 3), bool)), levels, (0, 390, 0, 120), (390, 120))
+    assert np.array_equal(full, np.kron(truth, np.ones((3, 3), np.uint8)))
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+def test_device_auto_falls_back_and_explicit_cuda_is_checked():
+    import torch
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(DeviceError, match="cuda"):
+            resolve_device("cuda")
+
+
+# ---------------------------------------------------------------------------------------------- train -> package -> infer
+
+
+def test_training_writes_a_verified_package(trained):
+    package = verify_package(trained["package"])
+    manifest = package.manifest
+    assert package.kind == "segmenter" and manifest["labels"] == ["L1", "L2", "L3", "L4", "L5"]
+    assert manifest["architecture"]["trainer"] == "nnUNetTrainerAACScore"
+    assert manifest["architecture"]["features_per_stage"] == [4, 8, 16]
+    assert manifest["input"]["working_spacing_mm"] == 1.25 and manifest["input"]["mirror_axes"] == [1]
+    assert set(package.files) == {"plans.json", "dataset.json", "fold_all.safetensors"}
+    assert set(trained["metrics"]["held_out"]["dice_mean"]) == {"L1", "L2", "L3", "L4", "L5"}
+    assert not list(trained["package"].glob("*.pth"))
+
+
+def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path):
+    pixels, _ = toy_spine(50, shape=(150, 110))
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    radiograph = read_radiograph(tmp_path / "big.png")
+    segmenter = Segmenter.from_package(trained["package"], device="cpu")
+    steps = []
+    result = segmenter.segment(radiograph, progress=lambda fraction, text: steps.append(fraction))
+    assert result.labels.shape == (150, 110) and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= {0, 1, 2, 3, 4, 5}
+    assert result.status in ("ok", "warning", "error")
+    assert result.spacing_assumed and "spacing unknown" in result.message
+    assert steps == sorted(steps) and steps[0] == 0.0 and steps[-1] == 1.0
+    with pytest.raises(Cancelled):
+        segmenter.segment(radiograph, cancel=lambda: True)
+
+
+def test_segment_command_writes_label_pngs(trained, tmp_path):
+    images = write_toys(tmp_path / "in", 2, first_seed=20)
+    paths = [str(images / "toy_020.png"), str(images / "toy_021.png")]
+    code = cli_main(["segment", *paths, "--out", str(tmp_path / "out"), "--model", str(trained["package"]),
+                     "--device", "cpu"])
+    assert code in (0, 1)  # 1 only when a toy vertebra is missing from an untrained model's output
+    for name in ("toy_020_labels.png", "toy_021_labels.png"):
+        written = np.asarray(Image.open(tmp_path / "out" / name))
+        assert written.shape == TOY_SHAPE and written.max() <= 5
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_tampered_weights_are_refused(trained, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(trained["package"], copy)
+    weights = copy / "fold_all.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="checksum"):
+        Segmenter.from_package(copy, device="cpu")
+
+
+def test_nnunet_export_zip_converts_to_the_same_network(trained, tmp_path):
+    results = trained["results"]
+    archive = tmp_path / "exported.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in results.rglob("*"):
+            if file.is_file() and file.suffix in (".json", ".pth"):
+                zf.write(file, file.relative_to(results.parents[1]))
+    converted = convert_nnunet_results(archive, tmp_path / "converted", name="from-zip", fp16=False)
+    package = verify_package(converted)
+    assert package.manifest["architecture"]["weights_dtype"] == "float32"
+    assert package.manifest["input"]["working_spacing_mm"] is None  # trained on PNGs: no millimetres known
+    a = Segmenter.from_package(trained["package"], device="cpu")
+    b = Segmenter.from_package(converted, device="cpu")
+    for key, value in a.predictor.list_of_parameters[0].items():
+        assert np.allclose(value.numpy(), b.predictor.list_of_parameters[0][key].numpy(), atol=1e-2)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    import torch
+
+    from AACScoreLib.segmenter_package import read_checkpoint
+
+    class Sneaky:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {}, "extra": Sneaky()}, path)
+    with pytest.raises(ModelPackageError, match="cannot be read"):
+        read_checkpoint(path)
