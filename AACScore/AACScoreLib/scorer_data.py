@@ -1,0 +1,235 @@
+"""Training data for the scorer: a CSV of radiographs with label maps and scores -> normalised crops; augmentations.
+
+Each image is read and cropped once (geometry's paper crop, resampled to the model's input size) and the crops are
+kept in memory and in an .npz cache beside the training output, so that an epoch costs only the network.
+Augmentations follow Shao et al. (2025) and act on batches of crops on the training side only; their randomness
+comes from one torch.Generator so that a seed reproduces a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import AACScoreError, GeometryError
+from .kauppila import SUBSCORE_COLUMNS
+
+PERCENTILES = (1.0, 99.0)  # crop intensity window: robust to a few saturated or dead pixels
+
+# Shao et al. (2025): brightness ±10 %, contrast ±10 %, Gaussian noise sigma 0..10 on 0..255, shift ±5 %,
+# scale ±5 %, rotation ±30°.
+PAPER_AUGMENTATION = {"brightness": 0.10, "contrast": 0.10, "noise_sigma": 10.0 / 255.0, "shift": 0.05,
+                      "scale": 0.05, "rotation": 30.0}
+# Beyond the paper (train-scorer --augment robust): users' scanners and processing differ in tone curve and sharpness.
+ROBUST_AUGMENTATION = {"gamma": (0.7, 1.5), "blur_sigma": (0.0, 1.2), "blur_probability": 0.3}
+
+
+@dataclass
+class ScoreRecord:
+    """One training case: a radiograph, its L1–L5 label map, and its scores (subscores optional)."""
+
+    image: Path
+    labels: Path
+    aac24: float
+    subscores: list[float] | None = None
+
+
+@dataclass
+class CropSet:
+    """Normalised crops (N, 1, H, W) in 0..1 with their targets; `names` are the image file names."""
+
+    crops: torch.Tensor
+    totals: torch.Tensor
+    subscores: torch.Tensor | None
+    names: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # image name -> why it could not be cropped
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, indices: Sequence[int]) -> "CropSet":
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return CropSet(self.crops[index], self.totals[index],
+                       None if self.subscores is None else self.subscores[index],
+                       [self.names[i] for i in index.tolist()])
+
+
+def read_score_csv(path: str | Path) -> list[ScoreRecord]:
+    """Read a training CSV: `file` (image), optional `labels` (label map; default `<stem>_labels.png` beside the
+    image), `aac24`, and optionally all of L1A..L4P. Relative paths are taken from the CSV's folder; a phantom
+    folder's truth.csv is such a file."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            rows = list(csv.DictReader(stream))
+    except OSError as error:
+        raise AACScoreError(f"{path}: cannot be read ({error.strerror})") from None
+    if not rows:
+        raise AACScoreError(f"{path}: no rows")
+    columns = set(rows[0])
+    for needed in ("file", "aac24"):
+        if needed not in columns:
+            raise AACScoreError(f"{path}: needs a '{needed}' column (has {', '.join(sorted(columns))})")
+    has_subscores = all(c in columns for c in SUBSCORE_COLUMNS)
+    records = []
+    for line, row in enumerate(rows, start=2):
+        image = path.parent / row["file"]
+        labels = path.parent / row["labels"] if row.get("labels") else image.with_name(image.stem + "_labels.png")
+        try:
+            total = float(row["aac24"])
+            subs = [float(row[c]) for c in SUBSCORE_COLUMNS] if has_subscores else None
+        except (TypeError, ValueError):
+            raise AACScoreError(f"{path}: line {line}: aac24 or a subscore is not a number") from None
+        if not 0.0 <= total <= 24.0:
+            raise AACScoreError(f"{path}: line {line}: aac24 {total} outside 0..24")
+        records.append(ScoreRecord(image, labels, total, subs))
+    return records
+
+
+def normalise_crop(crop: np.ndarray) -> np.ndarray:
+    """Scale a crop's intensities to 0..1 between its 1st and 99th percentiles (bone bright), float32."""
+    crop = np.asarray(crop, dtype=np.float32)
+    low, high = np.percentile(crop, PERCENTILES)
+    if not high > low:
+        return np.zeros_like(crop)
+    return np.clip((crop - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """A label map image as uint8 (0 background, 1..5 = L1..L5)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):  # colour PNGs: labels are the grey level
+                image = image.convert("L")
+            return np.asarray(image).astype(np.uint8)
+    except OSError as error:
+        raise AACScoreError(f"{path}: cannot be read as a label map ({error})") from None
+
+
+def read_case(record: ScoreRecord):
+    """Read one case: its radiograph and the Kauppila geometry of its label map."""
+    from .geometry import analyze_spine
+    from .radiograph import read_radiograph
+
+    radiograph = read_radiograph(record.image)
+    labels = read_label_png(record.labels)
+    if labels.shape != radiograph.pixels.shape:
+        raise GeometryError(f"{record.labels}: label map {labels.shape} does not match the image {radiograph.pixels.shape}")
+    geometry = analyze_spine(labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,
+                             image=radiograph.pixels)
+    return radiograph, geometry
+
+
+def crop_record(record: ScoreRecord, input_size: tuple[int, int]) -> np.ndarray:
+    """Read one case and return its normalised crop at input_size (rows, cols), anterior on the left."""
+    from .geometry import extract_crop
+
+    radiograph, geometry = read_case(record)
+    return normalise_crop(extract_crop(radiograph.pixels, geometry.crop, out_shape=tuple(input_size)))
+
+
+def _cache_key(records: Sequence[ScoreRecord], input_size: tuple[int, int]) -> str:
+    text = json.dumps([[str(r.image), str(r.labels), r.image.stat().st_mtime_ns if r.image.exists() else 0]
+                       for r in records] + [list(input_size)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_crop_set(records: Sequence[ScoreRecord], input_size: tuple[int, int], cache_dir: str | Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CropSet:
+    """Crops and targets of every record that geometry can crop; the others are listed in `skipped`.
+
+    With cache_dir, the crops are saved as `crops_<H>x<W>_<key>.npz` and reused when the inputs are unchanged.
+    """
+    from .atomic import atomic_path
+
+    input_size = (int(input_size[0]), int(input_size[1]))
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"crops_{input_size[0]}x{input_size[1]}_{_cache_key(records, input_size)}.npz"
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            crops, kept = data["crops"], [int(i) for i in data["kept"]]
+            skipped = json.loads(str(data["skipped"]))
+    else:
+        crops_list, kept, skipped = [], [], {}
+        for index, record in enumerate(records):
+            try:
+                crops_list.append(crop_record(record, input_size).astype(np.float16))
+                kept.append(index)
+            except AACScoreError as error:
+                skipped[record.image.name] = str(error)
+            if progress is not None:
+                progress(index + 1, len(records))
+        crops = np.stack(crops_list) if crops_list else np.zeros((0, *input_size), np.float16)
+        if cache is not None:
+            with atomic_path(cache) as temporary:
+                np.savez(temporary, crops=crops, kept=np.array(kept, dtype=np.int64), skipped=json.dumps(skipped))
+    chosen = [records[i] for i in kept]
+    has_subs = bool(chosen) and all(r.subscores is not None for r in chosen)
+    return CropSet(
+        crops=torch.from_numpy(np.asarray(crops)).unsqueeze(1),
+        totals=torch.tensor([r.aac24 for r in chosen], dtype=torch.float32),
+        subscores=torch.tensor([r.subscores for r in chosen], dtype=torch.float32) if has_subs else None,
+        names=[r.image.name for r in chosen],
+        skipped=skipped,
+    )
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random split into training and validation indices (at least one of each when n >= 2)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"validation fraction must lie in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = min(max(int(round(n * val_fraction)), 1 if val_fraction > 0 and n >= 2 else 0), n - 1) if n else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand((), generator=generator))
+
+
+def augment_batch(batch: torch.Tensor, generator: torch.Generator, robust: bool = False,
+                  rotation: float = PAPER_AUGMENTATION["rotation"]) -> torch.Tensor:
+    """Randomly augment a training batch (B, 1, H, W) in 0..1 with the paper's transforms (+ robust ones).
+
+    Parameters are drawn per image from `generator`, so the same generator state gives the same batch.
+    `rotation` is the largest angle in degrees (the paper's 30 by default; crops are already upright).
+    """
+    import torchvision.transforms.v2.functional as F
+
+    p = PAPER_AUGMENTATION
+    out = []
+    height, width = batch.shape[-2:]
+    for image in batch.float():
+        image = F.adjust_brightness(image, _uniform(generator, 1 - p["brightness"], 1 + p["brightness"]))
+        image = F.adjust_contrast(image, _uniform(generator, 1 - p["contrast"], 1 + p["contrast"]))
+        if robust:
+            r = ROBUST_AUGMENTATION
+            image = F.adjust_gamma(image, math.exp(_uniform(generator, *map(math.log, r["gamma"]))))
+            sigma = _uniform(generator, *r["blur_sigma"])
+            if _uniform(generator, 0, 1) < r["blur_probability"] and sigma > 0.1:
+                kernel = 2 * math.ceil(3 * sigma) + 1
+                image = F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+        sigma = _uniform(generator, 0.0, p["noise_sigma"])
+        image = (image + sigma * torch.randn(image.shape, generator=generator)).clamp(0.0, 1.0)
+        image = F.affine(
+            image,
+            angle=_uniform(generator, -rotation, rotation),
+            translate=[_uniform(generator, -p["shift"], p["shift"]) * width,
+                       _uniform(generator, -p["shift"], p["shift"]) * height],
+            scale=_uniform(generator, 1 - p["scale"], 1 + p["scale"]),
+            shear=[0.0, 0.0],
+            interpolation=F.InterpolationMode.BILINEAR,
+        )
+        out.append(image)
+    return torch.stack(out)
