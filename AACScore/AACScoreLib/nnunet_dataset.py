@@ -1,0 +1,287 @@
+"""Export vertebra label maps as an nnU-Net v2 raw dataset on the segmenter's coarse working grid.
+
+Why a coarse grid: L1–L5 are 25–45 mm tall, so 1.25 mm per pixel keeps their outlines while making the
+network about a hundred times cheaper than at the radiograph's own 0.1–0.2 mm. The export resamples every
+image to that grid itself and writes it as a 16-bit PNG (nnU-Net's NaturalImage2DIO): all cases then have the
+same pixel size, nnU-Net sees spacing (1, 1) and never resamples, and the segmenter repeats exactly the same
+steps (resample, intensity window) on arrays at inference. The millimetres live in `aacscore_export.json`.
+
+Sources: a phantom folder (`<name>.dcm` + `<name>_labels.png`), explicit image/label-map pairs, and 3D Slicer
+segmentations (`.seg.nrrd`) whose segments are matched by name (L1..L5), never by label value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .atomic import atomic_path, write_text_atomic
+from .errors import GeometryError, RadiographError
+from .kauppila import VERTEBRAE
+from .radiograph import Radiograph, read_radiograph
+
+WORKING_SPACING_MM = 1.25  # mm per working pixel, rows and columns
+DEFAULT_LONG_SIDE_PX = 344  # working long side assumed when an image's spacing is unknown (43 cm at 1.25 mm)
+WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window on the working image, mapped to [0, 1]
+LABELS = {"background": 0, **{name: index + 1 for index, name in enumerate(VERTEBRAE)}}
+EXPORT_SUMMARY = "aacscore_export.json"
+
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------------------------------------- working grid
+
+
+def working_shape(
+    image_shape: tuple[int, int],
+    spacing: tuple[float, float] | None,
+    working_spacing_mm: float | Sequence[float] | None = WORKING_SPACING_MM,
+    default_long_side_px: int | None = DEFAULT_LONG_SIDE_PX,
+) -> tuple[tuple[int, int], bool]:
+    """(rows, cols) of the working grid for an image, and whether the spacing had to be assumed.
+
+    `working_spacing_mm` is one value or (row_mm, col_mm). Unknown spacing (or a model without a working
+    spacing): scale so the long side is `default_long_side_px`; with neither, keep the image's own size.
+    """
+    rows, cols = image_shape
+    if spacing is not None and working_spacing_mm:
+        target = np.broadcast_to(np.asarray(working_spacing_mm, dtype=float), (2,))
+        shape = (rows * spacing[0] / target[0], cols * spacing[1] / target[1])
+        assumed = False
+    elif default_long_side_px:
+        factor = default_long_side_px / max(rows, cols)
+        shape, assumed = (rows * factor, cols * factor), True
+    else:
+        shape, assumed = (rows, cols), spacing is None
+    return (max(8, int(round(shape[0]))), max(8, int(round(shape[1])))), assumed
+
+
+def resample_image(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a float image; shrinking averages over each target pixel's footprint (no aliasing)."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    shrinking = shape[0] <= pixels.shape[0] and shape[1] <= pixels.shape[1]
+    if shrinking:
+        out = F.interpolate(tensor, size=shape, mode="area")
+    else:
+        out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0].numpy()
+
+
+def resample_labels(labels: np.ndarray, shape: tuple[int, int], n_labels: int = len(LABELS)) -> np.ndarray:
+    """Resize a label map by majority of area (one-hot averaged, then argmax), so thin parts are not lost."""
+    fractions = np.stack([resample_image((labels == value).astype(np.float32), shape) for value in range(n_labels)])
+    return fractions.argmax(axis=0).astype(np.uint8)
+
+
+def window_intensity(pixels: np.ndarray, percentiles: Sequence[float] = WINDOW_PERCENTILES) -> np.ndarray:
+    """Map the image's robust intensity range to [0, 1], so that any bit depth or scanner offset looks alike."""
+    low, high = np.percentile(pixels, percentiles)
+    if high <= low:
+        return np.zeros(pixels.shape, np.float32)
+    return np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def to_working_image(radiograph: Radiograph, shape: tuple[int, int]) -> np.ndarray:
+    """The radiograph on the working grid, windowed to [0, 1]: what the network was trained on."""
+    return window_intensity(resample_image(radiograph.pixels, shape))
+
+
+# ---------------------------------------------------------------------------------------------- label maps
+
+
+_LEVEL_NAME = re.compile(r"\bL\s*([1-5])\b", re.IGNORECASE)
+
+
+def vertebra_of_segment(name: str) -> str | None:
+    """'L3', 'l3', 'L3 vertebra', 'L3 vertebral body' -> 'L3'; other names -> None."""
+    found = {f"L{match}" for match in _LEVEL_NAME.findall(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """A Slicer `.seg.nrrd` as a uint8 label map at the image's size, segments matched to L1..L5 by name."""
+    import slicerio
+
+    path = Path(path)
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # noqa: BLE001 - pynrrd and slicerio raise many types for a bad file
+        raise RadiographError(path, f"cannot be read as a segmentation ({error})") from error
+    by_level: dict[str, dict] = {}
+    for segment in segmentation.get("segments", []):
+        level = vertebra_of_segment(segment.get("name", ""))
+        if level is None:
+            continue
+        if level in by_level:
+            raise GeometryError(
+                f"{path}: segments {by_level[level]['name']!r} and {segment['name']!r} both name {level}"
+            )
+        by_level[level] = segment
+    missing = [level for level in VERTEBRAE if level not in by_level]
+    if missing:
+        names = ", ".join(repr(s.get("name")) for s in segmentation.get("segments", [])) or "none"
+        raise GeometryError(f"{path}: no segment named {', '.join(missing)} (segments: {names})")
+
+    labels = np.zeros(image_shape, np.uint8)
+    offset = segmentation.get("referenceImageExtentOffset", [0, 0, 0])
+    for value, level in enumerate(VERTEBRAE, start=1):
+        mask = np.asarray(slicerio.segment_mask(segmentation, by_level[level]))  # (i, j, k) = (col, row, slice)
+        if mask.ndim != 3 or mask.shape[2] != 1:
+            raise GeometryError(f"{path}: segment {level} is not a single 2D slice (shape {mask.shape})")
+        plane = mask[:, :, 0].T  # -> (row, col)
+        row0, col0 = int(offset[1]), int(offset[0])
+        rows, cols = plane.shape
+        if row0 < 0 or col0 < 0 or row0 + rows > image_shape[0] or col0 + cols > image_shape[1]:
+            raise GeometryError(
+                f"{path}: segment {level} extent (offset {col0},{row0}, size {cols}x{rows}) lies outside the "
+                f"image ({image_shape[1]}x{image_shape[0]}); save the segmentation with the radiograph as reference"
+            )
+        labels[row0:row0 + rows, col0:col0 + cols][plane] = value
+    return labels
+
+
+def read_label_map(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """A label map file (PNG/TIFF with values 0..5, or a Slicer .seg.nrrd matched by name) at the image's size."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        return read_seg_nrrd(path, image_shape)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            labels = np.asarray(image)
+    except OSError as error:
+        raise RadiographError(path, f"cannot be read as a label map ({error})") from error
+    if labels.ndim != 2:
+        raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
+    if labels.shape != tuple(image_shape):
+        raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
+    if labels.max() > len(VERTEBRAE):
+        raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {int(labels.max())}")
+    return labels.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _image_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def phantom_cases(folder: str | Path) -> list[tuple[Path, Path]]:
+    """(image, label map) pairs of a folder holding `<name>.<ext>` beside `<name>_labels.png` or `<name>.seg.nrrd`."""
+    folder = Path(folder)
+    cases = []
+    for image in sorted(folder.iterdir()):
+        if not image.is_file() or image.name.endswith(("_labels.png", ".seg.nrrd")) or image.suffix in (".json", ".csv"):
+            continue
+        stem = _image_stem(image)
+        for label in (folder / f"{stem}_labels.png", folder / f"{stem}.seg.nrrd"):
+            if label.is_file():
+                cases.append((image, label))
+                break
+    if not cases:
+        raise RadiographError(folder, "holds no image with a `<name>_labels.png` or `<name>.seg.nrrd` beside it")
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportSummary:
+    dataset_dir: Path
+    dataset_name: str
+    n_cases: int
+    working_spacing_mm: float
+    median_working_shape: tuple[int, int]
+    assumed_spacing: list[str]  # cases whose spacing was unknown and assumed
+
+
+def dataset_name(dataset_id: int, name: str) -> str:
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+
+
+def export_dataset(
+    cases: Iterable[tuple[str | Path, str | Path | np.ndarray]],
+    raw_root: str | Path,
+    dataset_id: int = 501,
+    name: str = "AACScoreLumbar",
+    working_spacing_mm: float = WORKING_SPACING_MM,
+    default_long_side_px: int = DEFAULT_LONG_SIDE_PX,
+    progress: Progress | None = None,
+) -> ExportSummary:
+    """Write `raw_root/Dataset###_Name/` (imagesTr, labelsTr, dataset.json) from (image, label map) cases.
+
+    A label map is a path (PNG/TIFF 0..5 or .seg.nrrd) or a uint8 array at the image's size.
+    """
+    cases = list(cases)
+    if not cases:
+        raise RadiographError(raw_root, "no training cases to export")
+    folder = Path(raw_root) / dataset_name(dataset_id, name)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    shapes, assumed = [], []
+    for index, (image_path, label_source) in enumerate(cases):
+        radiograph = read_radiograph(image_path)
+        if isinstance(label_source, np.ndarray):
+            labels = label_source.astype(np.uint8)
+            if labels.shape != radiograph.pixels.shape:
+                raise GeometryError(f"{image_path}: label map is {labels.shape}, image is {radiograph.pixels.shape}")
+        else:
+            labels = read_label_map(label_source, radiograph.pixels.shape)
+        shape, was_assumed = working_shape(radiograph.pixels.shape, radiograph.spacing, working_spacing_mm,
+                                           default_long_side_px)
+        if was_assumed:
+            assumed.append(str(image_path))
+        image = to_working_image(radiograph, shape)
+        case = f"case_{index:04d}"
+        _write_png(folder / "imagesTr" / f"{case}_0000.png", np.round(image * 65535).astype(np.uint16))
+        _write_png(folder / "labelsTr" / f"{case}.png", resample_labels(labels, shape))
+        shapes.append(shape)
+        if progress:
+            progress((index + 1) / len(cases), f"exported {Path(image_path).name}")
+    dataset_json = {
+        "channel_names": {"0": "X-ray"},
+        "labels": LABELS,
+        "numTraining": len(cases),
+        "file_ending": ".png",
+        "name": name,
+        "description": f"L1-L5 vertebrae on a {working_spacing_mm} mm working grid, written by AACScore",
+    }
+    write_text_atomic(folder / "dataset.json", json.dumps(dataset_json, indent=2) + "\n")
+    median = tuple(int(v) for v in np.median(np.array(shapes), axis=0))
+    summary = ExportSummary(folder, folder.name, len(cases), working_spacing_mm, median, assumed)
+    write_text_atomic(folder / EXPORT_SUMMARY, json.dumps({
+        "working_spacing_mm": working_spacing_mm,
+        "default_long_side_px": default_long_side_px,
+        "median_working_shape": list(median),
+        "window_percentiles": list(WINDOW_PERCENTILES),
+        "n_cases": len(cases),
+        "sources": [str(image) for image, _ in cases],
+        "assumed_spacing": assumed,
+    }, indent=2) + "\n")
+    return summary
+
+
+def read_export_summary(dataset_dir: str | Path) -> dict:
+    return json.loads((Path(dataset_dir) / EXPORT_SUMMARY).read_text(encoding="utf-8"))

@@ -1,0 +1,438 @@
+"""L1–L5 segmentation of a radiograph with an nnU-Net v2 2D model, in process, on arrays.
+
+Why not nnU-Net's file-based prediction: it resamples the full-size image and writes files. Vertebrae are
+large, so the image is shrunk once to the model's coarse working grid (area averaging), windowed and
+normalised as in training, and run through nnUNetPredictor's sliding window as one tile covering the whole
+working image (mirroring off by default: 2x faster). Only the small logits are interpolated back (bilinear),
+and only inside the spine's bounding box.
+
+Levels are counted up from the sacrum, as readers do: the vertebral bodies are the connected pieces of the
+network's foreground, the one it finds most like L5 is L5 and the next four up are L4..L1 (`assign_levels`);
+if that leaves a vertebra missing, the network's own per-pixel levels are used instead. Post-processing keeps
+the largest connected piece of each vertebra, checks that labels increase down the spine (principal axis of
+the centroids), and reports a missing vertebra (status "error") or one about twice the others' height, i.e.
+two vertebrae merged (status "warning").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import AACScoreError
+from .kauppila import VERTEBRAE
+from .nnunet_dataset import resample_image, window_intensity, working_shape
+from .radiograph import Radiograph
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+
+MERGED_HEIGHT_RATIO = 1.7  # a vertebra this many times the median height is taken for two merged
+BOX_MARGIN_PX = 3  # working pixels kept around the spine when mapping back to full size
+
+
+class Cancelled(AACScoreError):
+    """The caller's cancel callback returned True; nothing was produced."""
+
+
+class DeviceError(AACScoreError):
+    """The requested compute device cannot be used."""
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray  # uint8 (H, W) at the image's size: 0 background, 1..5 = L1..L5
+    status: str  # "ok" | "warning" | "error"
+    message: str
+    spacing_assumed: bool = False
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str = "auto"):
+    """torch.device for "auto" | "cpu" | "cuda": CUDA only when a tiny operation on it really works."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu":
+        return torch.device("cpu")
+    problem = None
+    if not torch.cuda.is_available():
+        problem = f"torch {torch.__version__} sees no CUDA GPU (CPU-only build, no driver, or no GPU)"
+    else:
+        try:
+            (torch.ones(2, device="cuda") * 2).sum().item()
+        except Exception as error:  # noqa: BLE001 - a broken driver raises anything
+            problem = f"a test operation on the GPU failed ({error})"
+    if problem is None:
+        return torch.device("cuda")
+    if device == "cuda":
+        raise DeviceError(f"--device cuda requested but {problem}; use --device cpu or auto")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- post-processing
+
+
+def _largest_components(labels: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    out = np.zeros_like(labels)
+    for value in range(1, len(VERTEBRAE) + 1):
+        mask = labels == value
+        if not mask.any():
+            continue
+        pieces, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        if count > 1:
+            sizes = np.bincount(pieces.ravel())[1:]
+            mask = pieces == (int(np.argmax(sizes)) + 1)
+        out[mask] = value
+    return out
+
+
+def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """(labels, status, message): largest piece per vertebra, anatomical order, missing/merged checks."""
+    labels = _largest_components(labels)
+    present = [v for v in range(1, len(VERTEBRAE) + 1) if (labels == v).any()]
+    notes, status = [], "ok"
+    if not present:
+        return labels, "error", "no vertebra found"
+    coords = {v: np.argwhere(labels == v).astype(np.float64) for v in present}
+    centroids = np.array([coords[v].mean(axis=0) for v in present])
+    if len(present) >= 2:
+        centred = centroids - centroids.mean(axis=0)
+        axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+        position = centred @ axis
+        if np.sum(position * (np.array(present) - np.mean(present))) < 0:
+            axis, position = -axis, -position  # point the axis the way the model's own labels increase
+        order = [present[i] for i in np.argsort(position)]
+        if order != present:
+            relabelled = np.zeros_like(labels)
+            for old, new in zip(order, present):
+                relabelled[labels == old] = new
+            labels = relabelled
+            coords = {new: coords[old] for old, new in zip(order, present)}
+            notes.append("labels re-assigned in anatomical order down the spine")
+        heights = {v: np.ptp(coords[v] @ axis) + 1 for v in present}
+        median = float(np.median(list(heights.values())))
+        merged = [VERTEBRAE[v - 1] for v in present if len(present) >= 3 and heights[v] > MERGED_HEIGHT_RATIO * median]
+        if merged:
+            status = "warning"
+            notes.append(f"{', '.join(merged)} is about twice the height of the others: two vertebrae may be merged")
+    missing = [VERTEBRAE[v - 1] for v in range(1, len(VERTEBRAE) + 1) if v not in present]
+    if missing:
+        status = "error"
+        notes.insert(0, f"{', '.join(missing)} not found")
+    return labels, status, "; ".join(notes)
+
+
+def _spine_order(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
+    """Positions along the principal axis of the centroids, signed so that the expected level increases."""
+    if len(centroids) < 2:
+        return np.zeros(len(centroids))
+    centred = centroids - centroids.mean(axis=0)
+    position = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+    return -position if np.sum(position * (expected_level - expected_level.mean())) < 0 else position
+
+
+def assign_levels(probabilities: np.ndarray, min_fraction: float = 0.2, max_ratio: float = 3.0) -> np.ndarray:
+    """Working-grid level map from softmax output (background, L1..L5), counted up from the sacrum as readers do:
+    vertebral bodies are the connected pieces of foreground; the piece most like L5 is L5 and the pieces above
+    it, in order along the spine, are L4..L1. A body whose level the network half-confused is thus still
+    labelled right, and an extra body (T12 or S1 taken for lumbar) falls outside the five. Pieces far smaller
+    or larger than the typical body (specks, image borders) are ignored."""
+    from scipy import ndimage
+
+    levels = np.zeros(probabilities.shape[1:], np.uint8)
+    pieces, count = ndimage.label(probabilities[0] < 0.5, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return levels
+    sizes = np.bincount(pieces.ravel())[1:]
+    reference = np.median(np.sort(sizes)[-len(VERTEBRAE):])
+    kept = [i + 1 for i in range(count) if min_fraction * reference <= sizes[i] <= max_ratio * reference]
+    if not kept:
+        return levels
+    given = probabilities[1:] / np.clip(1.0 - probabilities[0], 1e-6, None)  # P(level | vertebra)
+    n_levels = len(VERTEBRAE)
+    mean_given = np.array([[given[level][pieces == piece].mean() for level in range(n_levels)] for piece in kept])
+    centroids = np.array(ndimage.center_of_mass(np.ones_like(pieces), pieces, kept)).reshape(-1, 2)
+    order = np.argsort(_spine_order(centroids, mean_given @ np.arange(1, n_levels + 1)))
+    kept, mean_given = [kept[i] for i in order], mean_given[order]
+    anchor = int(np.argmax(mean_given[:, -1]))
+    for steps_up in range(min(n_levels, anchor + 1)):
+        levels[pieces == kept[anchor - steps_up]] = n_levels - steps_up
+    return levels
+
+
+def levels_at_full_size(foreground: np.ndarray, levels: np.ndarray, box: tuple[int, int, int, int],
+                        full_shape: tuple[int, int]) -> np.ndarray:
+    """Full-size labels inside `box`: each connected piece of `foreground` takes the working-grid level that
+    most of its pixels fall on (pieces on no level are dropped)."""
+    from scipy import ndimage
+
+    pieces, count = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+    (h, w), (H, W), (R0, R1, C0, C1) = levels.shape, full_shape, box
+    rows = np.minimum(((np.arange(R0, R1) + 0.5) * h / H).astype(int), h - 1)
+    cols = np.minimum(((np.arange(C0, C1) + 0.5) * w / W).astype(int), w - 1)
+    coarse = levels[np.ix_(rows, cols)]
+    votes = np.bincount((pieces * 8 + coarse).ravel(), minlength=(count + 1) * 8).reshape(count + 1, 8)
+    votes[:, 0] = 0
+    choice = np.where(votes.max(axis=1) > 0, votes.argmax(axis=1), 0).astype(np.uint8)
+    choice[0] = 0
+    return choice[pieces]
+
+
+# ---------------------------------------------------------------------------------------------- segmenter
+
+
+class Segmenter:
+    """An nnU-Net 2D vertebra model loaded from a package, ready to segment radiographs in process."""
+
+    def __init__(self, loaded, device, use_mirroring: bool = False, whole_image: bool = True,
+                 count_from_sacrum: bool = True):
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from .segmenter_package import CONFIGURATION
+
+        self.package = loaded.package
+        self.manifest = loaded.package.manifest
+        settings = self.manifest["input"]
+        self.working_spacing = settings.get("working_spacing_mm")
+        self.default_long_side = settings.get("default_long_side_px")
+        self.window = settings.get("window_percentiles")
+        mirror_axes = tuple(settings.get("mirror_axes") or ()) or None
+        plans_manager = PlansManager(loaded.plans)
+        self.configuration = plans_manager.get_configuration(CONFIGURATION)
+        self.transpose_forward = plans_manager.transpose_forward
+        self.intensity_properties = plans_manager.foreground_intensity_properties_per_channel
+        self.device = device
+        self.whole_image = whole_image
+        self.count_from_sacrum = count_from_sacrum
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice whenever the device is the CPU
+            self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                             perform_everything_on_device=device.type == "cuda", device=device,
+                                             verbose=False, allow_tqdm=False)
+        self.predictor.manual_initialization(loaded.network.to(device), plans_manager, self.configuration,
+                                             loaded.fold_weights, loaded.dataset_json,
+                                             self.manifest["architecture"].get("trainer") or "nnUNetTrainer",
+                                             mirror_axes)
+        label_values = self.manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
+        self.channel_of_level = [int(label_values[name]) for name in VERTEBRAE]
+
+    @classmethod
+    def from_package(cls, package=None, device: str = "auto", use_mirroring: bool = False,
+                     whole_image: bool = True, count_from_sacrum: bool = True, models_dir=None) -> "Segmenter":
+        """Load a segmenter package (path, name, ModelPackage, or None for the newest installed/bundled)."""
+        from .segmenter_package import load_segmenter_package
+
+        return cls(load_segmenter_package(package, models_dir), resolve_device(device), use_mirroring, whole_image,
+                   count_from_sacrum)
+
+    def _normalise(self, image: np.ndarray) -> np.ndarray:
+        import nnunetv2.preprocessing.normalization.default_normalization_schemes as schemes
+
+        scheme = getattr(schemes, self.configuration.normalization_schemes[0], None)
+        if scheme is None:
+            raise AACScoreError(f"{self.package.path}: unsupported normalization "
+                                f"{self.configuration.normalization_schemes[0]}")
+        normaliser = scheme(use_mask_for_norm=False, intensityproperties=self.intensity_properties.get("0", {}))
+        return normaliser.run(image.astype(np.float32)).astype(np.float32)
+
+    def predict_logits(self, image: np.ndarray):
+        """Network logits (channels, h, w) for an image already on the working grid."""
+        import torch
+
+        if self.transpose_forward[0] != 0:
+            raise AACScoreError(f"{self.package.path}: plans transpose the slice axis; not a 2D model")
+        axes = [a - 1 for a in self.transpose_forward[1:]]
+        data = np.ascontiguousarray(self._normalise(image).transpose(axes))[None, None]  # (c, slice, h, w)
+        self.predictor.configuration_manager = self._tiling(data.shape[2:])
+        logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))[:, 0]
+        return logits.float().permute(0, *[1 + a for a in np.argsort(axes)])
+
+    def _tiling(self, shape: tuple[int, int]):
+        """The configuration the sliding window uses: one tile covering the whole working image when it is at
+        most three times the training patch (one pass instead of four overlapping ones), else the training patch."""
+        from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+        if not self.whole_image:
+            return self.configuration
+        divisor = np.prod(np.array(self.configuration.pool_op_kernel_sizes), axis=0)
+        tile = [int(np.ceil(size / d) * d) for size, d in zip(shape, divisor)]
+        if np.prod(tile) > 3 * np.prod(self.configuration.patch_size):
+            return self.configuration
+        return ConfigurationManager({**self.configuration.configuration, "patch_size": tile})
+
+    def segment(self, radiograph: Radiograph, progress: Progress | None = None,
+                cancel: Cancel | None = None) -> SegmentationResult:
+        """Label L1..L5 on the radiograph's own pixel grid; raises Cancelled when `cancel()` turns True."""
+        import torch
+
+        started = time.perf_counter()
+
+        def step(fraction: float, text: str) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled(f"{radiograph.path}: segmentation cancelled")
+            if progress is not None:
+                progress(fraction, text)
+
+        step(0.0, "resampling to the model's working grid")
+        full_shape = radiograph.pixels.shape
+        shape, assumed = working_shape(full_shape, radiograph.spacing, self.working_spacing, self.default_long_side)
+        image = resample_image(radiograph.pixels, shape)
+        if self.window:
+            image = window_intensity(image, self.window)
+        step(0.2, "running the network")
+        logits = self.predict_logits(image)
+        step(0.7, "mapping labels back to full size")
+        channels = self._channels(logits)
+        if self.count_from_sacrum:
+            levels = assign_levels(torch.softmax(channels, 0).numpy())
+            labels, status, message = self._full_size(channels, levels, full_shape, by_pieces=True)
+        if not self.count_from_sacrum or status == "error":  # the network's own level for every pixel
+            step(0.85, "labelling with the network's own levels")
+            retry = self._full_size(channels, channels.argmax(0).numpy(), full_shape, by_pieces=False)
+            if not self.count_from_sacrum or retry[1] != "error":
+                labels, status, message = retry
+        if assumed and self.working_spacing is not None:
+            note = (f"pixel spacing unknown: assumed the image's long side spans {self.default_long_side} "
+                    f"working pixels ({self.default_long_side * np.max(self.working_spacing):.0f} mm)")
+            message = f"{message}; {note}" if message else note
+        step(1.0, "done")
+        return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started)
+
+    def _channels(self, logits):
+        """Logits reordered as background, L1..L5 (an imported model may number its labels otherwise)."""
+        import torch
+
+        return torch.stack([logits[0]] + [logits[c] for c in self.channel_of_level])
+
+    def _full_size(self, channels, levels: np.ndarray, full_shape: tuple[int, int], by_pieces: bool):
+        """(labels, status, message) at full size from working-grid `levels`, post-processed inside their box.
+
+        by_pieces=False: the argmax of the interpolated logits; True: foreground pieces take `levels` by majority.
+        """
+        labels = np.zeros(full_shape, np.uint8)
+        box = _box(levels, full_shape)
+        if box is None:
+            return labels, "error", "no vertebra found"
+        inside = self._labels_in_box(channels, full_shape, box)
+        if by_pieces:
+            inside = levels_at_full_size(inside > 0, levels, box, full_shape)
+        labels[box[0]:box[1], box[2]:box[3]], status, message = postprocess_labels(inside)
+        return labels, status, message
+
+    def _labels_in_box(self, channels, full_shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+        """Argmax of the (background, L1..L5) logits bilinearly interpolated to full-size pixel centres in `box`."""
+        import torch
+        import torch.nn.functional as F
+
+        (H, W), (R0, R1, C0, C1) = full_shape, box
+        # align_corners=False sampling: full-size pixel centre y maps to normalised (y + 0.5) / H * 2 - 1
+        ys = (torch.arange(R0, R1, dtype=torch.float32) + 0.5) / H * 2 - 1
+        xs = (torch.arange(C0, C1, dtype=torch.float32) + 0.5) / W * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+        sampled = F.grid_sample(channels[None].float().cpu(), grid, mode="bilinear",
+                                padding_mode="border", align_corners=False)
+        return sampled[0].argmax(0).numpy().astype(np.uint8)
+
+
+def _box(levels: np.ndarray, full_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Full-size (row0, row1, col0, col1) around the labelled vertebrae of the working grid, with a margin."""
+    found = np.argwhere(levels)
+    if len(found) == 0:
+        return None
+    (h, w), (H, W) = levels.shape, full_shape
+    r0, c0 = np.maximum(found.min(axis=0) - BOX_MARGIN_PX, 0)
+    r1, c1 = np.minimum(found.max(axis=0) + BOX_MARGIN_PX + 1, (h, w))
+    return (int(np.floor(r0 * H / h)), min(H, int(np.ceil(r1 * H / h))),
+            int(np.floor(c0 * W / w)), min(W, int(np.ceil(c1 * W / w))))
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark(segmenter: Segmenter, shape: tuple[int, int] = (3000, 2400), repeats: int = 3,
+              seed: int = 9001) -> dict:
+    """Seconds to segment a radiograph of `shape` (a phantom stretched to it), best and mean of `repeats`."""
+    from .phantoms import generate_phantom
+
+    phantom = generate_phantom(seed)
+    source = phantom.pixels.astype(np.float32)
+    pixels = resample_image(source, shape)
+    spacing = phantom.truth["spacing"]
+    spacing = (spacing[0] * source.shape[0] / shape[0], spacing[1] * source.shape[1] / shape[1])
+    radiograph = Radiograph(pixels, spacing, "benchmark", "benchmark", "benchmark")
+    segmenter.segment(radiograph)  # warm-up: first call pays for lazy initialisation
+    times = [segmenter.segment(radiograph).seconds for _ in range(repeats)]
+    return {"shape": list(shape), "best_s": min(times), "mean_s": float(np.mean(times)), "repeats": repeats,
+            "device": str(segmenter.device)}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> None:
+    from PIL import Image
+
+    from .atomic import atomic_path
+
+    with atomic_path(path) as temporary:
+        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG")
+
+
+def label_png_name(image_path: str | Path) -> str:
+    name = Path(image_path).name
+    for suffix in (".nii.gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".nrrd", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}_labels.png"
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment", help="label L1-L5 vertebrae on radiographs (nnU-Net 2D)",
+        description="Write <stem>_labels.png (0 background, 1..5 = L1..L5) per radiograph into --out.")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="radiograph files (DICOM, PNG, JPEG, NRRD, NIfTI)")
+    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--mirror", action="store_true", help="average over mirrored inputs (slower, smoother)")
+    parser.add_argument("--benchmark", action="store_true", help="time one 3000x2400 radiograph instead")
+    parser.set_defaults(func=_segment_command)
+
+
+def _segment_command(args) -> int:
+    import json
+
+    from .radiograph import read_radiograph
+
+    segmenter = Segmenter.from_package(args.model, args.device, args.mirror)
+    if args.benchmark:
+        print(json.dumps(benchmark(segmenter), indent=2))
+        return 0
+    if not args.paths or not args.out:
+        raise AACScoreError("give radiograph PATHs and --out DIR (or --benchmark)")
+    failures = 0
+    for path in args.paths:
+        try:
+            result = segmenter.segment(read_radiograph(path))
+        except AACScoreError as error:
+            failures += 1
+            print(f"{path}: error: {error}")
+            continue
+        write_label_png(Path(args.out) / label_png_name(path), result.labels)
+        print(f"{path}: {result.status} ({result.seconds:.2f} s){': ' + result.message if result.message else ''}")
+        failures += result.status == "error"
+    return 1 if failures else 0
