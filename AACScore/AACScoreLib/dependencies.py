@@ -25,6 +25,8 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .devices import cuda_problem
+
 REQUIREMENTS: tuple[str, ...] = (
     "torch==2.14.1",
     "torchvision==0.29.1",
@@ -192,22 +194,6 @@ def install_missing(constraints_file: str | Path, pip_install: Callable[[list[st
 
 
 # ----------------------------------------------------------------------------------------------- device
-
-
-def cuda_problem() -> str | None:
-    """Why CUDA cannot be used here, or None when a tiny operation on the GPU works."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed (use Settings > Install dependencies)"
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        return f"torch {torch.__version__} ({build}) sees no usable NVIDIA GPU"
-    try:
-        (torch.ones(2, device="cuda") * 2).sum().item()
-    except Exception as error:  # noqa: BLE001 - a broken driver raises anything
-        return f"a test operation on the GPU failed ({error})"
-    return None
 
 
 def device_choice(requested: str = "auto",

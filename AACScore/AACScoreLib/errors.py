@@ -28,3 +28,7 @@ class ModelPackageError(AACScoreError):
 
 class Cancelled(AACScoreError):
     """The user cancelled a long task; callers stop the whole job rather than record an error row."""
+
+
+class DeviceError(AACScoreError):
+    """The requested compute device cannot be used."""

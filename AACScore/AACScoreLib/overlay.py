@@ -11,6 +11,7 @@ from .atomic import atomic_path
 from .kauppila import CATEGORY_COLORS
 
 MAX_SIDE = 1200
+HEAT_FLOOR = 0.15  # heat below this stays transparent, so weak diffuse evidence does not tint the whole crop
 VERTEBRA_COLORS = ((230, 80, 80), (240, 160, 60), (230, 220, 70), (90, 200, 90), (80, 150, 240))
 
 
@@ -45,7 +46,7 @@ def render_overlay(
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     if heatmap is not None:
         heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.BILINEAR))
-        alpha = (0.55 * np.clip(heat, 0.0, 1.0))[..., None]
+        alpha = (0.6 * np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0))[..., None]
         rgb = rgb * (1.0 - alpha) + heat_colors(heat).astype(np.float32) * alpha
     image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)

@@ -37,7 +37,7 @@ class Scorer:
         "cpu", "cuda" or "auto"; weights are checked against the manifest's sha256 before use."""
         from .packages import ModelPackage, find_package, load_safetensors
         from .scorer_model import model_from_state
-        from .scorer_training import resolve_device
+        from .devices import resolve_device
 
         if not isinstance(package, ModelPackage):
             package = find_package(None if package is None else str(package), "scorer")

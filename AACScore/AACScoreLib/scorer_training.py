@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .devices import resolve_device
 from .errors import AACScoreError
 from .kauppila import SUBSCORE_COLUMNS
 
@@ -86,16 +87,6 @@ def lr_at(iteration: int, total_iterations: int, s: TrainSettings) -> float:
 def iterations_per_epoch(n_train: int, batch: int) -> int:
     """Batches per epoch; a last batch of one image is dropped (BatchNorm cannot train on a single image)."""
     return n_train // batch + (1 if n_train % batch >= 2 else 0)
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AACScoreError("--device cuda: this torch sees no CUDA GPU (use --device cpu or auto)")
-    return torch.device(name)
 
 
 def predict(model, crops, device, batch: int = 32):

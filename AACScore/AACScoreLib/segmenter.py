@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import AACScoreError
+from .devices import resolve_device
+from .errors import AACScoreError, Cancelled
 from .kauppila import VERTEBRAE
 from .nnunet_dataset import resample_image, window_intensity, working_shape
 from .radiograph import Radiograph
@@ -35,14 +36,6 @@ Cancel = Callable[[], bool]
 
 MERGED_HEIGHT_RATIO = 1.7  # a vertebra this many times the median height is taken for two merged
 BOX_MARGIN_PX = 3  # working pixels kept around the spine when mapping back to full size
-
-
-class Cancelled(AACScoreError):
-    """The caller's cancel callback returned True; nothing was produced."""
-
-
-class DeviceError(AACScoreError):
-    """The requested compute device cannot be used."""
 
 
 @dataclass
@@ -55,29 +48,6 @@ class SegmentationResult:
 
 
 # ---------------------------------------------------------------------------------------------- device
-
-
-def resolve_device(device: str = "auto"):
-    """torch.device for "auto" | "cpu" | "cuda": CUDA only when a tiny operation on it really works."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "cpu":
-        return torch.device("cpu")
-    problem = None
-    if not torch.cuda.is_available():
-        problem = f"torch {torch.__version__} sees no CUDA GPU (CPU-only build, no driver, or no GPU)"
-    else:
-        try:
-            (torch.ones(2, device="cuda") * 2).sum().item()
-        except Exception as error:  # noqa: BLE001 - a broken driver raises anything
-            problem = f"a test operation on the GPU failed ({error})"
-    if problem is None:
-        return torch.device("cuda")
-    if device == "cuda":
-        raise DeviceError(f"--device cuda requested but {problem}; use --device cpu or auto")
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- post-processing

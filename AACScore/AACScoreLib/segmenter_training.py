@@ -115,7 +115,7 @@ def run_nnunet(
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
 
-    from .segmenter import resolve_device
+    from .devices import resolve_device
     from .segmenter_package import read_checkpoint
 
     dataset_id = int(dataset_dir.name[len("Dataset"):].split("_")[0])

@@ -378,7 +378,7 @@ def test_setup_weights_cli(tmp_path, home):
     (home / "demo-scorer-1.0.0" / "model.safetensors").write_bytes(b"tampered")
     failed = run_cli("verify")
     assert failed.returncode == 1
-    assert failed.stdout.splitlines()[1].startswith("demo-scorer  1.0.0    scorer  FAILED: ")
+    assert failed.stdout.splitlines()[1].split()[:4] == ["demo-scorer", "1.0.0", "scorer", "FAILED:"]
     assert "model.safetensors: checksum does not match the manifest" in failed.stdout
     missing = run_cli("verify", "nope", "--models-dir", str(tmp_path / "elsewhere"))
     assert missing.returncode == 2 and "no model package named 'nope'" in missing.stderr

@@ -13,7 +13,7 @@ from AACScoreLib.errors import AACScoreError, ModelPackageError
 from AACScoreLib.heatmap import band_fraction, grad_cam
 from AACScoreLib.scorer import Scorer
 from AACScoreLib.scorer_data import CropSet, augment_batch, load_crop_set, read_score_csv, split_indices
-from AACScoreLib.scorer_model import SCSE, SCSEBlock, build_model, load_imagenet_weights, scse_blocks, state_dict_fp16
+from AACScoreLib.scorer_model import SCSE, build_model, load_imagenet_weights, scse_blocks, state_dict_fp16
 from AACScoreLib.scorer_training import (TrainResult, TrainSettings, build_manifest, data_summary, evaluate_model, lr_at, train,
                                          write_scorer_package)
 

@@ -16,8 +16,9 @@ from AACScoreLib.nnunet_dataset import (export_dataset, phantom_cases, read_labe
                                         vertebra_of_segment, working_shape)
 from AACScoreLib.packages import verify_package
 from AACScoreLib.radiograph import read_radiograph
-from AACScoreLib.segmenter import (Cancelled, DeviceError, Segmenter, assign_levels, levels_at_full_size,
-                                   postprocess_labels, resolve_device)
+from AACScoreLib.devices import resolve_device
+from AACScoreLib.errors import Cancelled, DeviceError
+from AACScoreLib.segmenter import Segmenter, assign_levels, levels_at_full_size, postprocess_labels
 from AACScoreLib.segmenter_package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
