@@ -55,7 +55,8 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="time each stage, end to end and in a batch")
     parser.add_argument("--n", type=int, default=100, help="batch size (phantoms made for the run)")
     parser.add_argument("--single", type=int, default=5, help="images timed one by one for the stage figures")
-    parser.add_argument("--size", default="3000x2400", help="radiograph size RowsxCols of the phantoms")
+    parser.add_argument("--size", type=int, default=3000,
+                        help="phantom side in pixels (square, so 3000 is 25%% more pixels than a 3000x2400 radiograph)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--scorer")
     parser.add_argument("--segmenter")
@@ -69,15 +70,14 @@ def _run(args) -> int:
     from .phantoms import write_phantoms
     from .pipeline import Pipeline
 
-    rows, cols = (int(v) for v in args.size.lower().split("x"))
     work = Path(args.out or tempfile.mkdtemp(prefix="aacscore-bench-"))
-    images = sorted(write_phantoms(work / "phantoms", args.n, seed=31337, size=(rows, cols)))
+    images = sorted(write_phantoms(work / "phantoms", args.n, seed=31337, size_range=(args.size, args.size)))
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
     figures = run_benchmark(pipeline, images, min(args.single, len(images)), work / "batch")
     if torch.cuda.is_available() and args.device != "cpu":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     figures["machine"] = {"device": args.device, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
-                          "cpu": platform.processor() or platform.machine(), "size": args.size}
+                          "cpu": platform.processor() or platform.machine(), "size": f"{args.size}x{args.size}"}
     write_text_atomic(work / "bench.json", json.dumps(figures, indent=2))
     json.dump(figures, sys.stdout, indent=2)
     print(f"\nwritten: {work / 'bench.json'}")

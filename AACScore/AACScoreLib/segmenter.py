@@ -232,13 +232,15 @@ class Segmenter:
 
     def _tiling(self, shape: tuple[int, int]):
         """The configuration the sliding window uses: one tile covering the whole working image when it is at
-        most three times the training patch (one pass instead of four overlapping ones), else the training patch."""
+        most three times the training patch (one pass instead of four overlapping ones), else the training patch.
+        The tile is never smaller than the patch: a tiny image would leave the deepest stages one pixel wide."""
         from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
         if not self.whole_image:
             return self.configuration
         divisor = np.prod(np.array(self.configuration.pool_op_kernel_sizes), axis=0)
         tile = [int(np.ceil(size / d) * d) for size, d in zip(shape, divisor)]
+        tile = [max(t, p) for t, p in zip(tile, self.configuration.patch_size)]  # small images are padded
         if np.prod(tile) > 3 * np.prod(self.configuration.patch_size):
             return self.configuration
         return ConfigurationManager({**self.configuration.configuration, "patch_size": tile})

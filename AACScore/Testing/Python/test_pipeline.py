@@ -148,3 +148,36 @@ def test_output_names_stay_unique_for_equal_stems(tmp_path):
     items = [WorkItem(tmp_path / "a" / "x.dcm"), WorkItem(tmp_path / "b" / "x.dcm"), WorkItem(tmp_path / "y.dcm")]
     names = output_names(items)
     assert len(set(names.values())) == 3 and names[tmp_path / "y.dcm"] == "y"
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline():
+    """The bundled demo models, loaded as `aacscore score` loads them."""
+    return Pipeline.from_packages(device="cpu")
+
+
+def test_every_file_of_pydicoms_corpus_ends_as_a_row_without_traceback(demo_pipeline, tmp_path):
+    import pydicom
+
+    corpus = Path(pydicom.__file__).parent / "data" / "test_files"
+    items = collect([corpus])
+    assert len(items) > 150
+    table = score_cohort(demo_pipeline, items, tmp_path, heatmaps=False)
+    rows = _rows(table)
+    assert len(rows) == len(items)
+    for row in rows:
+        assert row["status"] in ("ok", "warning", "error")
+        if row["status"] == "error":
+            assert row["message"] and "Traceback" not in row["message"]
+            assert "internal error" not in row["message"], row
+
+
+def test_benchmark_times_every_stage_and_the_batch(demo_pipeline, tmp_path):
+    from AACScoreLib.bench import STAGES, run_benchmark
+    from AACScoreLib.sample_data import SAMPLE_DATA_DIR
+
+    images = sorted(SAMPLE_DATA_DIR.glob("*.dcm"))[1:]  # the two the demo segmenter labels correctly
+    figures = run_benchmark(demo_pipeline, images, single_runs=1, batch_out=tmp_path)
+    assert set(figures["stages_s_per_image"]) == set(STAGES)
+    assert all(seconds > 0 for seconds in figures["stages_s_per_image"].values())
+    assert figures["batch_images"] == 2 and figures["images_per_hour"] > 0 and figures["peak_rss_mb"] > 0
