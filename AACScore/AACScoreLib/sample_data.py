@@ -13,9 +13,9 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Sample
 CATEGORY = "AACScore"
 
 SAMPLE_SHA256: dict[str, str] = {
-    "phantom_alt_s4001_0000.dcm": "32327d1c0d15b7a31374f650a76f255b59e8efdf6870c247e9a4d1ec1cc97c1b",
     "phantom_alt_s4002_0000.dcm": "eb737e658a40d0d3ddf2925d2e5f5291c6afbe834aeaa44c7513a69acac1d696",
     "phantom_alt_s4003_0000.dcm": "9290eea854f113d51dbb49f8f672da76c7a0f91ff7cf83635c41c3772e525c17",
+    "phantom_alt_s4004_0000.dcm": "195cadffc42b88c95b753fa751468404ba06b8d7d6ba42ed37d938f158370cf1",
 }
 """File name in SAMPLE_DATA_DIR -> SHA256 (the test prints the dict to paste when files are added)."""
 

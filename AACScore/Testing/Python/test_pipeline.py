@@ -176,8 +176,18 @@ def test_benchmark_times_every_stage_and_the_batch(demo_pipeline, tmp_path):
     from AACScoreLib.bench import STAGES, run_benchmark
     from AACScoreLib.sample_data import SAMPLE_DATA_DIR
 
-    images = sorted(SAMPLE_DATA_DIR.glob("*.dcm"))[1:]  # the two the demo segmenter labels correctly
+    images = sorted(SAMPLE_DATA_DIR.glob("*.dcm"))[:2]
     figures = run_benchmark(demo_pipeline, images, single_runs=1, batch_out=tmp_path)
     assert set(figures["stages_s_per_image"]) == set(STAGES)
     assert all(seconds > 0 for seconds in figures["stages_s_per_image"].values())
     assert figures["batch_images"] == 2 and figures["images_per_hour"] > 0 and figures["peak_rss_mb"] > 0
+
+
+def test_the_demo_command_scores_every_bundled_radiograph(tmp_path, capsys):
+    from AACScoreLib import cli
+
+    assert cli.main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    rows = _rows(tmp_path / "results.csv")
+    assert len(rows) == 3 and all(row["status"] in ("ok", "warning") for row in rows), rows
+    printed = capsys.readouterr().out
+    assert "not for clinical use" in printed and all(Path(row["file"]).name in printed for row in rows)
