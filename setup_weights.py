@@ -20,22 +20,14 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "AACScore"))
 
-from AACScoreLib.errors import AACScoreError
+from AACScoreLib.cli import run_command
 from AACScoreLib.packages import add_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="setup_weights.py", description=__doc__.splitlines()[0])
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except AACScoreError as error:
-        print(f"setup_weights.py {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"setup_weights.py {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command("setup_weights.py", parser.parse_args(argv))
 
 
 if __name__ == "__main__":

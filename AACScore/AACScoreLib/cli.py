@@ -40,14 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("aacscore", build_parser().parse_args(argv))
+
+
+def run_command(program: str, args: argparse.Namespace) -> int:
+    """Run a parsed sub-command: a project error becomes one line on stderr and exit code 2, never a traceback."""
     try:
         return int(args.func(args) or 0)
     except AACScoreError as error:
-        print(f"aacscore {args.command}: error: {error}", file=sys.stderr)
+        print(f"{program} {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"aacscore {args.command}: interrupted", file=sys.stderr)
+        print(f"{program} {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
