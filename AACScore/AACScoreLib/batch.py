@@ -67,15 +67,32 @@ def score_cohort(
     out_dir = Path(out_dir)
     names = names or output_names(items)
     table_path = results_path(out_dir, shard)
-    with ResultsFile(table_path) as results:
+    with ResultsFile(table_path) as results, ThreadPoolExecutor(max_workers=1) as writer:
         todo = [item for item in items if not results.done(str(item.image), retry_errors)]
-        for done, (item, radiograph) in enumerate(_read_ahead(todo), start=1):
-            if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after {done - 1} of {len(todo)} radiographs")
-            row = _score_one(pipeline, item, radiograph, out_dir, names[item.image], heatmaps, anterior)
-            results.add(row)
+        pending: Future | None = None  # the previous image's outputs, written while this one is scored
+
+        finished = 0
+
+        def finish(future: Future) -> None:
+            nonlocal finished
+            row = future.result()
+            results.add(row)  # only once its label map and overlay are on disk
+            finished += 1
             if progress is not None:
-                progress(done, len(todo), f"{item.image.name}: {row['status']} {row.get('aac24') or ''}".strip())
+                progress(finished, len(todo), f"{Path(row['file']).name}: {row['status']} {row.get('aac24') or ''}")
+
+        try:
+            for done, (item, radiograph) in enumerate(_read_ahead(todo), start=1):
+                if cancel is not None and cancel():
+                    raise Cancelled(f"cancelled after {done - 1} of {len(todo)} radiographs")
+                row, result = _score_one(pipeline, item, radiograph, heatmaps, anterior)
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                pending = writer.submit(_write_outputs, row, result, out_dir, names[item.image])
+        finally:  # also on a cancel or an interrupt: the last finished image keeps its row
+            if pending is not None:
+                finish(pending)
     if shard is not None:
         merge_shards(out_dir)
     return table_path
@@ -114,36 +131,53 @@ def _read(item: WorkItem):
         return error
 
 
-def _score_one(pipeline, item, radiograph, out_dir: Path, stem: str, heatmaps: bool, anterior) -> dict:
+def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -> tuple[dict, object]:
+    """(row, pipeline result or None): never raises for a bad image, only for a cancel."""
     start = time.perf_counter()
+    result = None
     if isinstance(radiograph, RadiographError):
-        return {"file": str(item.image), "status": "error", "message": str(radiograph)}
+        row = {"file": str(item.image), "status": "error", "message": str(radiograph)}
+    else:
+        try:
+            result = pipeline.run(radiograph, item.labels, anterior=anterior, heatmap=heatmaps)
+            row = result.record()
+            row["file"] = str(item.image)
+        except Cancelled:
+            raise
+        except Exception as error:  # one image's failure must never stop the cohort or lose written rows
+            row = _internal_error(item.image, error)
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row, result
+
+
+def _write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
+    """Write the label map and the overlay of a scored image (on the writer thread); returns the row."""
+    if result is None:
+        return row
     try:
-        result = pipeline.run(radiograph, item.labels, anterior=anterior, heatmap=heatmaps)
-        row = result.record()
-        row["file"] = str(item.image)
         if result.labels is not None:
             row["labels"] = _write_labels(out_dir / "labels" / f"{stem}_labels.png", result.labels)
         if result.status != "error":
-            title = f"{item.image.name}  AAC-24 {result.aac24:.1f} ({result.category})"
+            title = f"{Path(row['file']).name}  AAC-24 {result.aac24:.1f} ({result.category})"
             if result.heatmap_all_zero:
                 title += "  heatmap: all zero"
             picture = render_overlay(result.radiograph.pixels, result.heatmap, result.labels, result.geometry,
                                      title, result.category)
             row["heatmap"] = str(save_overlay(out_dir / "overlays" / f"{stem}_heatmap.png", picture))
-    except Cancelled:
-        raise
-    except Exception as error:  # one image's failure must never stop the cohort or lose written rows
-        log.error("%s: unexpected failure\n%s", item.image, traceback.format_exc())
-        kind = "" if isinstance(error, AACScoreError) else f"internal error ({type(error).__name__}): "
-        row = {"file": str(item.image), "status": "error", "message": f"{kind}{error}"}
-    row["seconds"] = round(time.perf_counter() - start, 3)
+    except Exception as error:  # a full disk or a bad picture loses this image's files, not the cohort
+        return {**_internal_error(Path(row["file"]), error), "seconds": row.get("seconds")}
     return row
+
+
+def _internal_error(path: Path, error: Exception) -> dict:
+    log.error("%s: unexpected failure\n%s", path, traceback.format_exc())
+    kind = "" if isinstance(error, AACScoreError) else f"internal error ({type(error).__name__}): "
+    return {"file": str(path), "status": "error", "message": f"{kind}{error}"}
 
 
 def _write_labels(path: Path, labels: np.ndarray) -> str:
     with atomic_path(path) as temporary:
-        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG")
+        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG", compress_level=1)
     return str(path)
 
 

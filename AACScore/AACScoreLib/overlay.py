@@ -74,7 +74,7 @@ def render_overlay(
 def save_overlay(path: str | Path, image: Image.Image) -> Path:
     """Write the PNG atomically."""
     with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
+        image.save(temporary, format="PNG", compress_level=3)
     return Path(path)
 
 
