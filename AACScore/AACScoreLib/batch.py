@@ -192,8 +192,8 @@ def _stem(path: Path) -> str:
 class _ProgressBar:
     """One status line with count, percentage and ETA, on stderr."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.start = time.monotonic()
 
     def __call__(self, done: int, total: int, text: str) -> None:
@@ -253,8 +253,9 @@ def _log_file(out_dir: Path) -> str:
     return str(out_dir / "aacscore.log")
 
 
-def print_summary(table: Path, stream=sys.stdout) -> None:
+def print_summary(table: Path, stream=None) -> None:
     """A short table of the results for the terminal."""
+    stream = stream or sys.stdout
     rows = list(ResultsFile(table).values())
     print(f"{'file':40} {'AAC-24':>7}  {'category':9} status", file=stream)
     for row in rows:

@@ -35,8 +35,9 @@ def _run(args) -> int:
     return 0
 
 
-def print_comparison(results_csv: Path, truth_csv: Path, stream=sys.stdout) -> None:
+def print_comparison(results_csv: Path, truth_csv: Path, stream=None) -> None:
     """Predicted next to true AAC-24 for each demo radiograph."""
+    stream = stream or sys.stdout
     with open(truth_csv, newline="") as handle:
         truth = {row["file"]: row for row in csv.DictReader(handle)}
     with open(results_csv, newline="") as handle:
