@@ -15,14 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nrrd
 import numpy as np
-from PIL import Image
 
 from . import metrics
 from .atomic import atomic_path, write_text_atomic
 from .errors import AACScoreError, GeometryError
 from .kauppila import CATEGORIES, CATEGORY_RANGES, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
+from .labelmaps import read_label_map
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
 METRIC_NAMES: dict[str, str] = {
@@ -194,25 +193,6 @@ def find_label_maps(folder: str | Path) -> dict[str, Path]:
                 raise AACScoreError(f"{folder}: two label maps for {stem!r}: {found[stem].name} and {path.name}")
             found[stem] = path
     return found
-
-
-def read_label_map(path: str | Path) -> np.ndarray:
-    """A 2D integer label map [row, col] from PNG (Pillow) or NRRD (pynrrd)."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".nrrd":
-            data, _ = nrrd.read(str(path), index_order="C")
-        else:
-            with Image.open(path) as image:
-                data = np.asarray(image)
-    except Exception as error:  # any reader failure means the same thing to the user: this file is unusable
-        raise GeometryError(f"{path}: cannot read label map: {error}") from error
-    data = np.squeeze(data)
-    if data.ndim == 3 and np.all(data == data[..., :1]):  # grey saved as RGB(A) with equal channels
-        data = data[..., 0]
-    if data.ndim != 2:
-        raise GeometryError(f"{path}: label map must be 2D, got shape {data.shape}")
-    return data.astype(np.int64)
 
 
 def dice_by_vertebra(truth_folder: str | Path, pred_folder: str | Path) -> dict:

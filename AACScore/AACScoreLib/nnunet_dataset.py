@@ -13,7 +13,6 @@ segmentations (`.seg.nrrd`) whose segments are matched by name (L1..L5), never b
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from .atomic import atomic_path, write_text_atomic
 from .errors import GeometryError, RadiographError
 from .kauppila import VERTEBRAE
+from .labelmaps import read_label_map
 from .radiograph import Radiograph, read_radiograph
 
 WORKING_SPACING_MM = 1.25  # mm per working pixel, rows and columns
@@ -95,78 +95,6 @@ def to_working_image(radiograph: Radiograph, shape: tuple[int, int]) -> np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------- label maps
-
-
-_LEVEL_NAME = re.compile(r"\bL\s*([1-5])\b", re.IGNORECASE)
-
-
-def vertebra_of_segment(name: str) -> str | None:
-    """'L3', 'l3', 'L3 vertebra', 'L3 vertebral body' -> 'L3'; other names -> None."""
-    found = {f"L{match}" for match in _LEVEL_NAME.findall(name)}
-    return found.pop() if len(found) == 1 else None
-
-
-def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """A Slicer `.seg.nrrd` as a uint8 label map at the image's size, segments matched to L1..L5 by name."""
-    import slicerio
-
-    path = Path(path)
-    try:
-        segmentation = slicerio.read_segmentation(str(path))
-    except Exception as error:  # noqa: BLE001 - pynrrd and slicerio raise many types for a bad file
-        raise RadiographError(path, f"cannot be read as a segmentation ({error})") from error
-    by_level: dict[str, dict] = {}
-    for segment in segmentation.get("segments", []):
-        level = vertebra_of_segment(segment.get("name", ""))
-        if level is None:
-            continue
-        if level in by_level:
-            raise GeometryError(
-                f"{path}: segments {by_level[level]['name']!r} and {segment['name']!r} both name {level}"
-            )
-        by_level[level] = segment
-    missing = [level for level in VERTEBRAE if level not in by_level]
-    if missing:
-        names = ", ".join(repr(s.get("name")) for s in segmentation.get("segments", [])) or "none"
-        raise GeometryError(f"{path}: no segment named {', '.join(missing)} (segments: {names})")
-
-    labels = np.zeros(image_shape, np.uint8)
-    offset = segmentation.get("referenceImageExtentOffset", [0, 0, 0])
-    for value, level in enumerate(VERTEBRAE, start=1):
-        mask = np.asarray(slicerio.segment_mask(segmentation, by_level[level]))  # (i, j, k) = (col, row, slice)
-        if mask.ndim != 3 or mask.shape[2] != 1:
-            raise GeometryError(f"{path}: segment {level} is not a single 2D slice (shape {mask.shape})")
-        plane = mask[:, :, 0].T  # -> (row, col)
-        row0, col0 = int(offset[1]), int(offset[0])
-        rows, cols = plane.shape
-        if row0 < 0 or col0 < 0 or row0 + rows > image_shape[0] or col0 + cols > image_shape[1]:
-            raise GeometryError(
-                f"{path}: segment {level} extent (offset {col0},{row0}, size {cols}x{rows}) lies outside the "
-                f"image ({image_shape[1]}x{image_shape[0]}); save the segmentation with the radiograph as reference"
-            )
-        labels[row0:row0 + rows, col0:col0 + cols][plane] = value
-    return labels
-
-
-def read_label_map(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """A label map file (PNG/TIFF with values 0..5, or a Slicer .seg.nrrd matched by name) at the image's size."""
-    path = Path(path)
-    if path.name.lower().endswith(".seg.nrrd"):
-        return read_seg_nrrd(path, image_shape)
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            labels = np.asarray(image)
-    except OSError as error:
-        raise RadiographError(path, f"cannot be read as a label map ({error})") from error
-    if labels.ndim != 2:
-        raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
-    if labels.shape != tuple(image_shape):
-        raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
-    if labels.max() > len(VERTEBRAE):
-        raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {int(labels.max())}")
-    return labels.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- sources

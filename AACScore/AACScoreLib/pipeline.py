@@ -158,7 +158,7 @@ class Pipeline:
     def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
             if not isinstance(labels, np.ndarray):
-                from .nnunet_dataset import read_label_map
+                from .labelmaps import read_label_map
 
                 labels = read_label_map(labels, radiograph.pixels.shape)
             if labels.shape != radiograph.pixels.shape:

@@ -103,26 +103,14 @@ def normalise_crop(crop: np.ndarray) -> np.ndarray:
     return np.clip((crop - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """A label map image as uint8 (0 background, 1..5 = L1..L5)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P", "I", "I;16"):  # colour PNGs: labels are the grey level
-                image = image.convert("L")
-            return np.asarray(image).astype(np.uint8)
-    except OSError as error:
-        raise AACScoreError(f"{path}: cannot be read as a label map ({error})") from None
-
-
 def read_case(record: ScoreRecord):
     """Read one case: its radiograph and the Kauppila geometry of its label map."""
     from .geometry import analyze_spine
+    from .labelmaps import read_label_map
     from .radiograph import read_radiograph
 
     radiograph = read_radiograph(record.image)
-    labels = read_label_png(record.labels)
+    labels = read_label_map(record.labels, radiograph.pixels.shape)
     if labels.shape != radiograph.pixels.shape:
         raise GeometryError(f"{record.labels}: label map {labels.shape} does not match the image {radiograph.pixels.shape}")
     geometry = analyze_spine(labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,

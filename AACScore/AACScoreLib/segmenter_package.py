@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ModelPackageError
 from .kauppila import VERTEBRAE
-from .nnunet_dataset import DEFAULT_LONG_SIDE_PX, vertebra_of_segment
+from .labelmaps import vertebra_of_segment
+from .nnunet_dataset import DEFAULT_LONG_SIDE_PX
 from .packages import ModelPackage, find_package, load_safetensors, read_verified, verify_package, write_package
 
 PLANS = "plans.json"

@@ -151,7 +151,7 @@ def run_nnunet(
 def evaluate_package(package, cases: Sequence[tuple[Path, Path]], device: str = "auto") -> dict:
     """Mean Dice per vertebra (and the worst case) of a segmenter package on held-out (image, labels) cases."""
     from .metrics import dice_per_label
-    from .nnunet_dataset import read_label_map
+    from .labelmaps import read_label_map
     from .radiograph import read_radiograph
     from .segmenter import Segmenter
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from AACScoreLib.cli import main as cli_main
 from AACScoreLib.errors import GeometryError, ModelPackageError
-from AACScoreLib.nnunet_dataset import (export_dataset, phantom_cases, read_label_map, resample_labels,
-                                        vertebra_of_segment, working_shape)
+from AACScoreLib.labelmaps import read_label_map, vertebra_of_segment
+from AACScoreLib.nnunet_dataset import export_dataset, phantom_cases, resample_labels, working_shape
 from AACScoreLib.packages import verify_package
 from AACScoreLib.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device

@@ -1,0 +1,97 @@
+"""Vertebra label maps from files: 0 background, 1..5 = L1..L5, whatever tool wrote them.
+
+Slicer segmentations are matched by segment name, never by label value, because values and segment IDs change
+when people edit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GeometryError, RadiographError
+from .kauppila import VERTEBRAE
+
+_LEVEL_NAME = re.compile(r"\bL\s*([1-5])\b", re.IGNORECASE)
+
+
+def vertebra_of_segment(name: str) -> str | None:
+    """'L3', 'l3', 'L3 vertebra', 'L3 vertebral body' -> 'L3'; other names -> None."""
+    found = {f"L{match}" for match in _LEVEL_NAME.findall(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """A Slicer `.seg.nrrd` as a uint8 label map at the image's size, segments matched to L1..L5 by name."""
+    import slicerio
+
+    path = Path(path)
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # noqa: BLE001 - pynrrd and slicerio raise many types for a bad file
+        raise RadiographError(path, f"cannot be read as a segmentation ({error})") from error
+    by_level: dict[str, dict] = {}
+    for segment in segmentation.get("segments", []):
+        level = vertebra_of_segment(segment.get("name", ""))
+        if level is None:
+            continue
+        if level in by_level:
+            raise GeometryError(
+                f"{path}: segments {by_level[level]['name']!r} and {segment['name']!r} both name {level}"
+            )
+        by_level[level] = segment
+    missing = [level for level in VERTEBRAE if level not in by_level]
+    if missing:
+        names = ", ".join(repr(s.get("name")) for s in segmentation.get("segments", [])) or "none"
+        raise GeometryError(f"{path}: no segment named {', '.join(missing)} (segments: {names})")
+
+    labels = np.zeros(image_shape, np.uint8)
+    offset = segmentation.get("referenceImageExtentOffset", [0, 0, 0])
+    for value, level in enumerate(VERTEBRAE, start=1):
+        mask = np.asarray(slicerio.segment_mask(segmentation, by_level[level]))  # (i, j, k) = (col, row, slice)
+        if mask.ndim != 3 or mask.shape[2] != 1:
+            raise GeometryError(f"{path}: segment {level} is not a single 2D slice (shape {mask.shape})")
+        plane = mask[:, :, 0].T  # -> (row, col)
+        row0, col0 = int(offset[1]), int(offset[0])
+        rows, cols = plane.shape
+        if row0 < 0 or col0 < 0 or row0 + rows > image_shape[0] or col0 + cols > image_shape[1]:
+            raise GeometryError(
+                f"{path}: segment {level} extent (offset {col0},{row0}, size {cols}x{rows}) lies outside the "
+                f"image ({image_shape[1]}x{image_shape[0]}); save the segmentation with the radiograph as reference"
+            )
+        labels[row0:row0 + rows, col0:col0 + cols][plane] = value
+    return labels
+
+
+def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A label map file as uint8 0..5: PNG/TIFF (grey, or grey saved as RGB), NRRD, or a Slicer .seg.nrrd
+    whose segments are matched to L1..L5 by name; checked against the image's size when it is given."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        if image_shape is None:
+            raise GeometryError(f"{path}: a .seg.nrrd is placed by its radiograph; give the radiograph too")
+        return read_seg_nrrd(path, image_shape)
+    try:
+        if path.suffix.lower() == ".nrrd":
+            import nrrd
+
+            labels, _ = nrrd.read(str(path), index_order="C")
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                labels = np.asarray(image)
+    except Exception as error:  # noqa: BLE001 - any reader failure means the same to the user: unusable file
+        raise RadiographError(path, f"cannot be read as a label map ({error})") from error
+    labels = np.squeeze(labels)
+    if labels.ndim == 3 and np.all(labels == labels[..., :1]):  # grey saved as RGB(A) with equal channels
+        labels = labels[..., 0]
+    if labels.ndim != 2:
+        raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
+    if image_shape is not None and labels.shape != tuple(image_shape):
+        raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
+    if labels.min() < 0 or labels.max() > len(VERTEBRAE):
+        raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {labels.min()}..{labels.max()}")
+    return labels.astype(np.uint8)

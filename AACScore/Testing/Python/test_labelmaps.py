@@ -1,0 +1,47 @@
+"""Reading label maps written by other tools."""
+
+from __future__ import annotations
+
+import nrrd
+import numpy as np
+import pytest
+from PIL import Image
+
+from AACScoreLib.errors import GeometryError, RadiographError
+from AACScoreLib.labelmaps import read_label_map
+
+
+def _labels() -> np.ndarray:
+    labels = np.zeros((40, 30), np.uint8)
+    for value in range(1, 6):
+        labels[value * 6: value * 6 + 4, 5:25] = value
+    return labels
+
+
+def test_png_grey_as_rgb_and_nrrd_read_the_same(tmp_path):
+    labels = _labels()
+    Image.fromarray(labels).save(tmp_path / "a_labels.png")
+    Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(tmp_path / "b_labels.png")
+    nrrd.write(str(tmp_path / "c_labels.nrrd"), labels, index_order="C")
+    for name in ("a_labels.png", "b_labels.png", "c_labels.nrrd"):
+        read = read_label_map(tmp_path / name, labels.shape)
+        assert read.dtype == np.uint8 and np.array_equal(read, labels), name
+
+
+def test_bad_label_maps_say_what_is_wrong(tmp_path):
+    labels = _labels()
+    Image.fromarray(labels).save(tmp_path / "ok_labels.png")
+    with pytest.raises(GeometryError, match=r"label map is \(40, 30\), its image is \(41, 30\)"):
+        read_label_map(tmp_path / "ok_labels.png", (41, 30))
+    Image.fromarray(labels * 2).save(tmp_path / "big_labels.png")
+    with pytest.raises(GeometryError, match="big_labels.png: label values must be 0..5"):
+        read_label_map(tmp_path / "big_labels.png")
+    colour = np.stack([labels, labels * 0, labels], axis=2)
+    Image.fromarray(colour).save(tmp_path / "colour_labels.png")
+    with pytest.raises(GeometryError, match="one grayscale channel"):
+        read_label_map(tmp_path / "colour_labels.png")
+    (tmp_path / "junk_labels.png").write_bytes(b"junk")
+    with pytest.raises(RadiographError, match="junk_labels.png: cannot be read as a label map"):
+        read_label_map(tmp_path / "junk_labels.png")
+    with pytest.raises(GeometryError, match="give the radiograph too"):
+        read_label_map(tmp_path / "x.seg.nrrd")
