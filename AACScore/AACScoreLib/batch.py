@@ -24,7 +24,7 @@ from .atomic import atomic_path
 from .cohort import WorkItem, collect, parse_shard
 from .errors import AACScoreError, Cancelled, RadiographError
 from .overlay import render_overlay, save_overlay
-from .radiograph import read_radiograph
+from .radiograph import read_or_error
 from .results_file import ResultsFile
 
 log = logging.getLogger(__name__)
@@ -115,20 +115,13 @@ def merge_shards(out_dir: str | Path) -> Path:
 def _read_ahead(items: Sequence[WorkItem]) -> Iterable[tuple[WorkItem, object]]:
     """Yield (item, Radiograph or RadiographError) with the next file read on a worker thread."""
     with ThreadPoolExecutor(max_workers=1) as reader:
-        futures: list[Future] = [reader.submit(_read, item) for item in items[:2]]
+        futures: list[Future] = [reader.submit(read_or_error, item.image) for item in items[:2]]
         for index, item in enumerate(items):
             radiograph = futures[index].result()
             if index + 2 < len(items):
-                futures.append(reader.submit(_read, items[index + 2]))
+                futures.append(reader.submit(read_or_error, items[index + 2].image))
             futures[index] = None  # free the pixels once used
             yield item, radiograph
-
-
-def _read(item: WorkItem):
-    try:
-        return read_radiograph(item.image)
-    except RadiographError as error:
-        return error
 
 
 def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -> tuple[dict, object]:

@@ -64,6 +64,14 @@ def read_radiograph(path: str | Path) -> Radiograph:
         raise RadiographError(path, f"cannot be read: {_reason(exc)}") from exc
 
 
+def read_or_error(path: str | Path) -> Radiograph | RadiographError:
+    """Read a radiograph, returning the error instead of raising it (for reading ahead on a worker thread)."""
+    try:
+        return read_radiograph(path)
+    except RadiographError as error:
+        return error
+
+
 def _reason(exc: BaseException) -> str:
     """One line, so that the message fits a CSV cell and a status bar."""
     return " ".join(f"{type(exc).__name__}: {exc}".split())

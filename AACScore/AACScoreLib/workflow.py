@@ -31,7 +31,7 @@ from . import metrics, scene as aac_scene
 from .errors import AACScoreError, Cancelled, RadiographError
 from .kauppila import SUBSCORE_COLUMNS, category, total_score
 from .pipeline import AACResult
-from .radiograph import Radiograph, read_radiograph
+from .radiograph import Radiograph, read_or_error, read_radiograph
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -513,14 +513,6 @@ def radiograph_files(paths: Sequence[str | Path]) -> list[Path]:
     from .cohort import collect
 
     return [item.image for item in collect([str(path) for path in paths])]
-
-
-def read_or_error(path: str | Path) -> Radiograph | RadiographError:
-    """Read a radiograph, returning the error instead of raising it (for reading on a worker thread)."""
-    try:
-        return read_radiograph(path)
-    except RadiographError as error:
-        return error
 
 
 def read_work(files: Sequence[str | Path]) -> Callable[["Job"], None]:

@@ -97,14 +97,20 @@ def test_corpus_rejections_say_why(name, reason):
 # --- files written here -----------------------------------------------------------------------------------
 
 
-def _dicom(pixels: np.ndarray, bits_stored: int = 12, **tags) -> Dataset:
-    """A minimal DX DICOM dataset holding `pixels` (uint16), with extra tags by keyword."""
+def _header(sop_class: str, modality: str) -> Dataset:
+    """A dataset with file meta, SOP class and instance, and modality: what every test file starts with."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
+    ds.Modality = modality
+    return ds
+
+
+def _dicom(pixels: np.ndarray, bits_stored: int = 12, **tags) -> Dataset:
+    """A minimal DX DICOM dataset holding `pixels` (uint16), with extra tags by keyword."""
+    ds = _header(DigitalXRayImageStorageForPresentation, "DX")
     ds.Rows, ds.Columns = pixels.shape[-2:]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -384,12 +390,7 @@ def test_colour_dicom(tmp_path):
 
 
 def test_sr_without_pixel_data(tmp_path):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ComprehensiveSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "SR"
+    ds = _header(ComprehensiveSRStorage, "SR")
     _expect_error(_save(ds, tmp_path / "sr.dcm"), "no pixel data .Comprehensive SR Storage.")
 
 
