@@ -8,7 +8,6 @@ an interruption loses nothing already done and a rerun continues where it stoppe
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import sys
 import time
@@ -17,31 +16,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-from PIL import Image
 
-from .atomic import atomic_path
-from .cohort import WorkItem, collect, parse_shard
+from .cohort import WorkItem, collect, output_names, parse_shard
 from .errors import AACScoreError, Cancelled, RadiographError
+from .labelmaps import write_label_png
 from .overlay import render_overlay, save_overlay
 from .radiograph import read_or_error
 from .results_file import ResultsFile
 
 log = logging.getLogger(__name__)
-
-
-def output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
-    """A file stem per input, unique across the cohort (same stems in different folders get a path hash)."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[_stem(item.image)] = counts.get(_stem(item.image), 0) + 1
-    names = {}
-    for item in items:
-        stem = _stem(item.image)
-        if counts[stem] > 1:
-            stem += "-" + hashlib.sha1(str(item.image.resolve()).encode()).hexdigest()[:8]
-        names[item.image] = stem
-    return names
 
 
 def results_path(out_dir: Path, shard: tuple[int, int] | None) -> Path:
@@ -149,7 +132,7 @@ def _write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
         return row
     try:
         if result.labels is not None:
-            row["labels"] = _write_labels(out_dir / "labels" / f"{stem}_labels.png", result.labels)
+            row["labels"] = str(write_label_png(out_dir / "labels" / f"{stem}_labels.png", result.labels))
         if result.status != "error":
             title = f"{Path(row['file']).name}  AAC-24 {result.aac24:.1f} ({result.category})"
             if result.heatmap_all_zero:
@@ -166,20 +149,6 @@ def _internal_error(path: Path, error: Exception) -> dict:
     log.error("%s: unexpected failure\n%s", path, traceback.format_exc())
     kind = "" if isinstance(error, AACScoreError) else f"internal error ({type(error).__name__}): "
     return {"file": str(path), "status": "error", "message": f"{kind}{error}"}
-
-
-def _write_labels(path: Path, labels: np.ndarray) -> str:
-    with atomic_path(path) as temporary:
-        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG", compress_level=1)
-    return str(path)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".seg.nrrd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.suffix else name
 
 
 class _ProgressBar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -87,3 +88,25 @@ def _read_list(path: Path) -> list[WorkItem]:
 def _relative_to(csv_path: Path, value: str) -> Path:
     candidate = Path(value)
     return candidate if candidate.is_absolute() else csv_path.parent / candidate
+
+
+def output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
+    """A file stem per input, unique across the cohort (same stems in different folders get a path hash)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[_stem(item.image)] = counts.get(_stem(item.image), 0) + 1
+    names = {}
+    for item in items:
+        stem = _stem(item.image)
+        if counts[stem] > 1:
+            stem += "-" + hashlib.sha1(str(item.image.resolve()).encode()).hexdigest()[:8]
+        names[item.image] = stem
+    return names
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.suffix else name

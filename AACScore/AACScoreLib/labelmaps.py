@@ -95,3 +95,15 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None)
     if labels.min() < 0 or labels.max() > len(VERTEBRAE):
         raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {labels.min()}..{labels.max()}")
     return labels.astype(np.uint8)
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
+    """Write a label map as an 8-bit PNG, atomically (fast compression: maps are mostly background)."""
+    from PIL import Image
+
+    from .atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.asarray(labels, dtype=np.uint8)).save(temporary, format="PNG", compress_level=1)
+    return path

@@ -173,6 +173,82 @@ def load_crop_set(records: Sequence[ScoreRecord], input_size: tuple[int, int], c
     )
 
 
+def phantom_case(seed: int, index: int, style: str, input_size: tuple[int, int]):
+    """Generate one phantom in memory and crop it from its drawn label map: (crop float16, aac24, subscores, name).
+
+    The crop equals the one made from the written files (the reader only undoes a linear rescale and MONOCHROME1,
+    which the percentile normalisation ignores), without the cost of encoding and decoding a large DICOM.
+    """
+    from .geometry import analyze_spine, extract_crop
+    from .phantoms import generate_phantom
+
+    phantom = generate_phantom(seed, style, index)
+    orientation = phantom.dataset["patient_orientation"]
+    geometry = analyze_spine(phantom.labels, tuple(phantom.truth["spacing"]),
+                             patient_orientation=tuple(orientation) if orientation else None, image=phantom.pixels)
+    crop = normalise_crop(extract_crop(phantom.pixels, geometry.crop, out_shape=tuple(input_size)))
+    truth = phantom.truth
+    return (crop.astype(np.float16), float(truth["aac24"]), [float(truth["subscores"][c]) for c in SUBSCORE_COLUMNS],
+            f"{phantom.name}.dcm")
+
+
+def _phantom_case_or_error(job: tuple[int, int, str, tuple[int, int]]):
+    try:
+        return phantom_case(*job)
+    except AACScoreError as error:
+        return str(error)
+
+
+def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tuple[int, int],
+                       cache_dir: str | Path | None = None, workers: int = 1,
+                       progress: Callable[[int, int], None] | None = None) -> CropSet:
+    """Crops of phantoms 0..n-1 of `seed` (styles taken in turn), generated in memory by `workers` processes.
+
+    With cache_dir they are saved as `phantoms_<seed>_<n>_<styles>_<H>x<W>.npz` and reused; a changed generator
+    needs a new seed or cache folder.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .atomic import atomic_path
+
+    from .phantoms import STYLES
+
+    unknown = sorted(set(styles) - set(STYLES)) if styles else ["(none)"]
+    if unknown:
+        raise AACScoreError(f"phantom styles must be among {', '.join(STYLES)}; got {', '.join(unknown)}")
+    input_size = (int(input_size[0]), int(input_size[1]))
+    jobs = [(seed, index, styles[index % len(styles)], input_size) for index in range(n)]
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"phantoms_{seed}_{n}_{'-'.join(styles)}_{input_size[0]}x{input_size[1]}.npz"
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            return CropSet(torch.from_numpy(data["crops"]).unsqueeze(1), torch.from_numpy(data["totals"]),
+                           torch.from_numpy(data["subscores"]), [str(x) for x in data["names"]],
+                           json.loads(str(data["skipped"])))
+    crops, totals, subscores, kept, skipped = [], [], [], [], {}
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for done, (job, result) in enumerate(zip(jobs, pool.map(_phantom_case_or_error, jobs, chunksize=4)), 1):
+            if isinstance(result, str):
+                skipped[f"phantom {job[0]}/{job[1]} ({job[2]})"] = result
+            else:
+                crops.append(result[0])
+                totals.append(result[1])
+                subscores.append(result[2])
+                kept.append(result[3])
+            if progress is not None:
+                progress(done, n)
+    crop_array = np.stack(crops) if crops else np.zeros((0, *input_size), np.float16)
+    total_array = np.asarray(totals, np.float32)
+    sub_array = np.asarray(subscores, np.float32).reshape(-1, len(SUBSCORE_COLUMNS))
+    if cache is not None:
+        with atomic_path(cache) as temporary:
+            np.savez(temporary, crops=crop_array, totals=total_array, subscores=sub_array, names=np.array(kept),
+                     skipped=json.dumps(skipped))
+    return CropSet(torch.from_numpy(crop_array).unsqueeze(1), torch.from_numpy(total_array),
+                   torch.from_numpy(sub_array), kept, skipped)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded random split into training and validation indices (at least one of each when n >= 2)."""
     if not 0.0 <= val_fraction < 1.0:

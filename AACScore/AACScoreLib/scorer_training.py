@@ -436,9 +436,11 @@ def add_cli(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="CSV with file, aac24 [, labels] [, L1A..L4P]; paths relative to the CSV")
     source.add_argument("--phantoms", metavar="DIR", help="a folder written by `aacscore phantoms` (uses truth.csv)")
-    p.add_argument("--make-phantoms", type=int, default=0, metavar="N",
-                   help="with --phantoms: first generate N phantoms there (seed --phantom-seed) if truth.csv is absent")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="N phantoms generated in memory (seed --phantom-seed), cropped from their drawn labels")
     p.add_argument("--phantom-seed", type=int, default=2000)
+    p.add_argument("--phantom-styles", default="default,alt", help="with --synthetic: generator styles, in turn")
+    p.add_argument("--workers", type=int, default=2, help="with --synthetic: processes generating phantoms")
     p.add_argument("--out", required=True, help="model package folder to write")
     p.add_argument("--holdout", metavar="CSV_OR_DIR", help="test set evaluated after training (metrics in the manifest)")
     p.add_argument("--work-dir", help="checkpoints and crop cache (default: <out>.training)")
@@ -486,7 +488,7 @@ def _print_progress(done: int, total: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .scorer_data import load_crop_set, split_indices
+    from .scorer_data import load_crop_set, split_indices, synthetic_crop_set
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -498,15 +500,17 @@ def _run(args: argparse.Namespace) -> int:
         patience=args.patience, clip_grad_norm=args.clip_grad, augment=args.augment, rotation=args.rotation, seed=args.seed, device=args.device)
     out = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".training")
-    source = args.csv or args.phantoms
-    if args.make_phantoms and args.phantoms and not (Path(args.phantoms) / "truth.csv").is_file():
-        from .phantoms import write_phantoms
-
-        print(f"generating {args.make_phantoms} phantoms (seed {args.phantom_seed}) in {args.phantoms}", file=sys.stderr)
-        write_phantoms(args.phantoms, args.make_phantoms, args.phantom_seed)
-    records = _records(source, args.phantoms is not None)
-    print(f"cropping {len(records)} images at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
-    data = load_crop_set(records, settings.input_size, cache_dir=work_dir, progress=_print_progress)
+    if args.synthetic:
+        styles = [style.strip() for style in args.phantom_styles.split(",") if style.strip()]
+        source = f"{args.synthetic} phantoms, seed {args.phantom_seed}, styles {'/'.join(styles)}"
+        print(f"generating and cropping {source} at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
+        data = synthetic_crop_set(args.synthetic, args.phantom_seed, styles, settings.input_size, cache_dir=work_dir,
+                                  workers=args.workers, progress=_print_progress)
+    else:
+        source = args.csv or args.phantoms
+        records = _records(source, args.phantoms is not None)
+        print(f"cropping {len(records)} images at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
+        data = load_crop_set(records, settings.input_size, cache_dir=work_dir, progress=_print_progress)
     for name, why in data.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     train_index, val_index = split_indices(len(data), settings.val_fraction, settings.seed)

@@ -354,29 +354,12 @@ def benchmark(segmenter: Segmenter, shape: tuple[int, int] = (3000, 2400), repea
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def write_label_png(path: str | Path, labels: np.ndarray) -> None:
-    from PIL import Image
-
-    from .atomic import atomic_path
-
-    with atomic_path(path) as temporary:
-        Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG")
-
-
-def label_png_name(image_path: str | Path) -> str:
-    name = Path(image_path).name
-    for suffix in (".nii.gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".nrrd", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}_labels.png"
-
-
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="label L1-L5 vertebrae on radiographs (nnU-Net 2D)",
         description="Write <stem>_labels.png (0 background, 1..5 = L1..L5) per radiograph into --out.")
-    parser.add_argument("paths", nargs="*", metavar="PATH", help="radiograph files (DICOM, PNG, JPEG, NRRD, NIfTI)")
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="radiographs (DICOM, PNG, JPEG, NRRD, NIfTI), folders or CSV lists with a `file` column")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -388,6 +371,8 @@ def add_cli(subparsers) -> None:
 def _segment_command(args) -> int:
     import json
 
+    from .cohort import collect, output_names
+    from .labelmaps import write_label_png
     from .radiograph import read_radiograph
 
     segmenter = Segmenter.from_package(args.model, args.device, args.mirror)
@@ -396,15 +381,18 @@ def _segment_command(args) -> int:
         return 0
     if not args.paths or not args.out:
         raise AACScoreError("give radiograph PATHs and --out DIR (or --benchmark)")
+    items = collect(args.paths)
+    names = output_names(items)
     failures = 0
-    for path in args.paths:
+    for item in items:
+        path = item.image
         try:
             result = segmenter.segment(read_radiograph(path))
         except AACScoreError as error:
             failures += 1
             print(f"{path}: error: {error}")
             continue
-        write_label_png(Path(args.out) / label_png_name(path), result.labels)
+        write_label_png(Path(args.out) / f"{names[path]}_labels.png", result.labels)
         print(f"{path}: {result.status} ({result.seconds:.2f} s){': ' + result.message if result.message else ''}")
         failures += result.status == "error"
     return 1 if failures else 0

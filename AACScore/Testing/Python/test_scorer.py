@@ -233,6 +233,29 @@ def test_crops_from_phantoms_are_cached_and_labelled(tmp_path):
         read_score_csv(tmp_path / "ph" / "truth.csv")
 
 
+def test_in_memory_phantom_crops_match_the_written_files_and_are_cached(tmp_path):
+    from AACScoreLib.phantoms import generate_phantom, write_phantom
+
+    phantom = generate_phantom(2101, "alt", 1)
+    dcm = write_phantom(phantom, tmp_path / "ph")
+    from_file = scorer_data.crop_record(scorer_data.ScoreRecord(dcm, dcm.with_name(f"{phantom.name}_labels.png"), 0),
+                                        SIZE)
+    crop, total, subscores, name = scorer_data.phantom_case(2101, 1, "alt", SIZE)
+    assert name == dcm.name and total == phantom.truth["aac24"] and sum(subscores) == total
+    assert np.abs(crop.astype(np.float32) - from_file).max() < 2e-3  # float16 rounding only
+
+    made = scorer_data.synthetic_crop_set(2, 2101, ["default", "alt"], SIZE, cache_dir=tmp_path / "cache", workers=1)
+    assert made.names == ["phantom_s2101_0000.dcm", "phantom_alt_s2101_0001.dcm"] and not made.skipped
+    assert made.crops.shape == (2, 1, *SIZE) and made.subscores.shape == (2, 8)
+    assert torch.equal(made.crops[1, 0], torch.from_numpy(crop))
+    cached = list((tmp_path / "cache").glob("phantoms_2101_2_default-alt_64x32.npz"))
+    assert len(cached) == 1
+    again = scorer_data.synthetic_crop_set(2, 2101, ["default", "alt"], SIZE, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.crops, made.crops) and again.names == made.names
+    with pytest.raises(AACScoreError, match="styles"):
+        scorer_data.synthetic_crop_set(2, 2101, ["fancy"], SIZE)
+
+
 def test_split_is_seeded_and_disjoint():
     train_index, val_index = split_indices(10, 0.2, seed=4)
     assert len(val_index) == 2 and not set(train_index) & set(val_index)

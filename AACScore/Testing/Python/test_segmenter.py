@@ -231,13 +231,14 @@ def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path)
         segmenter.segment(radiograph, cancel=lambda: True)
 
 
-def test_segment_command_writes_label_pngs(trained, tmp_path):
+def test_segment_command_writes_label_pngs_for_files_and_folders(trained, tmp_path):
     images = write_toys(tmp_path / "in", 2, first_seed=20)
-    paths = [str(images / "toy_020.png"), str(images / "toy_021.png")]
+    more = write_toys(tmp_path / "more", 1, first_seed=22)
+    paths = [str(images / "toy_020.png"), str(images / "toy_021.png"), str(more)]
     code = cli_main(["segment", *paths, "--out", str(tmp_path / "out"), "--model", str(trained["package"]),
                      "--device", "cpu"])
     assert code in (0, 1)  # 1 only when a toy vertebra is missing from an untrained model's output
-    for name in ("toy_020_labels.png", "toy_021_labels.png"):
+    for name in ("toy_020_labels.png", "toy_021_labels.png", "toy_022_labels.png"):
         written = np.asarray(Image.open(tmp_path / "out" / name))
         assert written.shape == TOY_SHAPE and written.max() <= 5
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
