@@ -30,7 +30,8 @@ from .phantom_anatomy import (BOUNDARY_NAMES, CORNER_NAMES, Anatomy, Placement, 
 STYLES: tuple[str, ...] = ("default", "alt")
 DEFAULT_SEVERITY: tuple[float, float, float] = (0.25, 0.60, 0.15)
 DEFAULT_SIZE_RANGE: tuple[int, int] = (1500, 3000)
-TRUTH_COLUMNS: tuple[str, ...] = ("file", "aac24", "category") + kauppila.SUBSCORE_COLUMNS
+# `labels` makes truth.csv a list that `aacscore score` and `train-scorer --csv` read with the drawn label maps.
+TRUTH_COLUMNS: tuple[str, ...] = ("file", "labels", "aac24", "category") + kauppila.SUBSCORE_COLUMNS
 # Calcified fractions drawn for each subscore keep clear of the 1/3 and 2/3 thresholds, so that small geometric
 # differences (a segmentation a few pixels off) cannot change a subscore.
 FRACTION_RANGES: dict[int, tuple[float, float]] = {1: (0.07, 0.26), 2: (0.40, 0.60), 3: (0.74, 0.93)}
@@ -661,7 +662,8 @@ def write_phantom(phantom: Phantom, out_dir: str | Path) -> Path:
 
 def truth_row(phantom: Phantom) -> dict[str, object]:
     t = phantom.truth
-    return dict(file=f"{phantom.name}.dcm", aac24=t["aac24"], category=t["category"], **t["subscores"])
+    return dict(file=f"{phantom.name}.dcm", labels=f"{phantom.name}_labels.png", aac24=t["aac24"],
+                category=t["category"], **t["subscores"])
 
 
 def write_truth_csv(path: str | Path, rows: Sequence[dict[str, object]]) -> None:

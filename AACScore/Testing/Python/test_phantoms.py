@@ -40,10 +40,11 @@ def test_truth_csv_columns_and_consistency(written):
     out, paths = written
     with open(out / "truth.csv", newline="") as stream:
         reader = csv.DictReader(stream)
-        assert tuple(reader.fieldnames) == ("file", "aac24", "category", *kauppila.SUBSCORE_COLUMNS)
+        assert tuple(reader.fieldnames) == ("file", "labels", "aac24", "category", *kauppila.SUBSCORE_COLUMNS)
         rows = list(reader)
     assert [r["file"] for r in rows] == sorted(p.name for p in paths)
     for row in rows:
+        assert (out / row["labels"]).is_file() and row["labels"] == row["file"].replace(".dcm", "_labels.png")
         subscores = [int(row[c]) for c in kauppila.SUBSCORE_COLUMNS]
         assert int(row["aac24"]) == sum(subscores)
         assert row["category"] == kauppila.category(int(row["aac24"]))

@@ -181,6 +181,8 @@ def test_benchmark_times_every_stage_and_the_batch(demo_pipeline, tmp_path):
     assert set(figures["stages_s_per_image"]) == set(STAGES)
     assert all(seconds > 0 for seconds in figures["stages_s_per_image"].values())
     assert figures["batch_images"] == 2 and figures["images_per_hour"] > 0 and figures["peak_rss_mb"] > 0
+    assert figures["single_images_timed"] == 1  # the second image's single time is estimated from the first
+    assert figures["batch_vs_sum_of_single"] == pytest.approx(figures["batch_s"] / figures["single_sum_s"], rel=0.02)
 
 
 def test_the_demo_command_scores_every_bundled_radiograph(tmp_path, capsys):
