@@ -204,12 +204,11 @@ def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tup
                        progress: Callable[[int, int], None] | None = None) -> CropSet:
     """Crops of phantoms 0..n-1 of `seed` (styles taken in turn), generated in memory by `workers` processes.
 
-    With cache_dir they are saved as `phantoms_<seed>_<n>_<styles>_<H>x<W>.npz` and reused; a changed generator
-    needs a new seed or cache folder.
+    With cache_dir they are saved as `phantoms_<seed>_<n>_<styles>_<H>x<W>.npz`; a cache of the same seed,
+    styles and size with at least n phantoms is reused (phantom i depends only on seed, i and style), so a smaller
+    comparison run costs no generation. A changed generator needs a new seed or cache folder.
     """
     from concurrent.futures import ProcessPoolExecutor
-
-    from .atomic import atomic_path
 
     from .phantoms import STYLES
 
@@ -217,36 +216,59 @@ def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tup
     if unknown:
         raise AACScoreError(f"phantom styles must be among {', '.join(STYLES)}; got {', '.join(unknown)}")
     input_size = (int(input_size[0]), int(input_size[1]))
-    jobs = [(seed, index, styles[index % len(styles)], input_size) for index in range(n)]
-    cache = None
+    key = f"{'-'.join(styles)}_{input_size[0]}x{input_size[1]}"
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"phantoms_{seed}_{n}_{'-'.join(styles)}_{input_size[0]}x{input_size[1]}.npz"
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as data:
-            return CropSet(torch.from_numpy(data["crops"]).unsqueeze(1), torch.from_numpy(data["totals"]),
-                           torch.from_numpy(data["subscores"]), [str(x) for x in data["names"]],
-                           json.loads(str(data["skipped"])))
-    crops, totals, subscores, kept, skipped = [], [], [], [], {}
+        for cached_n, cached in sorted(_phantom_caches(Path(cache_dir), seed, key)):
+            if cached_n >= n:
+                return _read_phantom_cache(cached, n)
+    crops, totals, subscores, names, indices, skipped = [], [], [], [], [], {}
+    jobs = [(seed, index, styles[index % len(styles)], input_size) for index in range(n)]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for done, (job, result) in enumerate(zip(jobs, pool.map(_phantom_case_or_error, jobs, chunksize=4)), 1):
             if isinstance(result, str):
-                skipped[f"phantom {job[0]}/{job[1]} ({job[2]})"] = result
+                skipped[str(job[1])] = f"phantom {job[1]} of seed {job[0]} ({job[2]}): {result}"
             else:
                 crops.append(result[0])
                 totals.append(result[1])
                 subscores.append(result[2])
-                kept.append(result[3])
+                names.append(result[3])
+                indices.append(job[1])
             if progress is not None:
                 progress(done, n)
-    crop_array = np.stack(crops) if crops else np.zeros((0, *input_size), np.float16)
-    total_array = np.asarray(totals, np.float32)
-    sub_array = np.asarray(subscores, np.float32).reshape(-1, len(SUBSCORE_COLUMNS))
-    if cache is not None:
-        with atomic_path(cache) as temporary:
-            np.savez(temporary, crops=crop_array, totals=total_array, subscores=sub_array, names=np.array(kept),
-                     skipped=json.dumps(skipped))
-    return CropSet(torch.from_numpy(crop_array).unsqueeze(1), torch.from_numpy(total_array),
-                   torch.from_numpy(sub_array), kept, skipped)
+    arrays = {"crops": np.stack(crops) if crops else np.zeros((0, *input_size), np.float16),
+              "totals": np.asarray(totals, np.float32),
+              "subscores": np.asarray(subscores, np.float32).reshape(-1, len(SUBSCORE_COLUMNS)),
+              "names": np.array(names, dtype=str), "indices": np.asarray(indices, np.int64),
+              "skipped": np.array(json.dumps(skipped))}
+    if cache_dir is not None:
+        from .atomic import atomic_path
+
+        with atomic_path(Path(cache_dir) / f"phantoms_{seed}_{n}_{key}.npz") as temporary:
+            np.savez(temporary, **arrays)
+    return _phantom_crop_set(arrays, n)
+
+
+def _phantom_caches(cache_dir: Path, seed: int, key: str) -> list[tuple[int, Path]]:
+    found = []
+    for path in cache_dir.glob(f"phantoms_{seed}_*_{key}.npz"):
+        count = path.name[len(f"phantoms_{seed}_"):-len(f"_{key}.npz")]
+        if count.isdigit():
+            found.append((int(count), path))
+    return found
+
+
+def _read_phantom_cache(path: Path, n: int) -> CropSet:
+    with np.load(path, allow_pickle=False) as data:
+        return _phantom_crop_set({name: data[name] for name in data.files}, n)
+
+
+def _phantom_crop_set(arrays: dict, n: int) -> CropSet:
+    """The CropSet of phantoms 0..n-1 among the arrays of a (possibly larger) generated set."""
+    keep = np.flatnonzero(arrays["indices"] < n)
+    skipped = {index: why for index, why in json.loads(str(arrays["skipped"])).items() if int(index) < n}
+    return CropSet(torch.from_numpy(np.ascontiguousarray(arrays["crops"][keep])).unsqueeze(1),
+                   torch.from_numpy(arrays["totals"][keep]), torch.from_numpy(arrays["subscores"][keep]),
+                   [str(name) for name in arrays["names"][keep]], skipped)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

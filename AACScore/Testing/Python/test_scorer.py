@@ -252,6 +252,9 @@ def test_in_memory_phantom_crops_match_the_written_files_and_are_cached(tmp_path
     assert len(cached) == 1
     again = scorer_data.synthetic_crop_set(2, 2101, ["default", "alt"], SIZE, cache_dir=tmp_path / "cache")
     assert torch.equal(again.crops, made.crops) and again.names == made.names
+    first = scorer_data.synthetic_crop_set(1, 2101, ["default", "alt"], SIZE, cache_dir=tmp_path / "cache")
+    assert first.names == made.names[:1] and torch.equal(first.crops, made.crops[:1])  # from the larger cache
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
     with pytest.raises(AACScoreError, match="styles"):
         scorer_data.synthetic_crop_set(2, 2101, ["fancy"], SIZE)
 
