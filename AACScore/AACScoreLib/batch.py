@@ -72,7 +72,7 @@ def score_cohort(
                 if pending is not None:
                     finish(pending)
                     pending = None
-                pending = writer.submit(_write_outputs, row, result, out_dir, names[item.image])
+                pending = writer.submit(write_outputs, row, result, out_dir, names[item.image])
         finally:  # also on a cancel or an interrupt: the last finished image keeps its row
             if pending is not None:
                 finish(pending)
@@ -126,7 +126,7 @@ def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -
     return row, result
 
 
-def _write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
+def write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
     """Write the label map and the overlay of a scored image (on the writer thread); returns the row."""
     if result is None:
         return row

@@ -9,6 +9,7 @@ import csv
 import json
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -17,34 +18,41 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 
-STAGES = ("read", "segment", "crop", "score", "heatmap")
+BENCH_SEED = 31337
+STAGES = ("read", "segment", "crop", "score", "heatmap", "write")  # write: label map and overlay files
 
 
 def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Path) -> dict:
     """Time the first `single_runs` images one by one (stages, end to end), then the whole list as a batch.
 
-    The batch is compared with the sum of the single-image times of the same images (estimated from their mean
-    when fewer were timed singly). Images the models fail on count in both sums, as they cost time in both, but
-    are left out of the per-stage and end-to-end figures.
+    A single image does the work of one batch row, one step after the other: score it, then write its label map
+    and overlay. The batch is compared with the sum of the single-image times of the same images (estimated from
+    their mean when fewer were timed singly). Images the models fail on count in both sums, as they cost time in
+    both, but are left out of the per-stage and end-to-end figures.
     """
-    from .batch import score_cohort
+    from .batch import score_cohort, write_outputs
     from .cohort import WorkItem
 
     pipeline.run(images[0])  # warm-up: lazy initialisation, allocator, kernels
     per_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    single, end_to_end = [], []
+    single, end_to_end, scoring = [], [], []
+    single_out = batch_out / "single"
     for image in images[:single_runs]:
         start = time.perf_counter()
         result = pipeline.run(image)
+        scored = time.perf_counter()
+        write_outputs({"file": str(image)}, result, single_out, image.stem)
         single.append(time.perf_counter() - start)
         if result.status != "error":
             end_to_end.append(single[-1])
-            for stage in STAGES:
+            scoring.append(scored - start)
+            per_stage["write"].append(single[-1] - (scored - start))
+            for stage in STAGES[:-1]:
                 per_stage[stage].append(result.seconds.get(stage, 0.0))
     if not end_to_end:
         raise RuntimeError(f"none of the first {len(single)} benchmark images could be scored")
     start = time.perf_counter()
-    table = score_cohort(pipeline, [WorkItem(p) for p in images], batch_out)
+    table = score_cohort(pipeline, [WorkItem(p) for p in images], batch_out / "batch")
     batch_seconds = time.perf_counter() - start
     with open(table, newline="") as stream:
         batch_errors = sum(row["status"] == "error" for row in csv.DictReader(stream))
@@ -52,6 +60,7 @@ def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Pat
     return {
         "stages_s_per_image": {stage: round(statistics.mean(v), 3) for stage, v in per_stage.items()},
         "end_to_end_s_per_image": round(statistics.mean(end_to_end), 3),
+        "scoring_s_per_image": round(statistics.mean(scoring), 3),
         "end_to_end_s_max": round(max(end_to_end), 3),
         "single_images_timed": len(single),
         "single_images_failed": len(single) - len(end_to_end),
@@ -83,13 +92,18 @@ def add_cli(subparsers) -> None:
 def _run(args) -> int:
     import torch
 
-    from .phantoms import write_phantoms
+    from .phantoms import phantom_name, write_phantoms
     from .pipeline import Pipeline
 
     work = Path(args.out or tempfile.mkdtemp(prefix="aacscore-bench-"))
-    images = sorted(write_phantoms(work / "phantoms", args.n, seed=31337, size_range=(args.size, args.size)))
+    phantoms = work / f"phantoms_{args.size}"
+    images = [phantoms / f"{phantom_name(BENCH_SEED, index)}.dcm" for index in range(args.n)]
+    if not all(image.is_file() for image in images):  # an earlier run's phantoms in the same --out are reused
+        images = sorted(write_phantoms(phantoms, args.n, seed=BENCH_SEED, size_range=(args.size, args.size)))
+    runs = work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)  # a batch left from an earlier run would resume instead of running
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
-    figures = run_benchmark(pipeline, images, min(args.single or len(images), len(images)), work / "batch")
+    figures = run_benchmark(pipeline, images, min(args.single or len(images), len(images)), runs)
     if torch.cuda.is_available() and args.device != "cpu":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     figures["machine"] = {"device": args.device, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
