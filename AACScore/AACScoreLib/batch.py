@@ -51,7 +51,7 @@ def score_cohort(
     names = names or output_names(items)
     table_path = results_path(out_dir, shard)
     with ResultsFile(table_path) as results, ThreadPoolExecutor(max_workers=1) as writer:
-        todo = [item for item in items if not results.done(str(item.image), retry_errors)]
+        todo = [item for item in items if not results.done(str(item.image), retry_errors, pipeline.models)]
         pending: Future | None = None  # the previous image's outputs, written while this one is scored
 
         finished = 0
@@ -123,6 +123,7 @@ def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -
         except Exception as error:  # one image's failure must never stop the cohort or lose written rows
             row = _internal_error(item.image, error)
     row["seconds"] = round(time.perf_counter() - start, 3)
+    row["models"] = pipeline.models
     return row, result
 
 

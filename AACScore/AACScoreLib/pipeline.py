@@ -67,6 +67,12 @@ class Pipeline:
         self.scorer = scorer
         self.segmenter = segmenter
 
+    @property
+    def models(self) -> str:
+        """The packages behind this pipeline's results, as results.csv records them: 'name==version; ...'."""
+        manifests = [self.scorer.manifest] + ([self.segmenter.manifest] if self.segmenter is not None else [])
+        return "; ".join(f"{m.get('name')}=={m.get('version')}" for m in manifests)
+
     @classmethod
     def from_packages(
         cls,

@@ -11,7 +11,7 @@ from .atomic import write_atomic
 from .kauppila import SUBSCORE_COLUMNS
 
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
-EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds")
+EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models")
 COLUMNS: tuple[str, ...] = BASE_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
 
 
@@ -35,10 +35,13 @@ class ResultsFile:
                     if row.get("file"):
                         self.rows[row["file"]] = row
 
-    def done(self, file: str, retry_errors: bool = False) -> bool:
-        """True when `file` already has a row (an `error` row counts unless errors are retried)."""
+    def done(self, file: str, retry_errors: bool = False, models: str | None = None) -> bool:
+        """True when `file` already has a row (an `error` row counts unless errors are retried) made by `models`
+        when given: a rerun with other model packages scores again rather than mixing two models' results."""
         row = self.rows.get(file)
-        return row is not None and not (retry_errors and row.get("status") == "error")
+        if row is None or (retry_errors and row.get("status") == "error"):
+            return False
+        return models is None or row.get("models") == models
 
     def add(self, row: dict[str, object]) -> None:
         self.rows[str(row["file"])] = {column: format_cell(row.get(column)) for column in COLUMNS}

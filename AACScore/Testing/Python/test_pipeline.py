@@ -107,6 +107,17 @@ def test_batch_writes_rows_outputs_and_error_rows_and_resumes(tiny_scorer, phant
     assert len(calls) == 1, "only error rows are retried, and of those only the now readable file is scored"
     rows = {Path(row["file"]).name: row for row in _rows(table)}
     assert "no label map given and no segmenter loaded" in rows[broken[0].name]["message"]
+    assert {row["models"] for row in rows.values()} == {pipeline.models}
+
+    calls.clear()
+    manifest_before = tiny_scorer.manifest
+    tiny_scorer.manifest = {**manifest_before, "version": "retrained"}  # another model: every row is made again
+    try:
+        score_cohort(pipeline, items, out)
+        assert len(calls) == len(phantoms) + 1  # the readable images (the others are error rows again)
+        assert {row["models"] for row in _rows(table)} == {pipeline.models}
+    finally:
+        tiny_scorer.manifest = manifest_before
 
 
 def test_an_interrupted_batch_keeps_its_rows_and_resumes(tiny_scorer, phantoms, tmp_path):
