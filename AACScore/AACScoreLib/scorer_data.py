@@ -118,12 +118,17 @@ def read_case(record: ScoreRecord):
     return radiograph, geometry
 
 
-def crop_record(record: ScoreRecord, input_size: tuple[int, int]) -> np.ndarray:
-    """Read one case and return its normalised crop at input_size (rows, cols), anterior on the left."""
+def model_crop(pixels: np.ndarray, geometry, input_size: tuple[int, int]) -> np.ndarray:
+    """The network's input from a radiograph: geometry's paper crop at input_size (rows, cols), normalised."""
     from .geometry import extract_crop
 
+    return normalise_crop(extract_crop(pixels, geometry.crop, out_shape=tuple(input_size)))
+
+
+def crop_record(record: ScoreRecord, input_size: tuple[int, int]) -> np.ndarray:
+    """Read one case and return its normalised crop at input_size (rows, cols), anterior on the left."""
     radiograph, geometry = read_case(record)
-    return normalise_crop(extract_crop(radiograph.pixels, geometry.crop, out_shape=tuple(input_size)))
+    return model_crop(radiograph.pixels, geometry, input_size)
 
 
 def _cache_key(records: Sequence[ScoreRecord], input_size: tuple[int, int]) -> str:
@@ -179,14 +184,14 @@ def phantom_case(seed: int, index: int, style: str, input_size: tuple[int, int])
     The crop equals the one made from the written files (the reader only undoes a linear rescale and MONOCHROME1,
     which the percentile normalisation ignores), without the cost of encoding and decoding a large DICOM.
     """
-    from .geometry import analyze_spine, extract_crop
+    from .geometry import analyze_spine
     from .phantoms import generate_phantom
 
     phantom = generate_phantom(seed, style, index)
     orientation = phantom.dataset["patient_orientation"]
     geometry = analyze_spine(phantom.labels, tuple(phantom.truth["spacing"]),
                              patient_orientation=tuple(orientation) if orientation else None, image=phantom.pixels)
-    crop = normalise_crop(extract_crop(phantom.pixels, geometry.crop, out_shape=tuple(input_size)))
+    crop = model_crop(phantom.pixels, geometry, input_size)
     truth = phantom.truth
     return (crop.astype(np.float16), float(truth["aac24"]), [float(truth["subscores"][c]) for c in SUBSCORE_COLUMNS],
             f"{phantom.name}.dcm")

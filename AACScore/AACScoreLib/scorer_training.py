@@ -349,9 +349,8 @@ def heatmap_band_summary(model, records, input_size: tuple[int, int], min_score:
     import torch
 
     from .errors import AACScoreError
-    from .geometry import extract_crop
     from .heatmap import band_fraction, band_mask, grad_cam
-    from .scorer_data import normalise_crop, read_case
+    from .scorer_data import model_crop, read_case
 
     fractions, areas, all_zero = [], [], 0
     for record in [r for r in records if r.aac24 >= min_score][:limit]:
@@ -359,7 +358,7 @@ def heatmap_band_summary(model, records, input_size: tuple[int, int], min_score:
             radiograph, geometry = read_case(record)
         except AACScoreError:
             continue
-        crop = normalise_crop(extract_crop(radiograph.pixels, geometry.crop, out_shape=tuple(input_size)))
+        crop = model_crop(radiograph.pixels, geometry, input_size)
         heat = grad_cam(model, torch.from_numpy(crop))
         fraction = band_fraction(heat.on_image(geometry.crop, radiograph.pixels.shape), geometry)
         if fraction is None:
