@@ -17,6 +17,9 @@ class RadiographError(AACScoreError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # so that the error crosses from a worker process intact
+        return type(self), (self.path, self.problem)
+
 
 class GeometryError(AACScoreError):
     """The vertebra label map cannot give Kauppila geometry (missing, merged or out-of-order vertebrae)."""

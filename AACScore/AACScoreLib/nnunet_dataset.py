@@ -13,9 +13,11 @@ segmentations (`.seg.nrrd`) whose segments are matched by name (L1..L5), never b
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -32,6 +34,15 @@ LABELS = {"background": 0, **{name: index + 1 for index, name in enumerate(VERTE
 EXPORT_SUMMARY = "aacscore_export.json"
 
 Progress = Callable[[float, str], None]
+
+
+class LoadableCase(Protocol):
+    """A training case made in memory (phantoms.PhantomSource): picklable, so worker processes can load it."""
+
+    def load(self) -> tuple[Radiograph, np.ndarray]: ...
+
+
+CaseSource = Union[tuple[Union[str, Path], Union[str, Path, np.ndarray]], LoadableCase]
 
 
 # ---------------------------------------------------------------------------------------------- working grid
@@ -149,18 +160,48 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(temporary, format="PNG")
 
 
+def load_case(case: CaseSource) -> tuple[Radiograph, np.ndarray]:
+    """(radiograph, label map at its size) of a case: an (image path, label path or array) pair, or an object
+    with `load()` that makes both in memory (phantoms.PhantomSource)."""
+    if hasattr(case, "load"):
+        return case.load()
+    image_path, label_source = case
+    radiograph = read_radiograph(image_path)
+    if isinstance(label_source, np.ndarray):
+        labels = label_source.astype(np.uint8)
+        if labels.shape != radiograph.pixels.shape:
+            raise GeometryError(f"{image_path}: label map is {labels.shape}, image is {radiograph.pixels.shape}")
+    else:
+        labels = read_label_map(label_source, radiograph.pixels.shape)
+    return radiograph, labels
+
+
+def _export_case(job: tuple) -> tuple[tuple[int, int], bool, str]:
+    """Write one case's working image and labels; returns (working shape, spacing assumed, source)."""
+    case, folder, index, working_spacing_mm, default_long_side_px = job
+    radiograph, labels = load_case(case)
+    shape, was_assumed = working_shape(radiograph.pixels.shape, radiograph.spacing, working_spacing_mm,
+                                       default_long_side_px)
+    image = to_working_image(radiograph, shape)
+    _write_png(folder / "imagesTr" / f"case_{index:04d}_0000.png", np.round(image * 65535).astype(np.uint16))
+    _write_png(folder / "labelsTr" / f"case_{index:04d}.png", resample_labels(labels, shape))
+    return shape, was_assumed, radiograph.path
+
+
 def export_dataset(
-    cases: Iterable[tuple[str | Path, str | Path | np.ndarray]],
+    cases: Iterable[CaseSource],
     raw_root: str | Path,
     dataset_id: int = 501,
     name: str = "AACScoreLumbar",
     working_spacing_mm: float = WORKING_SPACING_MM,
     default_long_side_px: int = DEFAULT_LONG_SIDE_PX,
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> ExportSummary:
-    """Write `raw_root/Dataset###_Name/` (imagesTr, labelsTr, dataset.json) from (image, label map) cases.
+    """Write `raw_root/Dataset###_Name/` (imagesTr, labelsTr, dataset.json) from cases (see load_case).
 
-    A label map is a path (PNG/TIFF 0..5 or .seg.nrrd) or a uint8 array at the image's size.
+    A label map is a path (PNG/TIFF 0..5 or .seg.nrrd) or a uint8 array at the image's size. `workers` > 1
+    exports cases in that many processes (phantoms generated in memory are the slow part).
     """
     cases = list(cases)
     if not cases:
@@ -168,26 +209,17 @@ def export_dataset(
     folder = Path(raw_root) / dataset_name(dataset_id, name)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    shapes, assumed = [], []
-    for index, (image_path, label_source) in enumerate(cases):
-        radiograph = read_radiograph(image_path)
-        if isinstance(label_source, np.ndarray):
-            labels = label_source.astype(np.uint8)
-            if labels.shape != radiograph.pixels.shape:
-                raise GeometryError(f"{image_path}: label map is {labels.shape}, image is {radiograph.pixels.shape}")
-        else:
-            labels = read_label_map(label_source, radiograph.pixels.shape)
-        shape, was_assumed = working_shape(radiograph.pixels.shape, radiograph.spacing, working_spacing_mm,
-                                           default_long_side_px)
-        if was_assumed:
-            assumed.append(str(image_path))
-        image = to_working_image(radiograph, shape)
-        case = f"case_{index:04d}"
-        _write_png(folder / "imagesTr" / f"{case}_0000.png", np.round(image * 65535).astype(np.uint16))
-        _write_png(folder / "labelsTr" / f"{case}.png", resample_labels(labels, shape))
-        shapes.append(shape)
-        if progress:
-            progress((index + 1) / len(cases), f"exported {Path(image_path).name}")
+    jobs = [(case, folder, index, working_spacing_mm, default_long_side_px) for index, case in enumerate(cases)]
+    shapes, assumed, sources = [], [], []
+    with ExitStack() as stack:
+        mapper = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map if workers > 1 else map
+        for done, (shape, was_assumed, source) in enumerate(mapper(_export_case, jobs), 1):
+            shapes.append(shape)
+            sources.append(source)
+            if was_assumed:
+                assumed.append(source)
+            if progress:
+                progress(done / len(cases), f"exported {Path(source).name}")
     dataset_json = {
         "channel_names": {"0": "X-ray"},
         "labels": LABELS,
@@ -205,7 +237,7 @@ def export_dataset(
         "median_working_shape": list(median),
         "window_percentiles": list(WINDOW_PERCENTILES),
         "n_cases": len(cases),
-        "sources": [str(image) for image, _ in cases],
+        "sources": sources,
         "assumed_spacing": assumed,
     }, indent=2) + "\n")
     return summary

@@ -24,8 +24,10 @@ from scipy import ndimage
 
 from . import kauppila
 from .atomic import atomic_path, write_atomic, write_text_atomic
+from .errors import AACScoreError
 from .phantom_anatomy import (BOUNDARY_NAMES, CORNER_NAMES, Anatomy, Placement, blur, build_anatomy, curve_normals,
                               disc_boundaries, draw_bodies, draw_plaque, render_coarse, unit, upsample)
+from .radiograph import Radiograph
 
 STYLES: tuple[str, ...] = ("default", "alt")
 DEFAULT_SEVERITY: tuple[float, float, float] = (0.25, 0.60, 0.15)
@@ -681,6 +683,45 @@ def write_truth_csv(path: str | Path, rows: Sequence[dict[str, object]]) -> None
         writer.writerows(merged[k] for k in sorted(merged))
 
     write_atomic(path, write)
+
+
+def check_styles(styles: Sequence[str]) -> tuple[str, ...]:
+    """The styles, refused with a clear message when empty or unknown (command lines take them comma-separated)."""
+    unknown = sorted(set(styles) - set(STYLES)) if styles else ["(none)"]
+    if unknown:
+        raise AACScoreError(f"phantom styles must be among {', '.join(STYLES)}; got {', '.join(unknown)}")
+    return tuple(styles)
+
+
+def parse_styles(text: str) -> tuple[str, ...]:
+    """Styles written comma-separated on a command line ("default,alt")."""
+    return check_styles([style.strip() for style in text.split(",") if style.strip()])
+
+
+@dataclass(frozen=True)
+class PhantomSource:
+    """Phantom `index` of `seed` as a training case made in memory (nnunet_dataset.load_case): the radiograph a
+    reader would return from its written DICOM (same pixels up to a linear rescale, same spacing and orientation),
+    without the cost of encoding and decoding it."""
+
+    seed: int
+    index: int
+    style: str = "default"
+
+    def load(self) -> tuple[Radiograph, np.ndarray]:
+        phantom = generate_phantom(self.seed, self.style, self.index)
+        orientation = phantom.dataset["patient_orientation"]
+        radiograph = Radiograph(
+            pixels=phantom.pixels.astype(np.float32), spacing=tuple(phantom.truth["spacing"]),
+            spacing_source="phantom", path=f"phantoms_s{self.seed}/{phantom.name}.dcm", format="DICOM",
+            patient_orientation=tuple(orientation) if orientation else None)
+        return radiograph, phantom.labels
+
+
+def phantom_sources(n: int, seed: int, styles: Sequence[str] = ("default",)) -> list[PhantomSource]:
+    """Phantoms 0..n-1 of `seed` as in-memory training cases, the styles taken in turn."""
+    styles = check_styles(styles)
+    return [PhantomSource(seed, index, styles[index % len(styles)]) for index in range(n)]
 
 
 def write_phantoms(out_dir: str | Path, n: int, seed: int, style: str = "default",

@@ -215,11 +215,9 @@ def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tup
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from .phantoms import STYLES
+    from .phantoms import check_styles
 
-    unknown = sorted(set(styles) - set(STYLES)) if styles else ["(none)"]
-    if unknown:
-        raise AACScoreError(f"phantom styles must be among {', '.join(STYLES)}; got {', '.join(unknown)}")
+    styles = check_styles(styles)
     input_size = (int(input_size[0]), int(input_size[1]))
     key = f"{'-'.join(styles)}_{input_size[0]}x{input_size[1]}"
     if cache_dir is not None:

@@ -25,6 +25,7 @@ import numpy as np
 from .devices import resolve_device
 from .errors import AACScoreError
 from .kauppila import SUBSCORE_COLUMNS
+from .phantoms import parse_styles
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -500,7 +501,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".training")
     if args.synthetic:
-        styles = [style.strip() for style in args.phantom_styles.split(",") if style.strip()]
+        styles = parse_styles(args.phantom_styles)
         source = f"{args.synthetic} phantoms, seed {args.phantom_seed}, styles {'/'.join(styles)}"
         print(f"generating and cropping {source} at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
         data = synthetic_crop_set(args.synthetic, args.phantom_seed, styles, settings.input_size, cache_dir=work_dir,

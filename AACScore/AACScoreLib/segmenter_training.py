@@ -1,12 +1,14 @@
 """Train the L1–L5 segmenter with nnU-Net v2's own planning, preprocessing and training, then package it.
 
 nnU-Net plans the 2d configuration from the exported dataset (fingerprint, normalisation, resampling); we then
-shrink its network and patch for CPU training, because the exported images are already on a coarse 1.25 mm
-working grid (see nnunet_dataset.py). The paper's plan for full-resolution radiographs is 1536x1024 patches,
-9 stages, 59 M parameters; ours is a 256x192 patch (32x24 cm: all of L1-L5 with T12 and the sacrum), 6 stages
-of 16..128 features, about 2 M parameters, 4 MB as fp16 safetensors. A small trainer subclass shortens epochs
-and restricts augmentation to what radiographs show: rotation within ±20° and left-right mirroring only
-(upside-down spines do not occur, and mirroring rows would swap L1 and L5).
+set a smaller network and patch, because the exported images are already on a coarse 1.25 mm working grid (see
+nnunet_dataset.py). The paper's plan for full-resolution radiographs is 1536x1024 patches, 9 stages, 59 M
+parameters; ours is a 320x256 patch (40x32 cm: the whole working image of most radiographs, so the network sees
+the sacrum and T12 while it counts levels), 6 stages of 16..128 features, about 2 M parameters, 4 MB as fp16
+safetensors. The defaults follow nnU-Net's schedule (1000 epochs of 250 iterations); `time_budget_s` fits the
+schedule to the time there is. A small trainer subclass restricts augmentation to what radiographs show:
+rotation within ±20° and left-right mirroring only (upside-down spines do not occur, and mirroring rows would
+swap L1 and L5).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from .errors import AACScoreError
 from .kauppila import VERTEBRAE
 from .nnunet_dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
+from .phantoms import PhantomSource, parse_styles, phantom_sources, write_phantoms
 
 PLANS_NAME = "AACScorePlans"
 TRAINER_NAME = "nnUNetTrainerAACScore"
-PATCH_SIZE = (256, 192)
+PATCH_SIZE = (320, 256)
 FEATURES = (16, 32, 64, 128, 128, 128)
-BATCH_SIZE = 2
+BATCH_SIZE = 16
 ROTATION_DEGREES = 20.0
 DATASET_ID = 501
 
@@ -61,11 +64,13 @@ def customise_plans(plans: dict, patch_size: Sequence[int], features: Sequence[i
 
 
 def trainer_class():
-    """nnUNetTrainer with settable short epochs and radiograph-appropriate augmentation."""
+    """nnUNetTrainer with settable epochs, a time budget and radiograph-appropriate augmentation."""
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerAACScore(nnUNetTrainer):
+        time_budget_s: float | None = None  # set before run_training: fit the epoch count to this much time
+
         def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
             patch_size = self.configuration_manager.patch_size
             rotation = (-np.deg2rad(ROTATION_DEGREES), np.deg2rad(ROTATION_DEGREES))
@@ -73,6 +78,25 @@ def trainer_class():
             mirror_axes = (1,)  # columns only: anterior may face either way; never swap L1 and L5
             self.inference_allowed_mirroring_axes = mirror_axes
             return rotation, False, initial, mirror_axes
+
+        def on_train_start(self):
+            super().on_train_start()
+            self._budget_start = (time.perf_counter(), self.current_epoch, self.num_epochs)
+
+        def on_epoch_start(self):
+            if self.current_epoch >= self.num_epochs:  # the budget shortened the run below the loop's range
+                raise _TimeBudgetReached
+            super().on_epoch_start()
+
+        def on_epoch_end(self):
+            super().on_epoch_end()
+            if self.time_budget_s is not None:
+                started, first_epoch, max_epochs = self._budget_start
+                starts = self.logger.get_value("epoch_start_timestamps", None)[first_epoch:]
+                ends = self.logger.get_value("epoch_end_timestamps", None)[first_epoch:]
+                left = self.time_budget_s - (time.perf_counter() - started)
+                self.num_epochs = epochs_within_budget(np.subtract(ends, starts), left, max_epochs, first_epoch)
+                self.lr_scheduler.max_steps = self.num_epochs
 
         def load_checkpoint(self, checkpoint: dict) -> None:
             """Resume from a checkpoint dict read with weights_only=True (the base class would unpickle a file)."""
@@ -90,6 +114,21 @@ def trainer_class():
     return nnUNetTrainerAACScore
 
 
+class _TimeBudgetReached(Exception):
+    """Raised at the start of an epoch beyond a budget-shortened run (nnU-Net's epoch loop has a fixed range)."""
+
+
+def epochs_within_budget(epoch_seconds: Sequence[float], budget_left_s: float, max_epochs: int,
+                         done_before: int = 0, settle_epochs: int = 3) -> int:
+    """The epoch count that ends training within the budget, from the median time of this run's epochs so far
+    (the first, with its warm-up, left out); `max_epochs` until `settle_epochs` have been measured."""
+    if len(epoch_seconds) < settle_epochs:
+        return max_epochs
+    epoch_s = max(float(np.median(epoch_seconds[1:])), 1e-6)
+    done = done_before + len(epoch_seconds)
+    return max(done, min(max_epochs, done + int(max(0.0, budget_left_s) // epoch_s)))
+
+
 def run_nnunet(
     dataset_dir: Path,
     work: Path,
@@ -103,11 +142,15 @@ def run_nnunet(
     batch_size: int = BATCH_SIZE,
     processes: int = 2,
     resume: bool = False,
-) -> Path:
-    """Plan, preprocess and train one 2d fold; returns the nnU-Net results folder (Trainer__Plans__2d).
+    time_budget_s: float | None = None,
+) -> tuple[Path, int]:
+    """Plan, preprocess and train one 2d fold; returns the nnU-Net results folder (Trainer__Plans__2d) and the
+    number of epochs trained.
 
     `resume`: continue the run already in `work` from its newest checkpoint up to `epochs` (as nnU-Net's
-    `--c`), reusing its preprocessed data.
+    `--c`), reusing its preprocessed data. `time_budget_s`: train at most `epochs`, fewer if the training
+    loop would outlast the budget (the learning-rate schedule is fitted to the shorter run).
+    `processes`: CPU processes for preprocessing and data augmentation (nnU-Net's workers).
     """
     _set_nnunet_environment(work, dataset_dir.parent, processes)
     import torch
@@ -141,11 +184,15 @@ def run_nnunet(
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = max(1, iterations_per_epoch // 10)
     trainer.save_every = 5
+    trainer.time_budget_s = time_budget_s
     if checkpoint is not None:
         trainer.load_checkpoint(read_checkpoint(checkpoint))  # no unpickling of code, even of our own files
     torch.set_num_threads(processes)
-    trainer.run_training()
-    return Path(trainer.output_folder_base)
+    try:
+        trainer.run_training()
+    except _TimeBudgetReached:
+        trainer.on_train_end()  # final checkpoint, data loaders stopped, as after a full run
+    return Path(trainer.output_folder_base), trainer.current_epoch
 
 
 def evaluate_package(package, cases: Sequence[tuple[Path, Path]], device: str = "auto") -> dict:
@@ -182,8 +229,8 @@ def train_segmenter(
     work: str | Path | None = None,
     name: str = "aacscore-demo-segmenter",
     version: str = "1.0",
-    epochs: int = 80,
-    iterations_per_epoch: int = 25,
+    epochs: int = 1000,
+    iterations_per_epoch: int = 250,
     fold: int | str = "all",
     device: str = "auto",
     patch_size: Sequence[int] = PATCH_SIZE,
@@ -194,10 +241,15 @@ def train_segmenter(
     eval_cases: Sequence[tuple[Path, Path]] = (),
     training_note: dict | None = None,
     resume: bool = False,
+    phantoms: Sequence[PhantomSource] = (),
+    processes: int = 2,
+    time_budget_s: float | None = None,
 ) -> tuple[Path, dict]:
-    """Export `data` folders, train with nnU-Net, convert to a package at `out`; returns (package, metrics).
+    """Export `data` folders and `phantoms` (made in memory), train with nnU-Net, convert to a package at `out`;
+    returns (package, metrics).
 
     `resume` continues the training kept in `work` (from an earlier call with the same `work`) to `epochs`.
+    `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`).
     """
     from .segmenter_package import convert_nnunet_results
 
@@ -209,13 +261,14 @@ def train_segmenter(
     try:
         dataset_dir = work / "raw" / dataset_name(DATASET_ID, "AACScoreLumbar")
         if not resume:
-            cases = [case for folder in data for case in phantom_cases(folder)]
+            cases = [case for folder in data for case in phantom_cases(folder)] + list(phantoms)
             export_dataset(cases, work / "raw", DATASET_ID, "AACScoreLumbar", working_spacing_mm,
-                           default_long_side_px)
+                           default_long_side_px, workers=processes)
         exported = read_export_summary(dataset_dir)
-        results = run_nnunet(dataset_dir, work, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+        results, epochs_trained = run_nnunet(dataset_dir, work, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                              fold=fold, device=device, patch_size=patch_size, features=features,
-                             batch_size=batch_size, resume=resume)
+                             batch_size=batch_size, processes=processes, resume=resume,
+                             time_budget_s=time_budget_s)
         training_seconds = time.perf_counter() - started
         input_settings = {
             "working_spacing_mm": working_spacing_mm,
@@ -226,7 +279,8 @@ def train_segmenter(
             "n_cases": exported["n_cases"],
             "sources": sorted({Path(image).parent.name for image in exported["sources"]}),
             "median_working_shape": exported["median_working_shape"],
-            "epochs": epochs, "iterations_per_epoch": iterations_per_epoch, "batch_size": batch_size,
+            "epochs": epochs_trained, "iterations_per_epoch": iterations_per_epoch,
+            "batch_size": batch_size, "patch_size": list(patch_size),
             "fold": str(fold),
             "training_seconds": round(training_seconds, 1),
             **(training_note or {}),
@@ -254,15 +308,25 @@ def add_cli(subparsers) -> None:
         description="Export labelled radiographs (<name>.<ext> + <name>_labels.png or <name>.seg.nrrd) and/or "
                     "generated phantoms, train nnU-Net 2D on a coarse grid, and write a segmenter package.")
     parser.add_argument("--data", nargs="*", default=[], help="folders of labelled radiographs")
-    parser.add_argument("--phantoms", type=int, default=0, help="also train on N generated phantoms")
-    parser.add_argument("--seed", type=int, default=1000, help="first phantom seed for training")
+    parser.add_argument("--phantoms", type=int, default=0,
+                        help="also train on N phantoms, generated in memory (no files written)")
+    parser.add_argument("--seed", type=int, default=1000, help="phantom seed for training")
+    parser.add_argument("--phantom-styles", default="default", help="with --phantoms: generator styles, in turn")
     parser.add_argument("--eval-phantoms", type=int, default=0, help="held-out phantoms for Dice (seed --eval-seed)")
     parser.add_argument("--eval-seed", type=int, default=9001)
     parser.add_argument("--out", required=True, help="package folder to write")
     parser.add_argument("--name", default="aacscore-demo-segmenter")
     parser.add_argument("--version", default="1.0")
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--iterations-per-epoch", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=1000, help="epochs (at most, with --time-budget-minutes)")
+    parser.add_argument("--iterations-per-epoch", type=int, default=250)
+    parser.add_argument("--time-budget-minutes", type=float, default=None,
+                        help="end the training loop within this time: the epoch count and learning-rate schedule "
+                             "are fitted to it after the first epochs")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--patch-size", type=int, nargs=2, default=PATCH_SIZE, metavar=("ROWS", "COLS"),
+                        help=f"training patch on the {WORKING_SPACING_MM} mm working grid")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="CPU processes for export, preprocessing and data augmentation")
     parser.add_argument("--fold", default="all", help="0-4 (5-fold split) or all (train on every case)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--work", default=None, help="keep nnU-Net's raw/preprocessed/results folders here")
@@ -273,25 +337,24 @@ def add_cli(subparsers) -> None:
 
 def _train_command(args) -> int:
     data = [Path(folder) for folder in args.data]
+    styles = parse_styles(args.phantom_styles)
+    phantoms = phantom_sources(args.phantoms, args.seed, styles) if args.phantoms else []
+    if not data and not phantoms and not args.resume:
+        raise AACScoreError("give --data FOLDER and/or --phantoms N")
     scratch = Path(tempfile.mkdtemp(prefix="aacscore-phantoms-"))
     try:
         eval_cases = []
-        if args.phantoms or args.eval_phantoms:
-            from .phantoms import write_phantoms
-        if args.phantoms:
-            write_phantoms(scratch / "train", args.phantoms, args.seed)
-            data.append(scratch / "train")
-        if args.eval_phantoms:
+        if args.eval_phantoms:  # written as files: evaluated as a user's radiographs would be
             write_phantoms(scratch / "eval", args.eval_phantoms, args.eval_seed)
             eval_cases = phantom_cases(scratch / "eval")
-        if not data and not args.resume:
-            raise AACScoreError("give --data FOLDER and/or --phantoms N")
         fold = args.fold if args.fold == "all" else int(args.fold)
-        note = {"phantoms": {"n": args.phantoms, "seed": args.seed}} if args.phantoms else None
+        note = {"phantoms": {"n": args.phantoms, "seed": args.seed, "styles": list(styles)}} if phantoms else None
+        budget = args.time_budget_minutes * 60 if args.time_budget_minutes else None
         package, metrics = train_segmenter(
             data, args.out, work=args.work, name=args.name, version=args.version, epochs=args.epochs,
             iterations_per_epoch=args.iterations_per_epoch, fold=fold, device=args.device, eval_cases=eval_cases,
-            training_note=note, resume=args.resume)
+            training_note=note, resume=args.resume, phantoms=phantoms, processes=args.processes,
+            time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {package}")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from AACScoreLib.cli import main as cli_main
-from AACScoreLib.errors import GeometryError, ModelPackageError
+from AACScoreLib.errors import AACScoreError, GeometryError, ModelPackageError, RadiographError
 from AACScoreLib.labelmaps import read_label_map, vertebra_of_segment
 from AACScoreLib.nnunet_dataset import export_dataset, phantom_cases, resample_labels, working_shape
 from AACScoreLib.packages import verify_package
@@ -52,15 +52,17 @@ def write_toys(folder: Path, n: int, first_seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder."""
+    """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder.
+
+    The 10 epochs asked for are cut to 3 by a zero time budget (3 epochs are measured before it applies)."""
     from AACScoreLib.segmenter_training import train_segmenter
 
     base = tmp_path_factory.mktemp("segmenter")
     data = write_toys(base / "toys", 8)
     package, metrics = train_segmenter(
-        [data], base / "package", work=base / "work", name="toy-segmenter", epochs=2, iterations_per_epoch=3,
+        [data], base / "package", work=base / "work", name="toy-segmenter", epochs=10, iterations_per_epoch=3,
         patch_size=(64, 48), features=(4, 8, 16), batch_size=2, default_long_side_px=96, device="cpu",
-        eval_cases=phantom_cases(data)[:2])
+        eval_cases=phantom_cases(data)[:2], time_budget_s=0.0)
     results = next((base / "work" / "results").glob("Dataset*/*__2d"))
     return {"package": Path(package), "metrics": metrics, "results": results, "base": base}
 
@@ -97,6 +99,49 @@ def test_export_writes_nnunet_raw_dataset(tmp_path):
     assert image.dtype == np.uint16 and image.shape == labels.shape == (48, 36)
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
     assert summary.assumed_spacing == [str(data / "toy_000.png"), str(data / "toy_001.png")]
+
+
+def test_phantoms_made_in_memory_export_like_their_written_files(tmp_path):
+    from AACScoreLib.phantoms import phantom_sources, write_phantoms
+
+    sources = phantom_sources(2, 77, ("default", "alt"))
+    files = []
+    for source in sources:  # one folder each, to keep the order of `sources`
+        write_phantoms(tmp_path / str(source.index), 1, source.seed, source.style, start=source.index)
+        files += phantom_cases(tmp_path / str(source.index))
+    in_memory = export_dataset(sources, tmp_path / "memory", 7, "Toy", workers=2).dataset_dir
+    written = export_dataset(files, tmp_path / "written", 7, "Toy").dataset_dir
+    for case in ("case_0000", "case_0001"):
+        memory_image = np.asarray(Image.open(in_memory / "imagesTr" / f"{case}_0000.png")).astype(int)
+        file_image = np.asarray(Image.open(written / "imagesTr" / f"{case}_0000.png")).astype(int)
+        assert memory_image.shape == file_image.shape and np.abs(memory_image - file_image).max() <= 2
+        assert np.array_equal(np.asarray(Image.open(in_memory / "labelsTr" / f"{case}.png")),
+                              np.asarray(Image.open(written / "labelsTr" / f"{case}.png")))
+
+
+def test_export_in_worker_processes_writes_the_same_dataset(tmp_path):
+    data = write_toys(tmp_path / "toys", 3)
+    alone = export_dataset(phantom_cases(data), tmp_path / "one", 7, "Toy", default_long_side_px=48)
+    pooled = export_dataset(phantom_cases(data), tmp_path / "two", 7, "Toy", default_long_side_px=48, workers=2)
+    assert alone.assumed_spacing == pooled.assumed_spacing and alone.median_working_shape == pooled.median_working_shape
+    for path in sorted(alone.dataset_dir.rglob("*.png")):
+        twin = pooled.dataset_dir / path.relative_to(alone.dataset_dir)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
+
+
+def test_export_error_from_a_worker_names_the_file(tmp_path):
+    data = write_toys(tmp_path / "toys", 2)
+    (data / "toy_001.png").write_bytes(b"not an image")
+    with pytest.raises(RadiographError, match="toy_001.png"):
+        export_dataset(phantom_cases(data), tmp_path / "raw", 7, "Toy", default_long_side_px=48, workers=2)
+
+
+def test_unknown_phantom_style_is_refused():
+    from AACScoreLib.phantoms import parse_styles
+
+    assert parse_styles("default, alt") == ("default", "alt")
+    with pytest.raises(AACScoreError, match="among default, alt; got odd"):
+        parse_styles("default,odd")
 
 
 def test_segment_names_match_levels():
@@ -213,6 +258,17 @@ def test_training_writes_a_verified_package(trained):
     assert set(package.files) == {"plans.json", "dataset.json", "fold_all.safetensors"}
     assert set(trained["metrics"]["held_out"]["dice_mean"]) == {"L1", "L2", "L3", "L4", "L5"}
     assert not list(trained["package"].glob("*.pth"))
+    assert manifest["training_data"]["epochs"] == 3  # the time budget ended the run after the settling epochs
+
+
+def test_epochs_are_fitted_to_the_time_budget():
+    from AACScoreLib.segmenter_training import epochs_within_budget
+
+    assert epochs_within_budget([9.0, 2.0], 100.0, 50) == 50  # still settling: the asked-for maximum
+    assert epochs_within_budget([9.0, 2.0, 2.0], 20.0, 50) == 13  # 3 done + 10 of 2 s (the warm-up 9 s ignored)
+    assert epochs_within_budget([9.0, 2.0, 2.0], 500.0, 50) == 50  # never more than asked
+    assert epochs_within_budget([9.0, 2.0, 2.0], -5.0, 50) == 3  # over budget: stop after what is done
+    assert epochs_within_budget([9.0, 2.0, 2.0], 20.0, 100, done_before=40) == 53  # resumed at epoch 40
 
 
 def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path):
