@@ -531,7 +531,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """What the chosen device means here (probed once per choice: the probe imports torch)."""
         device = self._parameterNode.device if self._parameterNode else None
         if device is not None and device not in self._deviceMessages:
-            from AACScoreLib.dependencies import device_choice
+            from AACScoreLib.devices import device_choice
 
             self._deviceMessages[device] = device_choice(device)[1]
         return self._deviceMessages.get(device, "")

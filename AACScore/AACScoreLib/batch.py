@@ -16,7 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-
 from .cohort import WorkItem, collect, output_names, parse_shard
 from .errors import AACScoreError, Cancelled, RadiographError
 from .labelmaps import write_label_png

@@ -25,8 +25,6 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .devices import cuda_problem
-
 REQUIREMENTS: tuple[str, ...] = (
     "torch==2.14.1",
     "torchvision==0.29.1",
@@ -191,26 +189,3 @@ def install_missing(constraints_file: str | Path, pip_install: Callable[[list[st
         pip_install(arguments)
     importlib.invalidate_caches()
     return calls
-
-
-# ----------------------------------------------------------------------------------------------- device
-
-
-def device_choice(requested: str = "auto",
-                  problem: Callable[[], str | None] = cuda_problem) -> tuple[str, str]:
-    """("cpu" | "cuda", a sentence for the user) for "auto", "cpu" or "cuda".
-
-    CUDA asked for but unusable falls back to the CPU with a message that says why, instead of failing
-    midway through a batch.
-    """
-    requested = (requested or "auto").lower()
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda")
-    if requested == "cpu":
-        return "cpu", "Using the CPU, as chosen."
-    why = problem()
-    if why is None:
-        return "cuda", "Using the NVIDIA GPU (CUDA)."
-    if requested == "cuda":
-        return "cpu", f"CUDA was requested but cannot be used: {why}. Using the CPU instead (slower)."
-    return "cpu", f"Using the CPU: {why}."

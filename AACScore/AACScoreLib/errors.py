@@ -33,5 +33,5 @@ class Cancelled(AACScoreError):
     """The user cancelled a long task; callers stop the whole job rather than record an error row."""
 
 
-class DeviceError(AACScoreError):
-    """The requested compute device cannot be used."""
+class DeviceError(AACScoreError, ValueError):
+    """The requested compute device is unknown (a bad value, hence ValueError too) or cannot be used."""

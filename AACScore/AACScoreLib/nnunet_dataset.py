@@ -100,12 +100,12 @@ def window_intensity(pixels: np.ndarray, percentiles: Sequence[float] = WINDOW_P
     return np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def to_working_image(radiograph: Radiograph, shape: tuple[int, int]) -> np.ndarray:
-    """The radiograph on the working grid, windowed to [0, 1]: what the network was trained on."""
-    return window_intensity(resample_image(radiograph.pixels, shape))
-
-
-# ---------------------------------------------------------------------------------------------- label maps
+def to_working_image(radiograph: Radiograph, shape: tuple[int, int],
+                     window: Sequence[float] | None = WINDOW_PERCENTILES) -> np.ndarray:
+    """The radiograph on the working grid, windowed to [0, 1] (kept as is without a window, as an imported
+    model may expect): what the network is trained on and given."""
+    image = resample_image(radiograph.pixels, shape)
+    return window_intensity(image, window) if window else image
 
 
 # ---------------------------------------------------------------------------------------------- sources

@@ -700,9 +700,8 @@ def parse_styles(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class PhantomSource:
-    """Phantom `index` of `seed` as a training case made in memory (nnunet_dataset.load_case): the radiograph a
-    reader would return from its written DICOM (same pixels up to a linear rescale, same spacing and orientation),
-    without the cost of encoding and decoding it."""
+    """Phantom `index` of `seed` as a training case made in memory (nnunet_dataset.load_case), read back without
+    the cost of encoding and decoding its DICOM (see read_back)."""
 
     seed: int
     index: int
@@ -710,12 +709,16 @@ class PhantomSource:
 
     def load(self) -> tuple[Radiograph, np.ndarray]:
         phantom = generate_phantom(self.seed, self.style, self.index)
-        orientation = phantom.dataset["patient_orientation"]
-        radiograph = Radiograph(
-            pixels=phantom.pixels.astype(np.float32), spacing=tuple(phantom.truth["spacing"]),
-            spacing_source="phantom", path=f"phantoms_s{self.seed}/{phantom.name}.dcm", format="DICOM",
-            patient_orientation=tuple(orientation) if orientation else None)
-        return radiograph, phantom.labels
+        return read_back(phantom, f"phantoms_s{self.seed}/{phantom.name}.dcm"), phantom.labels
+
+
+def read_back(phantom: Phantom, path: str | None = None) -> Radiograph:
+    """The radiograph a reader returns from the phantom's written DICOM, without writing it: the same pixels up to
+    the linear rescale and MONOCHROME1 inversion the reader undoes, the same spacing and orientation."""
+    orientation = phantom.dataset["patient_orientation"]
+    return Radiograph(pixels=phantom.pixels.astype(np.float32), spacing=tuple(phantom.truth["spacing"]),
+                      spacing_source="phantom", path=path or f"{phantom.name}.dcm", format="DICOM",
+                      patient_orientation=tuple(orientation) if orientation else None)
 
 
 def phantom_sources(n: int, seed: int, styles: Sequence[str] = ("default",)) -> list[PhantomSource]:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import AACScoreError, GeometryError
+from .errors import AACScoreError
 from .kauppila import SUBSCORE_COLUMNS
 
 PERCENTILES = (1.0, 99.0)  # crop intensity window: robust to a few saturated or dead pixels
@@ -110,9 +110,7 @@ def read_case(record: ScoreRecord):
     from .radiograph import read_radiograph
 
     radiograph = read_radiograph(record.image)
-    labels = read_label_map(record.labels, radiograph.pixels.shape)
-    if labels.shape != radiograph.pixels.shape:
-        raise GeometryError(f"{record.labels}: label map {labels.shape} does not match the image {radiograph.pixels.shape}")
+    labels = read_label_map(record.labels, radiograph.pixels.shape)  # checks the size against the image
     geometry = analyze_spine(labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,
                              image=radiograph.pixels)
     return radiograph, geometry
@@ -185,12 +183,12 @@ def phantom_case(seed: int, index: int, style: str, input_size: tuple[int, int])
     which the percentile normalisation ignores), without the cost of encoding and decoding a large DICOM.
     """
     from .geometry import analyze_spine
-    from .phantoms import generate_phantom
+    from .phantoms import generate_phantom, read_back
 
     phantom = generate_phantom(seed, style, index)
-    orientation = phantom.dataset["patient_orientation"]
-    geometry = analyze_spine(phantom.labels, tuple(phantom.truth["spacing"]),
-                             patient_orientation=tuple(orientation) if orientation else None, image=phantom.pixels)
+    radiograph = read_back(phantom)
+    geometry = analyze_spine(phantom.labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,
+                             image=phantom.pixels)
     crop = model_crop(phantom.pixels, geometry, input_size)
     truth = phantom.truth
     return (crop.astype(np.float16), float(truth["aac24"]), [float(truth["subscores"][c]) for c in SUBSCORE_COLUMNS],

@@ -28,7 +28,7 @@ import numpy as np
 from .devices import resolve_device
 from .errors import AACScoreError, Cancelled
 from .kauppila import VERTEBRAE
-from .nnunet_dataset import resample_image, window_intensity, working_shape
+from .nnunet_dataset import resample_image, to_working_image, working_shape
 from .radiograph import Radiograph
 
 Progress = Callable[[float, str], None]
@@ -45,9 +45,6 @@ class SegmentationResult:
     message: str
     spacing_assumed: bool = False
     seconds: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------- device
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
@@ -79,12 +76,8 @@ def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
     coords = {v: np.argwhere(labels == v).astype(np.float64) for v in present}
     centroids = np.array([coords[v].mean(axis=0) for v in present])
     if len(present) >= 2:
-        centred = centroids - centroids.mean(axis=0)
-        axis = np.linalg.svd(centred, full_matrices=False)[2][0]
-        position = centred @ axis
-        if np.sum(position * (np.array(present) - np.mean(present))) < 0:
-            axis, position = -axis, -position  # point the axis the way the model's own labels increase
-        order = [present[i] for i in np.argsort(position)]
+        axis = _spine_axis(centroids, np.array(present, dtype=float))  # the way the model's own labels increase
+        order = [present[i] for i in np.argsort((centroids - centroids.mean(axis=0)) @ axis)]
         if order != present:
             relabelled = np.zeros_like(labels)
             for old, new in zip(order, present):
@@ -105,13 +98,18 @@ def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
     return labels, status, "; ".join(notes)
 
 
+def _spine_axis(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
+    """The principal axis of two or more centroids (a unit vector), pointing the way the expected level increases."""
+    centred = centroids - centroids.mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    return -axis if np.sum((centred @ axis) * (expected_level - expected_level.mean())) < 0 else axis
+
+
 def _spine_order(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
-    """Positions along the principal axis of the centroids, signed so that the expected level increases."""
+    """Positions along the spine's axis, increasing with the expected level."""
     if len(centroids) < 2:
         return np.zeros(len(centroids))
-    centred = centroids - centroids.mean(axis=0)
-    position = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
-    return -position if np.sum(position * (expected_level - expected_level.mean())) < 0 else position
+    return (centroids - centroids.mean(axis=0)) @ _spine_axis(centroids, expected_level)
 
 
 def assign_levels(probabilities: np.ndarray, min_fraction: float = 0.2, max_ratio: float = 3.0) -> np.ndarray:
@@ -261,9 +259,7 @@ class Segmenter:
         step(0.0, "resampling to the model's working grid")
         full_shape = radiograph.pixels.shape
         shape, assumed = working_shape(full_shape, radiograph.spacing, self.working_spacing, self.default_long_side)
-        image = resample_image(radiograph.pixels, shape)
-        if self.window:
-            image = window_intensity(image, self.window)
+        image = to_working_image(radiograph, shape, self.window)
         step(0.2, "running the network")
         logits = self.predict_logits(image)
         step(0.7, "mapping labels back to full size")

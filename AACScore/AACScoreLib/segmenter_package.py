@@ -154,7 +154,7 @@ def default_input_settings(plans: dict) -> dict:
 def _convert_folder(results: Path, out_dir: Path, *, name, version, folds, checkpoint, fp16, input_settings,
                     training_data, metrics) -> Path:
     import torch
-    from safetensors.torch import save
+    from safetensors.torch import load, save
 
     plans = json.loads((results / PLANS).read_text(encoding="utf-8"))
     dataset_json = json.loads((results / DATASET).read_text(encoding="utf-8"))
@@ -184,7 +184,7 @@ def _convert_folder(results: Path, out_dir: Path, *, name, version, folds, check
         first = first or loaded
     network = build_network(plans, dataset_json)
     n_parameters = sum(p.numel() for p in network.parameters())
-    _load_weights(network, load_weights_bytes(files[weights_file(folds[0])]), results)
+    _load_weights(network, float32_weights(load(files[weights_file(folds[0])])), results)
 
     mirror = first.get("inference_allowed_mirroring_axes")
     logging = first.get("logging", {})
@@ -270,10 +270,9 @@ def unique_tensors(state: dict) -> dict:
     return {keys[0]: state[keys[0]] for keys in _storage_groups(state).values()}
 
 
-def load_weights_bytes(data: bytes) -> dict:
-    from safetensors.torch import load
-
-    return {key: value.float() if value.is_floating_point() else value for key, value in load(data).items()}
+def float32_weights(state: dict) -> dict:
+    """Stored (fp16) weights as float32, the dtype the network runs in; integer buffers as they are."""
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
 
 
 def _load_weights(network, weights: dict, where) -> dict:
@@ -312,8 +311,7 @@ def load_segmenter_package(package: str | Path | ModelPackage | None = None, mod
     network = build_network(plans, dataset_json)
     fold_weights = []
     for fold in reversed(folds):  # the first fold is loaded last, so the network holds it
-        raw = load_safetensors(package, weights_file(fold))
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}
+        weights = float32_weights(load_safetensors(package, weights_file(fold)))
         fold_weights.insert(0, _load_weights(network, weights, package.path))
     network.eval()
     return LoadedSegmenter(package, plans, dataset_json, network, fold_weights)

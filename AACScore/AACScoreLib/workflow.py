@@ -267,7 +267,7 @@ class Workflow:
         """The loaded pipeline (thread-safe; the first call loads the model packages, which takes seconds)."""
         with self._lock:
             if self._pipeline is None:
-                from .dependencies import device_choice
+                from .devices import device_choice
                 from .pipeline import Pipeline
 
                 scorer_model, segmenter_model, device, models_dir = self._settings

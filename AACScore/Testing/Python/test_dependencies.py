@@ -13,10 +13,10 @@ from AACScoreLib.dependencies import (
     REQUIREMENTS,
     TORCH_CPU_INDEX,
     canonical,
-    device_choice,
     missing_requirements,
     pip_install_arguments,
 )
+from AACScoreLib.devices import device_choice
 
 ROOT = Path(__file__).resolve().parents[3]
 SLICER_LIKE = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "vtk": "9.4.2", "requests": "2.32.3", "Pillow": "10.4.0"}
