@@ -21,7 +21,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "AACScore"))
 
 from AACScoreLib.cli import run_command
-from AACScoreLib.packages import add_commands
+from AACScoreLib.models import add_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:

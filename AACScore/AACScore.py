@@ -1,6 +1,6 @@
 """3D Slicer module AACScore: a thin panel over AACScoreLib, which holds every behaviour.
 
-The widget binds the panel to `AACScoreLib.workflow.Workflow` (tested headless against slicer-core's scene):
+The widget binds the panel to `AACScoreLib.slicer.workflow.Workflow` (tested headless against slicer-core's scene):
 it prepares work from the scene, runs the compute part on a Python thread that a qt.QTimer polls (the pressed
 button turns into Cancel), and applies results to the scene on the main thread.
 """
@@ -56,7 +56,7 @@ def _onStartupCompleted():
     try:
         import SampleData
 
-        from AACScoreLib import sample_data
+        from AACScoreLib.slicer import sample_data
 
         sample_data.register(SampleData.SampleDataLogic)
     except Exception:  # noqa: BLE001
@@ -197,8 +197,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onVolumeChanged(self, volume):
         """Another radiograph chosen: select its segmentation, show it with its heatmap, load the rating."""
-        from AACScoreLib import scene as aac_scene
-        from AACScoreLib.workflow import find_heatmap
+        from AACScoreLib.slicer import scene as aac_scene
+        from AACScoreLib.slicer.workflow import find_heatmap
 
         found = aac_scene.find_vertebra_segmentation(slicer.mrmlScene, volume) if volume is not None else None
         if found is not None or self._parameterNode.segmentation is not None:
@@ -213,7 +213,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _run(self, button, work, onDone=None, onItem=None):
         """Run `work(job)` on a thread; here, `onItem(item)` applies each delivered item and `onDone(job)` the
         end (not after a cancel unless `onDone.runsWhenCancelled`)."""
-        from AACScoreLib.workflow import Job
+        from AACScoreLib.slicer.workflow import Job
 
         self._job = Job(work).start()
         self._jobButton, self._jobButtonText = button, button.text
@@ -292,7 +292,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Read the files on a thread, add each as a volume here; then `then(volumes)`."""
         if self._cancelRunningJob():
             return
-        from AACScoreLib.workflow import radiograph_files, read_work
+        from AACScoreLib.slicer.workflow import radiograph_files, read_work
 
         files = []
         with slicer.util.tryWithErrorDisplay("Could not list the radiographs.", waitCursor=True):
@@ -388,7 +388,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onScoreAll(self):
         if self._cancelRunningJob():
             return
-        from AACScoreLib.workflow import radiograph_volumes
+        from AACScoreLib.slicer.workflow import radiograph_volumes
 
         self._scoreBatch(self.ui.scoreAllButton, radiograph_volumes(slicer.mrmlScene))
 
@@ -401,7 +401,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        then=lambda volumes: self._scoreBatch(self.ui.scoreFolderButton, volumes))
 
     def _scoreBatch(self, button, volumes):
-        from AACScoreLib.workflow import BatchOutcome
+        from AACScoreLib.slicer.workflow import BatchOutcome
 
         with slicer.util.tryWithErrorDisplay("Batch scoring failed.", waitCursor=True):
             if not volumes:
@@ -538,7 +538,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def checkDependencies(self):
         """True when every pinned package is installed; otherwise says what is missing."""
-        from AACScoreLib import dependencies
+        from AACScoreLib.slicer import dependencies
 
         missing = dependencies.missing_requirements()
         absent = [line for line in missing if "not installed" in line]
@@ -555,7 +555,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return not absent
 
     def onInstallDependencies(self):
-        from AACScoreLib import dependencies
+        from AACScoreLib.slicer import dependencies
 
         constraints = os.path.join(slicer.app.temporaryPath, "AACScore-constraints.txt")
         calls = dependencies.pip_install_arguments(constraints)
@@ -606,14 +606,14 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "…or a model package folder")
         if not path:
             return
-        from AACScoreLib import packages
+        from AACScoreLib import models
 
         def done(job):
             package = job.result
             self.ui.statusLabel.text = f"Installed {package.kind} {package.name} {package.version}."
             self._refreshModels()
 
-        self._run(self.ui.installModelButton, lambda job: packages.install_package(path), done)
+        self._run(self.ui.installModelButton, lambda job: models.install_model(path), done)
 
     def onVerifyModels(self):
         from AACScoreLib import packages
@@ -632,7 +632,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class AACScoreLogic(ScriptedLoadableModuleLogic):
-    """Entry point for scripts inside Slicer; every behaviour is AACScoreLib.workflow.Workflow's."""
+    """Entry point for scripts inside Slicer; every behaviour is AACScoreLib.slicer.workflow.Workflow's."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -643,7 +643,7 @@ class AACScoreLogic(ScriptedLoadableModuleLogic):
 
     def workflow(self, parameters=None):
         """The scene's Workflow (models stay loaded between calls), configured from the parameters if given."""
-        from AACScoreLib.workflow import Workflow
+        from AACScoreLib.slicer.workflow import Workflow
 
         if self._workflow is None or self._workflow.scene is not slicer.mrmlScene:
             self._workflow = Workflow(slicer.mrmlScene)
@@ -670,9 +670,9 @@ class AACScoreTest(ScriptedLoadableModuleTest):
     def test_whole_flow_on_sample_data(self):
         import SampleData
 
-        from AACScoreLib import sample_data
-        from AACScoreLib import scene as aac_scene
-        from AACScoreLib.workflow import Workflow
+        from AACScoreLib.slicer import sample_data
+        from AACScoreLib.slicer import scene as aac_scene
+        from AACScoreLib.slicer.workflow import Workflow
 
         self.delayDisplay("Loading a demo radiograph")
         names = sample_data.register(SampleData.SampleDataLogic)

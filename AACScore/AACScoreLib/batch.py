@@ -16,12 +16,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .cohort import WorkItem, collect, output_names, parse_shard
+from .io.cohort import WorkItem, collect, output_names, parse_shard
 from .errors import AACScoreError, Cancelled, RadiographError
-from .labelmaps import write_label_png
-from .overlay import render_overlay, save_overlay
-from .radiograph import read_or_error
-from .results_file import ResultsFile
+from .io.labelmaps import write_label_png
+from .io.overlay import render_overlay, save_overlay
+from .io.radiograph import read_or_error
+from .io.results_file import ResultsFile
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from .errors import AACScoreError
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "batch",
-    "segmenter",
-    "phantoms",
-    "segmenter_training",
-    "scorer_training",
-    "evaluate",
-    "bench",
-    "packages",
+    "segmentation.segmenter",
+    "phantoms.generator",
+    "segmentation.training",
+    "scoring.training",
+    "evaluation.evaluate",
+    "evaluation.bench",
+    "models",
 )
 
 

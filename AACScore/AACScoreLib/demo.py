@@ -10,7 +10,7 @@ import csv
 import sys
 from pathlib import Path
 
-from .sample_data import SAMPLE_DATA_DIR
+from .slicer.sample_data import SAMPLE_DATA_DIR
 
 
 def add_cli(subparsers) -> None:
@@ -22,7 +22,7 @@ def add_cli(subparsers) -> None:
 
 def _run(args) -> int:
     from .batch import _ProgressBar, score_cohort
-    from .cohort import collect
+    from .io.cohort import collect
     from .pipeline import Pipeline
 
     print("AACScore demo: synthetic phantoms scored with models trained on phantoms - not for clinical use.")

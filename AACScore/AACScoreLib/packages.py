@@ -54,6 +54,8 @@ _CHUNK = 1 << 20
 _log = logging.getLogger(__name__)
 
 Progress = Callable[[int, "int | None"], None]
+ResultsConverter = Callable[[Path, Path], "str | Path"]
+"""(results folder, output folder) -> the package folder it wrote."""
 
 
 @dataclass
@@ -380,7 +382,7 @@ def _find_nnunet_results(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _package_root(folder: Path, staging: Path, where: str) -> Path:
+def _package_root(folder: Path, staging: Path, where: str, convert_results: ResultsConverter | None) -> Path:
     """The package inside an unpacked source: its manifest folder, or an nnU-Net results folder converted."""
     if (folder / MANIFEST).is_file():
         return folder
@@ -390,13 +392,9 @@ def _package_root(folder: Path, staging: Path, where: str) -> Path:
     results = _find_nnunet_results(folder)
     if results is None:
         raise ModelPackageError(f"{where}: no {MANIFEST} and no nnU-Net results folder; not a model package")
-    try:
-        from .segmenter_package import convert_nnunet_results
-    except ImportError as error:
-        raise ModelPackageError(
-            f"{where}: is an nnU-Net results folder, but conversion is unavailable ({error})"
-        ) from None
-    return Path(convert_nnunet_results(results, staging / "converted"))
+    if convert_results is None:
+        raise ModelPackageError(f"{where}: is an nnU-Net results folder, but no converter was given to install it")
+    return Path(convert_results(results, staging / "converted"))
 
 
 def _same_install(destination: Path, package: ModelPackage) -> bool:
@@ -418,8 +416,12 @@ def install_package(
     sha256: str | None = None,
     models_dir: str | Path | None = None,
     progress: Progress | None = None,
+    convert_results: ResultsConverter | None = None,
 ) -> ModelPackage:
     """Install a package from a folder, a zip, or an http(s)/file URL into `models_dir/<name>-<version>/`.
+
+    `convert_results(results_folder, out_dir)` turns a training framework's results folder into a package
+    (models.install_model passes nnU-Net's); packages.py itself knows no framework, so it imports none.
 
     `sha256` pins the archive: it is checked before anything is unpacked. `progress(done, total)` is called
     while downloading (total None when unknown); raising from it cancels. Nothing is left behind on failure.
@@ -455,7 +457,7 @@ def install_package(
                 for name in archive.namelist():
                     _check_relpath(name.rstrip("/"), source)
                 archive.extractall(unpacked)
-        package = verify_package(_package_root(unpacked, staging, source))
+        package = verify_package(_package_root(unpacked, staging, source, convert_results))
 
         destination = models_dir / f"{package.name}-{package.version}"
         if destination.exists() and _same_install(destination, package):
@@ -504,7 +506,7 @@ def list_packages(models_dir: str | Path | None = None) -> list[ModelPackage]:
     return packages
 
 
-def _available(packages: list[ModelPackage]) -> str:
+def available_text(packages: list[ModelPackage]) -> str:
     if not packages:
         return "install one with: python setup_weights.py install PATH_OR_URL"
     return "available: " + ", ".join(
@@ -535,82 +537,5 @@ def find_package(
     candidates = [p for p in of_kind if (not name or p.name == name) and (not version or p.version == version)]
     if not candidates:
         wanted = f"named {text!r}" if text else "installed or bundled"
-        raise ModelPackageError(f"no {what} {wanted}; {_available(of_kind)}")
+        raise ModelPackageError(f"no {what} {wanted}; {available_text(of_kind)}")
     return max(candidates, key=lambda p: (not p.bundled, _version_key(p.version), p.name))
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def add_commands(subparsers) -> None:
-    """Add `install`, `list` and `verify`; shared by `setup_weights.py` and `aacscore models`."""
-    install = subparsers.add_parser("install", help="install a model package from a folder, zip or URL")
-    install.add_argument("source", metavar="PATH_OR_URL", help="package folder, .zip, nnU-Net results, or URL")
-    install.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip or download")
-    install.set_defaults(func=_install_command)
-    listing = subparsers.add_parser("list", help="list installed and bundled model packages")
-    listing.set_defaults(func=_list_command)
-    verify = subparsers.add_parser("verify", help="check packages' files against their manifests")
-    verify.add_argument("name", nargs="?", metavar="NAME", help="name, name==version or path (default: all)")
-    verify.set_defaults(func=_verify_command)
-    for parser in (install, listing, verify):
-        parser.add_argument("--models-dir", metavar="DIR", help=f"install folder (default: {models_home()})")
-
-
-def add_cli(subparsers) -> None:
-    """`aacscore models install|list|verify`."""
-    models = subparsers.add_parser("models", help="install, list and verify model packages")
-    add_commands(models.add_subparsers(dest="models_command", required=True, metavar="ACTION"))
-
-
-def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip())
-
-
-def _print_progress(done: int, total: int | None) -> None:
-    if not sys.stderr.isatty():
-        return
-    shown = f"{done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB ({100 * done // max(total, 1)}%)" if total else "")
-    print(f"\rdownloading {shown}", end="\n" if total and done >= total else "", file=sys.stderr, flush=True)
-
-
-def _install_command(args) -> int:
-    package = install_package(args.source, sha256=args.sha256, models_dir=args.models_dir, progress=_print_progress)
-    print(f"installed {package.name}=={package.version} ({package.kind}) in {package.path}")
-    return 0
-
-
-def _list_command(args) -> int:
-    packages = list_packages(args.models_dir)
-    if not packages:
-        print(f"no model packages in {args.models_dir or models_home()} nor bundled; {_available(packages)}")
-        return 0
-    rows = [(p.name, p.version, p.kind, "bundled" if p.bundled else "installed", str(p.path)) for p in packages]
-    _print_table(("NAME", "VERSION", "KIND", "SOURCE", "PATH"), rows)
-    return 0
-
-
-def _verify_command(args) -> int:
-    if args.name:
-        paths = [find_package(args.name, None, args.models_dir).path]
-    else:
-        paths = package_paths(args.models_dir)
-        if not paths:
-            print(f"no model packages in {args.models_dir or models_home()} nor bundled; {_available([])}")
-            return 0
-    rows, failed = [], 0
-    for path in paths:
-        name, version, kind = path.name, "?", "?"
-        try:
-            package = read_package(path)
-            name, version, kind = package.name, package.version, package.kind
-            verify_package(path)
-            status = "ok"
-        except ModelPackageError as error:
-            failed += 1
-            status = f"FAILED: {error}"
-        rows.append((name, version, kind, status))
-    _print_table(("NAME", "VERSION", "KIND", "STATUS"), rows)
-    return 1 if failed else 0

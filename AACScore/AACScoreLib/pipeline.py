@@ -15,9 +15,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import geometry, kauppila
+from .geometry import spine
+from . import kauppila
 from .errors import AACScoreError, Cancelled
-from .radiograph import Radiograph, read_radiograph
+from .io.radiograph import Radiograph, read_radiograph
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -36,7 +37,7 @@ class AACResult:
     radiograph: Radiograph | None = None
     labels: np.ndarray | None = None
     labels_source: str = ""  # "segmenter" | "user"
-    geometry: geometry.SpineGeometry | None = None
+    geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
@@ -84,12 +85,12 @@ class Pipeline:
     ) -> "Pipeline":
         """Load the named packages (or the newest installed, else the bundled demo ones)."""
         from .packages import find_package
-        from .scorer import Scorer
+        from .scoring.scorer import Scorer
 
         scorer = Scorer.from_package(find_package(scorer_model, "scorer", models_dir), device=device)
         segmenter = None
         if need_segmenter:
-            from .segmenter import Segmenter
+            from .segmentation.segmenter import Segmenter
 
             segmenter = Segmenter.from_package(find_package(segmenter_model, "segmenter", models_dir), device=device)
         return cls(scorer, segmenter)
@@ -132,7 +133,7 @@ class Pipeline:
 
         report(0.5, "Kauppila geometry")
         with _timed(result, "crop"):
-            result.geometry = geometry.analyze_spine(
+            result.geometry = spine.analyze_spine(
                 result.labels,
                 radiograph.spacing,
                 anterior=anterior,
@@ -164,7 +165,7 @@ class Pipeline:
     def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
             if not isinstance(labels, np.ndarray):
-                from .labelmaps import read_label_map
+                from .io.labelmaps import read_label_map
 
                 labels = read_label_map(labels, radiograph.pixels.shape)
             if labels.shape != radiograph.pixels.shape:

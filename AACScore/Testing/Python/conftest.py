@@ -10,9 +10,9 @@ def tiny_scorer(tmp_path_factory):
     """A real scorer package (ResNet-18 at 64x32, untrained, fixed seed), loaded as the product loads it."""
     import torch
 
-    from AACScoreLib.scorer import Scorer
-    from AACScoreLib.scorer_model import build_model
-    from AACScoreLib.scorer_training import TrainResult, TrainSettings, build_manifest, write_scorer_package
+    from AACScoreLib.scoring.scorer import Scorer
+    from AACScoreLib.scoring.model import build_model
+    from AACScoreLib.scoring.training import TrainResult, TrainSettings, build_manifest, write_scorer_package
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # far faster than two on a machine whose cores are shared

@@ -6,9 +6,9 @@ import csv
 
 import pytest
 
-from AACScoreLib.cohort import collect, parse_shard
+from AACScoreLib.io.cohort import collect, parse_shard
 from AACScoreLib.errors import AACScoreError
-from AACScoreLib.results_file import COLUMNS, ResultsFile
+from AACScoreLib.io.results_file import COLUMNS, ResultsFile
 
 
 def _touch(path):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from AACScoreLib import dependencies, sample_data
-from AACScoreLib.dependencies import (
+from AACScoreLib.slicer import dependencies
+from AACScoreLib.slicer import sample_data
+from AACScoreLib.slicer.dependencies import (
     PYPI_INDEX,
     REQUIREMENTS,
     TORCH_CPU_INDEX,

@@ -27,7 +27,8 @@ def test_module_cmake_lists_every_library_file_and_resource():
     text = _module_cmake()
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     listed = set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, flags=re.MULTILINE))
-    library = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AACScoreLib").glob("*.py")}
+    library = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AACScoreLib").rglob("*.py")
+               if "__pycache__" not in p.parts}
     resources = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
                  if p.is_file()}
     missing = sorted((library | resources) - listed)

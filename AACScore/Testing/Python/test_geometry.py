@@ -13,7 +13,7 @@ import pytest
 from skimage.draw import polygon as fill_polygon
 
 from AACScoreLib.errors import GeometryError
-from AACScoreLib.geometry import (
+from AACScoreLib.geometry.spine import (
     CORNER_NAMES,
     Crop,
     analyze_spine,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from AACScoreLib.errors import GeometryError, RadiographError
-from AACScoreLib.labelmaps import read_label_map
+from AACScoreLib.io.labelmaps import read_label_map
 
 
 def _labels() -> np.ndarray:

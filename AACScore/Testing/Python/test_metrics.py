@@ -13,7 +13,8 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import cohen_kappa_score, r2_score
 
-from AACScoreLib import evaluate, metrics
+from AACScoreLib.evaluation import evaluate
+from AACScoreLib.evaluation import metrics
 from AACScoreLib.errors import AACScoreError, GeometryError
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS
 

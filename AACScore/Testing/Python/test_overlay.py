@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from AACScoreLib.overlay import render_overlay, save_overlay
+from AACScoreLib.io.overlay import render_overlay, save_overlay
 
 
 def test_overlay_tints_only_strong_heat_and_draws_vertebra_outlines(tmp_path):

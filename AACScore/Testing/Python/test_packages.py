@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from AACScoreLib import packages
 from AACScoreLib.errors import ModelPackageError
+from AACScoreLib.models import install_model
 from AACScoreLib.packages import (
     find_package,
     install_package,
@@ -312,9 +313,9 @@ def nnunet_results(folder: Path) -> Path:
 
 def test_nnunet_results_go_through_the_converter_hook(tmp_path, home, monkeypatch):
     results = nnunet_results(tmp_path / "nnunet")
-    monkeypatch.setitem(sys.modules, "AACScoreLib.segmenter_package", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "AACScoreLib.segmentation.package", None)  # as if the module were absent
     with pytest.raises(ModelPackageError, match="nnU-Net results folder, but conversion is unavailable"):
-        install_package(tmp_path / "nnunet")
+        install_model(tmp_path / "nnunet")
 
     seen = []
 
@@ -323,13 +324,13 @@ def test_nnunet_results_go_through_the_converter_hook(tmp_path, home, monkeypatc
         path, _ = weights(tmp_path)
         return write_package(out_dir, manifest("lumbar-seg", "0.1", "segmenter"), {"model.safetensors": path}).path
 
-    stub = types.ModuleType("AACScoreLib.segmenter_package")
+    stub = types.ModuleType("AACScoreLib.segmentation.package")
     stub.convert_nnunet_results = convert_nnunet_results
-    monkeypatch.setitem(sys.modules, "AACScoreLib.segmenter_package", stub)
-    installed = install_package(tmp_path / "nnunet")
+    monkeypatch.setitem(sys.modules, "AACScoreLib.segmentation.package", stub)
+    installed = install_model(tmp_path / "nnunet")
     assert seen == [results] and installed.kind == "segmenter" and installed.path == home / "lumbar-seg-0.1"
     archive = zip_folder(tmp_path / "nnunet", tmp_path / "export.zip")  # as nnUNetv2_export_model_to_zip nests it
-    assert install_package(archive).path == installed.path
+    assert install_model(archive).path == installed.path
     assert seen[-1].relative_to(seen[-1].parents[1]) == Path("Dataset001_Lumbar/nnUNetTrainer__nnUNetPlans__2d")
     assert sorted(p.name for p in home.iterdir()) == ["lumbar-seg-0.1"]
 
@@ -339,9 +340,9 @@ def test_nnunet_results_go_through_the_converter_hook(tmp_path, home, monkeypatc
     (results.parent / "other_config" / "fold_1").mkdir()
     (results.parent / "other_config" / "fold_1" / "checkpoint_best.pth").write_bytes(b"")
     with pytest.raises(ModelPackageError, match="several nnU-Net results folders"):
-        install_package(tmp_path / "nnunet")
+        install_model(tmp_path / "nnunet")
     with pytest.raises(ModelPackageError, match="no manifest.json and no nnU-Net results folder"):
-        install_package(tmp_path / "nnunet" / "Dataset001_Lumbar" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0")
+        install_model(tmp_path / "nnunet" / "Dataset001_Lumbar" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0")
 
 
 def test_models_home(monkeypatch, tmp_path):

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from AACScoreLib import cli, kauppila, phantoms
+from AACScoreLib import cli, kauppila
+from AACScoreLib.phantoms import generator as phantoms
 
 SMALL = (300, 360)  # image sides for fast tests (spacing grows to keep a 300-450 mm field of view)
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from AACScoreLib.batch import merge_shards, output_names, score_cohort
-from AACScoreLib.cohort import WorkItem, collect
+from AACScoreLib.io.cohort import WorkItem, collect
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS
-from AACScoreLib.phantoms import write_phantoms
+from AACScoreLib.phantoms.generator import write_phantoms
 from AACScoreLib.pipeline import Pipeline
 
 
@@ -184,8 +184,8 @@ def test_every_file_of_pydicoms_corpus_ends_as_a_row_without_traceback(demo_pipe
 
 
 def test_benchmark_times_every_stage_and_the_batch(demo_pipeline, tmp_path):
-    from AACScoreLib.bench import STAGES, run_benchmark
-    from AACScoreLib.sample_data import SAMPLE_DATA_DIR
+    from AACScoreLib.evaluation.bench import STAGES, run_benchmark
+    from AACScoreLib.slicer.sample_data import SAMPLE_DATA_DIR
 
     images = sorted(SAMPLE_DATA_DIR.glob("*.dcm"))[:2]
     figures = run_benchmark(demo_pipeline, images, single_runs=1, batch_out=tmp_path)

@@ -23,7 +23,7 @@ from pydicom.uid import (
 )
 
 from AACScoreLib.errors import RadiographError
-from AACScoreLib.radiograph import Radiograph, read_radiograph
+from AACScoreLib.io.radiograph import Radiograph, read_radiograph
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 CORPUS_FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file())

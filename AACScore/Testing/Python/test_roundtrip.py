@@ -7,9 +7,10 @@ import pytest
 from matplotlib.path import Path as PolygonPath
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from AACScoreLib import kauppila, phantoms
-from AACScoreLib.geometry import analyze_spine
-from AACScoreLib.radiograph import read_radiograph
+from AACScoreLib import kauppila
+from AACScoreLib.phantoms import generator as phantoms
+from AACScoreLib.geometry.spine import analyze_spine
+from AACScoreLib.io.radiograph import read_radiograph
 
 # (style, index, transfer syntax, photometric, spacing tags, rescale, orientation written)
 CASES = [

@@ -16,10 +16,10 @@ import slicer.util
 import vtk
 import vtk.util.numpy_support
 
-from AACScoreLib import scene as aac_scene
+from AACScoreLib.slicer import scene as aac_scene
 from AACScoreLib.errors import GeometryError
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS, VERTEBRAE
-from AACScoreLib.radiograph import Radiograph
+from AACScoreLib.io.radiograph import Radiograph
 
 ROWS, COLS = 60, 40
 ROW_MM, COL_MM = 0.2, 0.15

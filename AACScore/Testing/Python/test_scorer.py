@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from AACScoreLib import scorer_data
+from AACScoreLib.scoring import data as scorer_data
 from AACScoreLib.errors import AACScoreError, ModelPackageError
-from AACScoreLib.heatmap import band_fraction, grad_cam
-from AACScoreLib.scorer import Scorer
-from AACScoreLib.scorer_data import CropSet, augment_batch, load_crop_set, read_score_csv, split_indices
-from AACScoreLib.scorer_model import SCSE, build_model, load_imagenet_weights, scse_blocks, state_dict_fp16
-from AACScoreLib.scorer_training import (TrainResult, TrainSettings, build_manifest, data_summary, evaluate_model, lr_at, train,
+from AACScoreLib.scoring.gradcam import band_fraction, grad_cam
+from AACScoreLib.scoring.scorer import Scorer
+from AACScoreLib.scoring.data import CropSet, augment_batch, load_crop_set, read_score_csv, split_indices
+from AACScoreLib.scoring.model import SCSE, build_model, load_imagenet_weights, scse_blocks, state_dict_fp16
+from AACScoreLib.scoring.training import (TrainResult, TrainSettings, build_manifest, data_summary, evaluate_model, lr_at, train,
                                          write_scorer_package)
 
 SIZE = (64, 32)
@@ -194,7 +194,7 @@ def test_package_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_grad_cam_shape_mapping_and_all_zero_case():
-    from AACScoreLib.geometry import Crop
+    from AACScoreLib.geometry.spine import Crop
 
     model = build_model({"backbone": "resnet18"}).eval()
     image = synthetic_set(1).crops[0:1].float()
@@ -216,7 +216,7 @@ def test_grad_cam_shape_mapping_and_all_zero_case():
 
 
 def test_crops_from_phantoms_are_cached_and_labelled(tmp_path):
-    from AACScoreLib.phantoms import write_phantoms
+    from AACScoreLib.phantoms.generator import write_phantoms
 
     write_phantoms(tmp_path / "ph", 2, seed=2100, size_range=(800, 900))
     records = read_score_csv(tmp_path / "ph" / "truth.csv")
@@ -234,7 +234,7 @@ def test_crops_from_phantoms_are_cached_and_labelled(tmp_path):
 
 
 def test_in_memory_phantom_crops_match_the_written_files_and_are_cached(tmp_path):
-    from AACScoreLib.phantoms import generate_phantom, write_phantom
+    from AACScoreLib.phantoms.generator import generate_phantom, write_phantom
 
     phantom = generate_phantom(2101, "alt", 1)
     dcm = write_phantom(phantom, tmp_path / "ph")

@@ -12,14 +12,14 @@ from PIL import Image
 
 from AACScoreLib.cli import main as cli_main
 from AACScoreLib.errors import AACScoreError, GeometryError, ModelPackageError, RadiographError
-from AACScoreLib.labelmaps import read_label_map, vertebra_of_segment
-from AACScoreLib.nnunet_dataset import export_dataset, phantom_cases, resample_labels, working_shape
+from AACScoreLib.io.labelmaps import read_label_map, vertebra_of_segment
+from AACScoreLib.segmentation.dataset import export_dataset, phantom_cases, resample_labels, working_shape
 from AACScoreLib.packages import verify_package
-from AACScoreLib.radiograph import read_radiograph
+from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
-from AACScoreLib.segmenter import Segmenter, assign_levels, levels_at_full_size, postprocess_labels
-from AACScoreLib.segmenter_package import convert_nnunet_results
+from AACScoreLib.segmentation.segmenter import Segmenter, assign_levels, levels_at_full_size, postprocess_labels
+from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
 
@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
     """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder.
 
     The 10 epochs asked for are cut to 3 by a zero time budget (3 epochs are measured before it applies)."""
-    from AACScoreLib.segmenter_training import train_segmenter
+    from AACScoreLib.segmentation.training import train_segmenter
 
     base = tmp_path_factory.mktemp("segmenter")
     data = write_toys(base / "toys", 8)
@@ -102,7 +102,7 @@ def test_export_writes_nnunet_raw_dataset(tmp_path):
 
 
 def test_phantoms_made_in_memory_export_like_their_written_files(tmp_path):
-    from AACScoreLib.phantoms import phantom_sources, write_phantoms
+    from AACScoreLib.phantoms.generator import phantom_sources, write_phantoms
 
     sources = phantom_sources(2, 77, ("default", "alt"))
     files = []
@@ -137,7 +137,7 @@ def test_export_error_from_a_worker_names_the_file(tmp_path):
 
 
 def test_unknown_phantom_style_is_refused():
-    from AACScoreLib.phantoms import parse_styles
+    from AACScoreLib.phantoms.generator import parse_styles
 
     assert parse_styles("default, alt") == ("default", "alt")
     with pytest.raises(AACScoreError, match="among default, alt; got odd"):
@@ -262,7 +262,7 @@ def test_training_writes_a_verified_package(trained):
 
 
 def test_epochs_are_fitted_to_the_time_budget():
-    from AACScoreLib.segmenter_training import epochs_within_budget
+    from AACScoreLib.segmentation.training import epochs_within_budget
 
     assert epochs_within_budget([9.0, 2.0], 100.0, 50) == 50  # still settling: the asked-for maximum
     assert epochs_within_budget([9.0, 2.0, 2.0], 20.0, 50) == 13  # 3 done + 10 of 2 s (the warm-up 9 s ignored)
@@ -331,7 +331,7 @@ def test_nnunet_export_zip_converts_to_the_same_network(trained, tmp_path):
 def test_checkpoint_with_code_is_refused(tmp_path):
     import torch
 
-    from AACScoreLib.segmenter_package import read_checkpoint
+    from AACScoreLib.segmentation.package import read_checkpoint
 
     class Sneaky:
         def __reduce__(self):

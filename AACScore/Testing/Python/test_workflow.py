@@ -21,13 +21,15 @@ from mrml_testing import paint_segment
 import slicer
 import slicer.util
 
-from AACScoreLib import geometry, kauppila, metrics
-from AACScoreLib import scene as aac_scene
+from AACScoreLib.geometry import spine as geometry
+from AACScoreLib import kauppila
+from AACScoreLib.evaluation import metrics
+from AACScoreLib.slicer import scene as aac_scene
 from AACScoreLib.errors import AACScoreError, Cancelled, GeometryError, RadiographError
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from AACScoreLib.pipeline import AACResult, Pipeline
-from AACScoreLib.radiograph import Radiograph
-from AACScoreLib.workflow import (Job, Workflow, capture_volume, find_heatmap, radiograph_from_volume,
+from AACScoreLib.io.radiograph import Radiograph
+from AACScoreLib.slicer.workflow import (Job, Workflow, capture_volume, find_heatmap, radiograph_from_volume,
                                   radiograph_key, radiograph_volumes)
 
 ROWS, COLS = 200, 160
@@ -510,8 +512,8 @@ def test_a_demo_radiograph_from_its_dicom_file_through_segment_score_and_mrb(sce
     """The flow of the in-Slicer self-test on a shipped demo radiograph (its label map stands in for the model)."""
     from PIL import Image
 
-    from AACScoreLib.radiograph import read_radiograph
-    from AACScoreLib.sample_data import SAMPLE_DATA_DIR, SAMPLE_SHA256
+    from AACScoreLib.io.radiograph import read_radiograph
+    from AACScoreLib.slicer.sample_data import SAMPLE_DATA_DIR, SAMPLE_SHA256
 
     path = SAMPLE_DATA_DIR / sorted(SAMPLE_SHA256)[0]
     labels = np.asarray(Image.open(path.with_name(path.stem + "_labels.png")))

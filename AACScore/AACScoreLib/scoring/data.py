@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import AACScoreError
-from .kauppila import SUBSCORE_COLUMNS
+from ..errors import AACScoreError
+from ..kauppila import SUBSCORE_COLUMNS
 
 PERCENTILES = (1.0, 99.0)  # crop intensity window: robust to a few saturated or dead pixels
 
@@ -105,9 +105,9 @@ def normalise_crop(crop: np.ndarray) -> np.ndarray:
 
 def read_case(record: ScoreRecord):
     """Read one case: its radiograph and the Kauppila geometry of its label map."""
-    from .geometry import analyze_spine
-    from .labelmaps import read_label_map
-    from .radiograph import read_radiograph
+    from ..geometry.spine import analyze_spine
+    from ..io.labelmaps import read_label_map
+    from ..io.radiograph import read_radiograph
 
     radiograph = read_radiograph(record.image)
     labels = read_label_map(record.labels, radiograph.pixels.shape)  # checks the size against the image
@@ -118,7 +118,7 @@ def read_case(record: ScoreRecord):
 
 def model_crop(pixels: np.ndarray, geometry, input_size: tuple[int, int]) -> np.ndarray:
     """The network's input from a radiograph: geometry's paper crop at input_size (rows, cols), normalised."""
-    from .geometry import extract_crop
+    from ..geometry.spine import extract_crop
 
     return normalise_crop(extract_crop(pixels, geometry.crop, out_shape=tuple(input_size)))
 
@@ -141,7 +141,7 @@ def load_crop_set(records: Sequence[ScoreRecord], input_size: tuple[int, int], c
 
     With cache_dir, the crops are saved as `crops_<H>x<W>_<key>.npz` and reused when the inputs are unchanged.
     """
-    from .atomic import atomic_path
+    from ..io.atomic import atomic_path
 
     input_size = (int(input_size[0]), int(input_size[1]))
     cache = None
@@ -182,8 +182,8 @@ def phantom_case(seed: int, index: int, style: str, input_size: tuple[int, int])
     The crop equals the one made from the written files (the reader only undoes a linear rescale and MONOCHROME1,
     which the percentile normalisation ignores), without the cost of encoding and decoding a large DICOM.
     """
-    from .geometry import analyze_spine
-    from .phantoms import generate_phantom, read_back
+    from ..geometry.spine import analyze_spine
+    from ..phantoms.generator import generate_phantom, read_back
 
     phantom = generate_phantom(seed, style, index)
     radiograph = read_back(phantom)
@@ -213,7 +213,7 @@ def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tup
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from .phantoms import check_styles
+    from ..phantoms.generator import check_styles
 
     styles = check_styles(styles)
     input_size = (int(input_size[0]), int(input_size[1]))
@@ -242,7 +242,7 @@ def synthetic_crop_set(n: int, seed: int, styles: Sequence[str], input_size: tup
               "names": np.array(names, dtype=str), "indices": np.asarray(indices, np.int64),
               "skipped": np.array(json.dumps(skipped))}
     if cache_dir is not None:
-        from .atomic import atomic_path
+        from ..io.atomic import atomic_path
 
         with atomic_path(Path(cache_dir) / f"phantoms_{seed}_{n}_{key}.npz") as temporary:
             np.savez(temporary, **arrays)

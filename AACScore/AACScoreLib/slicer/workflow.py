@@ -27,11 +27,12 @@ import numpy as np
 import slicer
 import slicer.util
 
-from . import metrics, scene as aac_scene
-from .errors import AACScoreError, Cancelled, RadiographError
-from .kauppila import SUBSCORE_COLUMNS, category, total_score
-from .pipeline import AACResult
-from .radiograph import Radiograph, read_or_error, read_radiograph
+from ..evaluation import metrics
+from . import scene as aac_scene
+from ..errors import AACScoreError, Cancelled, RadiographError
+from ..kauppila import SUBSCORE_COLUMNS, category, total_score
+from ..pipeline import AACResult
+from ..io.radiograph import Radiograph, read_or_error, read_radiograph
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -267,8 +268,8 @@ class Workflow:
         """The loaded pipeline (thread-safe; the first call loads the model packages, which takes seconds)."""
         with self._lock:
             if self._pipeline is None:
-                from .devices import device_choice
-                from .pipeline import Pipeline
+                from ..devices import device_choice
+                from ..pipeline import Pipeline
 
                 scorer_model, segmenter_model, device, models_dir = self._settings
                 device, _ = device_choice(device)
@@ -510,7 +511,7 @@ def _edited_message(segmentation_node) -> str:
 
 def radiograph_files(paths: Sequence[str | Path]) -> list[Path]:
     """The radiograph files in these files and folders (folders searched recursively), in a stable order."""
-    from .cohort import collect
+    from ..io.cohort import collect
 
     return [item.image for item in collect([str(path) for path in paths])]
 

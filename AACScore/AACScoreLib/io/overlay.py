@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_path
-from .kauppila import CATEGORY_COLORS
+from ..kauppila import CATEGORY_COLORS
 
 MAX_SIDE = 1200
 HEAT_FLOOR = 0.15  # heat below this stays transparent, so weak diffuse evidence does not tint the whole crop

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 import torchvision
 
-from .errors import ModelPackageError
-from .kauppila import SUBSCORE_COLUMNS
+from ..errors import ModelPackageError
+from ..kauppila import SUBSCORE_COLUMNS
 
 BACKBONES = ("resnet18", "resnet34")
 SCSE_COMBINE = ("max", "add")
-# Grey crops are scaled to 0..1 (scorer_data.normalise_crop) and then standardised with the mean of ImageNet's
+# Grey crops are scaled to 0..1 (scoring.data.normalise_crop) and then standardised with the mean of ImageNet's
 # RGB statistics, matching the summed first-layer filters.
 INPUT_MEAN = 0.449
 INPUT_STD = 0.226

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from .kauppila import CATEGORIES, MAX_TOTAL, category_index
+from ..kauppila import CATEGORIES, MAX_TOTAL, category_index
 
 SCORE_LABELS: tuple[int, ...] = tuple(range(MAX_TOTAL + 1))  # kappa category set: every AAC-24 total 0..24
 CLINICAL_ERROR_LIMIT = 4.0  # the paper's "clinically acceptable" |error| < 4

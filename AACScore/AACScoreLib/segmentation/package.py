@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelPackageError
-from .kauppila import VERTEBRAE
-from .labelmaps import vertebra_of_segment
-from .nnunet_dataset import DEFAULT_LONG_SIDE_PX
-from .packages import ModelPackage, find_package, load_safetensors, read_verified, verify_package, write_package
+from ..errors import ModelPackageError
+from ..kauppila import VERTEBRAE
+from ..io.labelmaps import vertebra_of_segment
+from .dataset import DEFAULT_LONG_SIDE_PX
+from ..packages import ModelPackage, find_package, load_safetensors, read_verified, verify_package, write_package
 
 PLANS = "plans.json"
 DATASET = "dataset.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RadiographError
+from ..errors import RadiographError
 
 MIN_SIDE = 64
 """Smallest accepted image side in pixels: smaller images cannot show five vertebrae."""

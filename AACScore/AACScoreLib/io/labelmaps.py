@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeometryError, RadiographError
-from .kauppila import VERTEBRAE
+from ..errors import GeometryError, RadiographError
+from ..kauppila import VERTEBRAE
 
 _LEVEL_NAME = re.compile(r"\bL\s*([1-5])\b", re.IGNORECASE)
 

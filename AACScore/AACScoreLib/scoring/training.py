@@ -3,7 +3,7 @@
 The recipe is Shao et al. (2025): SGD (momentum 0.9, weight decay 5e-4), lr 0.01 warmed up linearly from lr/3 over
 200 iterations then cosine-annealed to 1e-4 over the remaining iterations, batch 32, MSE, up to 500 epochs,
 validation every 10 epochs with early stopping. Beyond the paper, and settable: the total is regressed in
-standardised units (scorer_model), gradients are clipped (norm 5) and the largest rotation can be lowered.
+standardised units (scoring.model), gradients are clipped (norm 5) and the largest rotation can be lowered.
 A run is resumable: the model, the optimiser's momentum, the position in the schedule and every random state are
 saved as safetensors + JSON (never pickle), so an interrupted run continues exactly as it would have.
 The result is a model package (fp16 safetensors + manifest with settings and validation/held-out metrics).
@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .devices import resolve_device
-from .errors import AACScoreError
-from .kauppila import SUBSCORE_COLUMNS
-from .phantoms import parse_styles
+from ..devices import resolve_device
+from ..errors import AACScoreError
+from ..kauppila import SUBSCORE_COLUMNS
+from ..phantoms.generator import parse_styles
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -128,7 +128,7 @@ def _save_checkpoint(work_dir: Path, model, optimizer, generator, state: dict) -
     import torch
     from safetensors.torch import save
 
-    from .atomic import write_bytes_atomic, write_text_atomic
+    from ..io.atomic import write_bytes_atomic, write_text_atomic
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -176,7 +176,7 @@ def _load_checkpoint(work_dir: Path, model, optimizer, generator) -> dict:
 def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, imagenet_weights: str | Path | None = None,
           resume: bool = False, log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
           on_epoch_end: Callable[[int, dict], None] | None = None):
-    """Train on `train_set` (a scorer_data.CropSet), validating on `val_set` (may be empty); returns the model
+    """Train on `train_set` (a scoring.data.CropSet), validating on `val_set` (may be empty); returns the model
     with the best validation weights loaded, and a TrainResult.
 
     A checkpoint goes to work_dir after every validation, at the end, and otherwise after any epoch that ends
@@ -186,9 +186,9 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     import torch
     from safetensors.torch import load_file, save
 
-    from .atomic import write_bytes_atomic
-    from .scorer_data import augment_batch
-    from .scorer_model import build_model
+    from ..io.atomic import write_bytes_atomic
+    from .data import augment_batch
+    from .model import build_model
 
     s = settings
     if len(train_set) < 2:
@@ -319,7 +319,7 @@ def _jsonable(value):
 
 def score_summary(truth: np.ndarray, pred: np.ndarray) -> dict:
     """Key agreement figures (metrics.evaluate_scores, no bootstrap) of predicted vs true totals."""
-    from .metrics import evaluate_scores
+    from ..evaluation.metrics import evaluate_scores
 
     if len(truth) < 2:
         return {"n": int(len(truth))}
@@ -349,9 +349,9 @@ def heatmap_band_summary(model, records, input_size: tuple[int, int], min_score:
     `limit` cases scoring at least `min_score`; `band_area_fraction` is the band's share of the crop (chance)."""
     import torch
 
-    from .errors import AACScoreError
-    from .heatmap import band_fraction, band_mask, grad_cam
-    from .scorer_data import model_crop, read_case
+    from ..errors import AACScoreError
+    from .gradcam import band_fraction, band_mask, grad_cam
+    from .data import model_crop, read_case
 
     fractions, areas, all_zero = [], [], 0
     for record in [r for r in records if r.aac24 >= min_score][:limit]:
@@ -398,15 +398,15 @@ def write_scorer_package(out_dir: str | Path, model, manifest: dict):
     """Write the model as a package (fp16 safetensors + manifest) with packages.write_package."""
     from safetensors.torch import save
 
-    from .packages import write_package
-    from .scorer_model import state_dict_fp16
+    from ..packages import write_package
+    from .model import state_dict_fp16
 
     return write_package(out_dir, manifest, {PACKAGE_WEIGHTS: save(state_dict_fp16(model))})
 
 
 def data_summary(crop_set, source: str) -> dict:
     totals = crop_set.totals.numpy()
-    from .kauppila import category
+    from ..kauppila import category
 
     counts = {}
     for value in totals:
@@ -474,7 +474,7 @@ def add_cli(subparsers) -> None:
 
 
 def _records(source: str, is_dir: bool):
-    from .scorer_data import read_score_csv
+    from .data import read_score_csv
 
     path = Path(source)
     return read_score_csv(path / "truth.csv" if is_dir or path.is_dir() else path)
@@ -488,7 +488,7 @@ def _print_progress(done: int, total: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .scorer_data import load_crop_set, split_indices, synthetic_crop_set
+    from .data import load_crop_set, split_indices, synthetic_crop_set
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 nnU-Net plans the 2d configuration from the exported dataset (fingerprint, normalisation, resampling); we then
 set a smaller network and patch, because the exported images are already on a coarse 1.25 mm working grid (see
-nnunet_dataset.py). The paper's plan for full-resolution radiographs is 1536x1024 patches, 9 stages, 59 M
+segmentation/dataset.py). The paper's plan for full-resolution radiographs is 1536x1024 patches, 9 stages, 59 M
 parameters; ours is a 320x256 patch (40x32 cm: the whole working image of most radiographs, so the network sees
 the sacrum and T12 while it counts levels), 6 stages of 16..128 features, about 2 M parameters, 4 MB as fp16
 safetensors. The defaults follow nnU-Net's schedule (1000 epochs of 250 iterations); `time_budget_s` fits the
@@ -23,11 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AACScoreError
-from .kauppila import VERTEBRAE
-from .nnunet_dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
+from ..errors import AACScoreError
+from ..kauppila import VERTEBRAE
+from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
-from .phantoms import PhantomSource, parse_styles, phantom_sources, write_phantoms
+from ..phantoms.generator import PhantomSource, parse_styles, phantom_sources, write_phantoms
 
 PLANS_NAME = "AACScorePlans"
 TRAINER_NAME = "nnUNetTrainerAACScore"
@@ -158,8 +158,8 @@ def run_nnunet(
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
 
-    from .devices import resolve_device
-    from .segmenter_package import read_checkpoint
+    from ..devices import resolve_device
+    from .package import read_checkpoint
 
     dataset_id = int(dataset_dir.name[len("Dataset"):].split("_")[0])
     preprocessed = work / "preprocessed" / dataset_dir.name
@@ -197,9 +197,9 @@ def run_nnunet(
 
 def evaluate_package(package, cases: Sequence[tuple[Path, Path]], device: str = "auto") -> dict:
     """Mean Dice per vertebra (and the worst case) of a segmenter package on held-out (image, labels) cases."""
-    from .metrics import dice_per_label
-    from .labelmaps import read_label_map
-    from .radiograph import read_radiograph
+    from ..evaluation.metrics import dice_per_label
+    from ..io.labelmaps import read_label_map
+    from ..io.radiograph import read_radiograph
     from .segmenter import Segmenter
 
     segmenter = Segmenter.from_package(package, device)
@@ -251,7 +251,7 @@ def train_segmenter(
     `resume` continues the training kept in `work` (from an earlier call with the same `work`) to `epochs`.
     `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`).
     """
-    from .segmenter_package import convert_nnunet_results
+    from .package import convert_nnunet_results
 
     started = time.perf_counter()
     owned = work is None

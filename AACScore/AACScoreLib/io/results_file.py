@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .atomic import write_atomic
-from .kauppila import SUBSCORE_COLUMNS
+from ..kauppila import SUBSCORE_COLUMNS
 
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
 EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models")

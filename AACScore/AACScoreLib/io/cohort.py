@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AACScoreError
+from ..errors import AACScoreError
 
 RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
 DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay")

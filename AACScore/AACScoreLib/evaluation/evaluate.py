@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .atomic import atomic_path, write_text_atomic
-from .errors import AACScoreError, GeometryError
-from .kauppila import CATEGORIES, CATEGORY_RANGES, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
-from .labelmaps import read_label_map
+from ..io.atomic import atomic_path, write_text_atomic
+from ..errors import AACScoreError, GeometryError
+from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
+from ..io.labelmaps import read_label_map
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
 METRIC_NAMES: dict[str, str] = {

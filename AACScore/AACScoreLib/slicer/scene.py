@@ -26,13 +26,13 @@ import slicer
 import slicer.util
 import vtk
 
-from .atomic import atomic_path, write_atomic
-from .errors import AACScoreError, GeometryError
-from .kauppila import SUBSCORE_COLUMNS, VERTEBRAE
-from .results_file import BASE_COLUMNS
-from .results_file import format_cell as _csv_value  # the cell format of results.csv
+from ..io.atomic import atomic_path, write_atomic
+from ..errors import AACScoreError, GeometryError
+from ..kauppila import SUBSCORE_COLUMNS, VERTEBRAE
+from ..io.results_file import BASE_COLUMNS
+from ..io.results_file import format_cell as _csv_value  # the cell format of results.csv
 
-TERMINOLOGY_FILE = Path(__file__).resolve().parent.parent / "Resources" / "AACScore.term.json"
+TERMINOLOGY_FILE = Path(__file__).resolve().parents[2] / "Resources" / "AACScore.term.json"
 """Slicer terminology context of L1–L5 (SNOMED CT codes of DICOM CID 7603); load it into Slicer's Terminologies
 module (`LoadContextFromFile`) so that the segment editor lists the same entries."""
 

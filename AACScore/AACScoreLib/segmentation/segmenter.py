@@ -25,11 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-from .devices import resolve_device
-from .errors import AACScoreError, Cancelled
-from .kauppila import VERTEBRAE
-from .nnunet_dataset import resample_image, to_working_image, working_shape
-from .radiograph import Radiograph
+from ..devices import resolve_device
+from ..errors import AACScoreError, Cancelled
+from ..kauppila import VERTEBRAE
+from .dataset import resample_image, to_working_image, working_shape
+from ..io.radiograph import Radiograph
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -170,7 +170,7 @@ class Segmenter:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        from .segmenter_package import CONFIGURATION
+        from .package import CONFIGURATION
 
         self.package = loaded.package
         self.manifest = loaded.package.manifest
@@ -201,7 +201,7 @@ class Segmenter:
     def from_package(cls, package=None, device: str = "auto", use_mirroring: bool = False,
                      whole_image: bool = True, count_from_sacrum: bool = True, models_dir=None) -> "Segmenter":
         """Load a segmenter package (path, name, ModelPackage, or None for the newest installed/bundled)."""
-        from .segmenter_package import load_segmenter_package
+        from .package import load_segmenter_package
 
         return cls(load_segmenter_package(package, models_dir), resolve_device(device), use_mirroring, whole_image,
                    count_from_sacrum)
@@ -333,7 +333,7 @@ def _box(levels: np.ndarray, full_shape: tuple[int, int]) -> tuple[int, int, int
 def benchmark(segmenter: Segmenter, shape: tuple[int, int] = (3000, 2400), repeats: int = 3,
               seed: int = 9001) -> dict:
     """Seconds to segment a radiograph of `shape` (a phantom stretched to it), best and mean of `repeats`."""
-    from .phantoms import generate_phantom
+    from ..phantoms.generator import generate_phantom
 
     phantom = generate_phantom(seed)
     source = phantom.pixels.astype(np.float32)
@@ -367,9 +367,9 @@ def add_cli(subparsers) -> None:
 def _segment_command(args) -> int:
     import json
 
-    from .cohort import collect, output_names
-    from .labelmaps import write_label_png
-    from .radiograph import read_radiograph
+    from ..io.cohort import collect, output_names
+    from ..io.labelmaps import write_label_png
+    from ..io.radiograph import read_radiograph
 
     segmenter = Segmenter.from_package(args.model, args.device, args.mirror)
     if args.benchmark:

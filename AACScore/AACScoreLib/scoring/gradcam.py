@@ -21,7 +21,7 @@ class Heatmap:
 
     def on_image(self, crop, image_shape: tuple[int, int]) -> np.ndarray:
         """The map on the radiograph grid (0 outside the crop), via geometry.crop_to_image."""
-        from .geometry import crop_to_image
+        from ..geometry.spine import crop_to_image
 
         return crop_to_image(self.crop_map, crop, image_shape)
 

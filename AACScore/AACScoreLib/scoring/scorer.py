@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelPackageError
-from .kauppila import MAX_TOTAL, SUBSCORE_COLUMNS, category
+from ..errors import ModelPackageError
+from ..kauppila import MAX_TOTAL, SUBSCORE_COLUMNS, category
 
 
 @dataclass
@@ -35,9 +35,9 @@ class Scorer:
     def from_package(cls, package=None, device: str = "cpu") -> "Scorer":
         """Load a package (ModelPackage, folder/zip path, name, or None for the newest scorer) on device
         "cpu", "cuda" or "auto"; weights are checked against the manifest's sha256 before use."""
-        from .packages import ModelPackage, find_package, load_safetensors
-        from .scorer_model import model_from_state
-        from .devices import resolve_device
+        from ..packages import ModelPackage, find_package, load_safetensors
+        from .model import model_from_state
+        from ..devices import resolve_device
 
         if not isinstance(package, ModelPackage):
             package = find_package(None if package is None else str(package), "scorer")
@@ -62,7 +62,7 @@ class Scorer:
 
     def crop(self, pixels: np.ndarray, geometry) -> np.ndarray:
         """The model's input crop from a radiograph and its geometry (exactly as in training)."""
-        from .geometry import extract_crop
+        from ..geometry.spine import extract_crop
 
         return extract_crop(pixels, geometry.crop, out_shape=self.input_size)
 
@@ -71,7 +71,7 @@ class Scorer:
         import torch
         import torch.nn.functional as F
 
-        from .scorer_data import normalise_crop
+        from .data import normalise_crop
 
         crop = np.asarray(crop_pixels, dtype=np.float32)
         if crop.ndim != 2:
@@ -95,7 +95,7 @@ class Scorer:
 
     def heatmap(self, crop_pixels: np.ndarray):
         """Grad-CAM of the total for this crop (heatmap.Heatmap; .on_image(geometry.crop, shape) maps it back)."""
-        from .heatmap import grad_cam
+        from .gradcam import grad_cam
 
         return grad_cam(self.model, self.prepare(crop_pixels))
 

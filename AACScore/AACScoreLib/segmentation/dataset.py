@@ -21,11 +21,11 @@ from typing import Callable, Iterable, Protocol, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_path, write_text_atomic
-from .errors import GeometryError, RadiographError
-from .kauppila import VERTEBRAE
-from .labelmaps import read_label_map
-from .radiograph import Radiograph, read_radiograph
+from ..io.atomic import atomic_path, write_text_atomic
+from ..errors import GeometryError, RadiographError
+from ..kauppila import VERTEBRAE
+from ..io.labelmaps import read_label_map
+from ..io.radiograph import Radiograph, read_radiograph
 
 WORKING_SPACING_MM = 1.25  # mm per working pixel, rows and columns
 DEFAULT_LONG_SIDE_PX = 344  # working long side assumed when an image's spacing is unknown (43 cm at 1.25 mm)
@@ -37,7 +37,7 @@ Progress = Callable[[float, str], None]
 
 
 class LoadableCase(Protocol):
-    """A training case made in memory (phantoms.PhantomSource): picklable, so worker processes can load it."""
+    """A training case made in memory (phantoms.generator.PhantomSource): picklable, so worker processes can load it."""
 
     def load(self) -> tuple[Radiograph, np.ndarray]: ...
 
@@ -162,7 +162,7 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 def load_case(case: CaseSource) -> tuple[Radiograph, np.ndarray]:
     """(radiograph, label map at its size) of a case: an (image path, label path or array) pair, or an object
-    with `load()` that makes both in memory (phantoms.PhantomSource)."""
+    with `load()` that makes both in memory (phantoms.generator.PhantomSource)."""
     if hasattr(case, "load"):
         return case.load()
     image_path, label_source = case

@@ -3,7 +3,7 @@
 Each phantom draws a lordotic spine (T10..S1 with discs and posterior elements), ribs, pelvis, bowel gas and the
 aorta in front of the spine, places calcified plaques along the aortic walls to realise sampled target subscores,
 then measures the truth from what it drew: the calcified fraction of each wall between the segment boundary lines
-(disc mid-points along the disc mid-planes, defined as in geometry.py). Acquisition and processing vary widely
+(disc mid-points along the disc mid-planes, defined as in geometry/spine.py). Acquisition and processing vary widely
 (facing, rotation, field of view, noise, heel effect, collimation, markers, contrast curves, photometric
 interpretation, rescale, spacing tags, compression) so that models trained on them meet unfamiliar images.
 Two generator settings exist: "default" for training and "alt" for held-out robustness tests.
@@ -22,12 +22,12 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from . import kauppila
-from .atomic import atomic_path, write_atomic, write_text_atomic
-from .errors import AACScoreError
-from .phantom_anatomy import (BOUNDARY_NAMES, CORNER_NAMES, Anatomy, Placement, blur, build_anatomy, curve_normals,
+from .. import kauppila
+from ..io.atomic import atomic_path, write_atomic, write_text_atomic
+from ..errors import AACScoreError
+from .anatomy import (BOUNDARY_NAMES, CORNER_NAMES, Anatomy, Placement, blur, build_anatomy, curve_normals,
                               disc_boundaries, draw_bodies, draw_plaque, render_coarse, unit, upsample)
-from .radiograph import Radiograph
+from ..io.radiograph import Radiograph
 
 STYLES: tuple[str, ...] = ("default", "alt")
 DEFAULT_SEVERITY: tuple[float, float, float] = (0.25, 0.60, 0.15)
@@ -497,7 +497,7 @@ def _truth(anatomy: Anatomy, place: Placement, acq: dict, deposits: list[dict], 
         raise AssertionError(f"drawn subscores {subscores} differ from the targets {targets}")
     anterior = unit(place.matrix @ np.array([0.0, 1.0]))
     inferior = unit(place.matrix @ np.array([1.0, 0.0]))
-    # T12/L1 as geometry.py extrapolates it without T12: half the linearly extrapolated disc height above L1's
+    # T12/L1 as geometry/spine.py extrapolates it without T12: half the linearly extrapolated disc height above L1's
     # superior endplate, along that endplate's normal (the truth itself uses the drawn T12 and L1).
     mid = {n: {w: (c[f"{w}_anterior"] + c[f"{w}_posterior"]) / 2 for w in ("superior", "inferior")}
            for n, c in corners.items()}
@@ -521,7 +521,7 @@ def _truth(anatomy: Anatomy, place: Placement, acq: dict, deposits: list[dict], 
                 base = a + normal * depth
                 t = np.linalg.solve(np.array([along, -d]).T, p - base)[0]
                 poly.append(base + along * t)
-        # top-inner, top-outer, bottom-outer, bottom-inner, as geometry.AorticSegment
+        # top-inner, top-outer, bottom-outer, bottom-inner, as geometry.spine.AorticSegment
         segments[level] = np.array([poly[0], poly[2], poly[3], poly[1]])
 
     def r(x):
@@ -700,7 +700,7 @@ def parse_styles(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class PhantomSource:
-    """Phantom `index` of `seed` as a training case made in memory (nnunet_dataset.load_case), read back without
+    """Phantom `index` of `seed` as a training case made in memory (segmentation.dataset.load_case), read back without
     the cost of encoding and decoding its DICOM (see read_back)."""
 
     seed: int

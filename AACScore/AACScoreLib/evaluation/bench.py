@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .atomic import write_text_atomic
+from ..io.atomic import write_text_atomic
 
 BENCH_SEED = 31337
 STAGES = ("read", "segment", "crop", "score", "heatmap", "write")  # write: label map and overlay files
@@ -30,8 +30,8 @@ def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Pat
     their mean when fewer were timed singly). Images the models fail on count in both sums, as they cost time in
     both, but are left out of the per-stage and end-to-end figures.
     """
-    from .batch import score_cohort, write_outputs
-    from .cohort import WorkItem
+    from ..batch import score_cohort, write_outputs
+    from ..io.cohort import WorkItem
 
     pipeline.run(images[0])  # warm-up: lazy initialisation, allocator, kernels
     per_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -92,8 +92,8 @@ def add_cli(subparsers) -> None:
 def _run(args) -> int:
     import torch
 
-    from .phantoms import phantom_name, write_phantoms
-    from .pipeline import Pipeline
+    from ..phantoms.generator import phantom_name, write_phantoms
+    from ..pipeline import Pipeline
 
     work = Path(args.out or tempfile.mkdtemp(prefix="aacscore-bench-"))
     phantoms = work / f"phantoms_{args.size}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 CATEGORY = "AACScore"
 
 SAMPLE_SHA256: dict[str, str] = {

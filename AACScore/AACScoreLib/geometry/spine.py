@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import GeometryError
-from .kauppila import SCORED_LEVELS, VERTEBRAE
+from ..errors import GeometryError
+from ..kauppila import SCORED_LEVELS, VERTEBRAE
 
 ANTERIOR_LEFT = True  # crops are upright (superior at row 0) with anterior at column 0 (left)
 CORNER_NAMES: tuple[str, ...] = ("superior_anterior", "superior_posterior", "inferior_posterior", "inferior_anterior")

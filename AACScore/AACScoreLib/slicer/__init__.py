@@ -1,0 +1,6 @@
+"""Everything that touches an MRML scene or Slicer's own Python: scene nodes, the panel's workflow,
+dependency installs inside Slicer and the registered sample data.
+
+Takes a scene (slicer-core's headless one in tests, Slicer's inside the application); gives volumes,
+segmentations, heatmaps and result tables in it. Nothing else in the library imports `slicer`.
+"""
