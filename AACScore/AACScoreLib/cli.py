@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.evaluate",
     "evaluation.bench",
     "models",
+    "finetune",
 )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -132,6 +132,23 @@ class ScorerNet(nn.Module):
 def scse_blocks(model: nn.Module) -> list[SCSEBlock]:
     """Every residual block that carries scSE (16 for ResNet34, 8 for ResNet18)."""
     return [m for m in model.modules() if isinstance(m, SCSEBlock)]
+
+
+FREEZABLE_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def freeze_stages(model: ScorerNet, stages: Sequence[str]) -> list[nn.Module]:
+    """Stop training the named backbone stages (fine-tuning on few cases keeps the early, generic filters);
+    returns their modules, which the training loop keeps in eval mode so BatchNorm statistics stay too."""
+    unknown = sorted(set(stages) - set(FREEZABLE_STAGES))
+    if unknown:
+        raise ValueError(f"stages to freeze must be among {', '.join(FREEZABLE_STAGES)}; got {', '.join(unknown)}")
+    backbone = model.backbone
+    modules = [m for stage in stages for m in ((backbone.conv1, backbone.bn1) if stage == "stem"
+                                               else (getattr(backbone, stage),))]
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
 
 
 def build_model(architecture: dict[str, Any] | None = None, imagenet_weights: str | Path | None = None) -> ScorerNet:

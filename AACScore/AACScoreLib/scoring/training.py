@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -175,20 +175,24 @@ def _load_checkpoint(work_dir: Path, model, optimizer, generator) -> dict:
 
 def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, imagenet_weights: str | Path | None = None,
           resume: bool = False, log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
-          on_epoch_end: Callable[[int, dict], None] | None = None):
+          on_epoch_end: Callable[[int, dict], None] | None = None, initial_weights: dict | None = None,
+          freeze: Sequence[str] = ()):
     """Train on `train_set` (a scoring.data.CropSet), validating on `val_set` (may be empty); returns the model
     with the best validation weights loaded, and a TrainResult.
 
     A checkpoint goes to work_dir after every validation, at the end, and otherwise after any epoch that ends
     `checkpoint_seconds` or more after the last one (writing ~2x the weights every few seconds would dominate
     small runs); a resumed run repeats at most those epochs, identically.
+
+    Fine-tuning: `initial_weights` (a package's state dict, its score scale included) start the network instead
+    of a fresh initialisation, and the backbone stages named in `freeze` are not trained.
     """
     import torch
     from safetensors.torch import load_file, save
 
     from ..io.atomic import write_bytes_atomic
     from .data import augment_batch
-    from .model import build_model
+    from .model import build_model, freeze_stages
 
     s = settings
     if len(train_set) < 2:
@@ -204,9 +208,12 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     generator = torch.Generator().manual_seed(s.seed)
     model = build_model(s.architecture(), imagenet_weights)
     model.set_target_scale(float(train_set.totals.mean()), float(train_set.totals.std()))
+    if initial_weights is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in initial_weights.items()})
+    frozen = freeze_stages(model, freeze)
     model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(0, 1, s), momentum=s.momentum,
-                                weight_decay=s.weight_decay)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr_at(0, 1, s),
+                                momentum=s.momentum, weight_decay=s.weight_decay)
     per_epoch = iterations_per_epoch(len(train_set), s.batch)
     total_iterations = per_epoch * s.epochs
     state = {"epoch": 0, "iteration": 0, "best_val_loss": None, "best_epoch": 0, "bad_validations": 0,
@@ -227,6 +234,8 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     bar = _progress_bar(s.epochs, state["epoch"])
     while state["epoch"] < s.epochs:
         model.train()
+        for module in frozen:
+            module.eval()
         order = torch.randperm(len(train_set), generator=generator)
         losses = []
         for step in range(per_epoch):

@@ -296,6 +296,29 @@ def _load_weights(network, weights: dict, where) -> dict:
     return full
 
 
+def transfer_weights(network, weights: dict, where) -> list[str]:
+    """Start `network` from a package's weights, by nnU-Net's pretrained-weights rule: every weight must fit by
+    name and shape, except the segmentation output layers, which are left fresh when the class count differs
+    (nnU-Net's own loader does the same, but unpickles a checkpoint; this reads the package's safetensors).
+    Returns the names left fresh."""
+    state = network.state_dict()
+    fresh = []
+    for keys in _storage_groups(state).values():
+        given = next((key for key in keys if key in weights), None)
+        shape_fits = given is not None and tuple(weights[given].shape) == tuple(state[keys[0]].shape)
+        if not shape_fits:
+            if ".seg_layers." in keys[0]:
+                fresh.append(keys[0])
+                continue
+            raise ModelPackageError(f"{where}: weight {keys[0]} does not fit the network being trained "
+                                    f"(another architecture?); fine-tune with the base package's plans")
+        value = weights[given].to(state[keys[0]].dtype)
+        for key in keys:
+            state[key] = value
+    network.load_state_dict(state, strict=True)
+    return fresh
+
+
 def load_segmenter_package(package: str | Path | ModelPackage | None = None, models_dir=None) -> LoadedSegmenter:
     """Verify a segmenter package (every file's sha256) and build its network with the first fold's weights."""
     if not isinstance(package, ModelPackage):

@@ -70,6 +70,15 @@ def trainer_class():
 
     class nnUNetTrainerAACScore(nnUNetTrainer):
         time_budget_s: float | None = None  # set before run_training: fit the epoch count to this much time
+        initial_weights: dict | None = None  # set before run_training: fine-tune from these (a package's)
+
+        def initialize(self):
+            super().initialize()
+            if self.initial_weights is not None:
+                from .package import transfer_weights
+
+                fresh = transfer_weights(self.network, self.initial_weights, "base segmenter")
+                self.print_to_log_file(f"started from the base segmenter's weights; fresh: {fresh or 'none'}")
 
         def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
             patch_size = self.configuration_manager.patch_size
@@ -143,6 +152,8 @@ def run_nnunet(
     processes: int = 2,
     resume: bool = False,
     time_budget_s: float | None = None,
+    initial_weights: dict | None = None,
+    initial_lr: float | None = None,
 ) -> tuple[Path, int]:
     """Plan, preprocess and train one 2d fold; returns the nnU-Net results folder (Trainer__Plans__2d) and the
     number of epochs trained.
@@ -151,6 +162,8 @@ def run_nnunet(
     `--c`), reusing its preprocessed data. `time_budget_s`: train at most `epochs`, fewer if the training
     loop would outlast the budget (the learning-rate schedule is fitted to the shorter run).
     `processes`: CPU processes for preprocessing and data augmentation (nnU-Net's workers).
+    `initial_weights` (fine-tuning): a package's weights to start from, for a network of the same plan;
+    `initial_lr` replaces nnU-Net's initial learning rate (0.01), lower when fine-tuning.
     """
     _set_nnunet_environment(work, dataset_dir.parent, processes)
     import torch
@@ -185,6 +198,10 @@ def run_nnunet(
     trainer.num_val_iterations_per_epoch = max(1, iterations_per_epoch // 10)
     trainer.save_every = 5
     trainer.time_budget_s = time_budget_s
+    if checkpoint is None:
+        trainer.initial_weights = initial_weights
+    if initial_lr is not None:
+        trainer.initial_lr = initial_lr
     if checkpoint is not None:
         trainer.load_checkpoint(read_checkpoint(checkpoint))  # no unpickling of code, even of our own files
     torch.set_num_threads(processes)
@@ -242,14 +259,18 @@ def train_segmenter(
     training_note: dict | None = None,
     resume: bool = False,
     phantoms: Sequence[PhantomSource] = (),
+    cases: Sequence[tuple[Path, Path]] = (),
     processes: int = 2,
     time_budget_s: float | None = None,
+    initial_weights: dict | None = None,
+    initial_lr: float | None = None,
 ) -> tuple[Path, dict]:
-    """Export `data` folders and `phantoms` (made in memory), train with nnU-Net, convert to a package at `out`;
-    returns (package, metrics).
+    """Export `data` folders, (image, label map) `cases` and `phantoms` (made in memory), train with nnU-Net,
+    convert to a package at `out`; returns (package, metrics).
 
     `resume` continues the training kept in `work` (from an earlier call with the same `work`) to `epochs`.
-    `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`).
+    `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`,
+    `initial_weights` and `initial_lr`, which fine-tune a package: finetune.py).
     """
     from .package import convert_nnunet_results
 
@@ -261,14 +282,14 @@ def train_segmenter(
     try:
         dataset_dir = work / "raw" / dataset_name(DATASET_ID, "AACScoreLumbar")
         if not resume:
-            cases = [case for folder in data for case in phantom_cases(folder)] + list(phantoms)
-            export_dataset(cases, work / "raw", DATASET_ID, "AACScoreLumbar", working_spacing_mm,
+            sources = [case for folder in data for case in phantom_cases(folder)] + list(cases) + list(phantoms)
+            export_dataset(sources, work / "raw", DATASET_ID, "AACScoreLumbar", working_spacing_mm,
                            default_long_side_px, workers=processes)
         exported = read_export_summary(dataset_dir)
         results, epochs_trained = run_nnunet(dataset_dir, work, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                              fold=fold, device=device, patch_size=patch_size, features=features,
                              batch_size=batch_size, processes=processes, resume=resume,
-                             time_budget_s=time_budget_s)
+                             time_budget_s=time_budget_s, initial_weights=initial_weights, initial_lr=initial_lr)
         training_seconds = time.perf_counter() - started
         input_settings = {
             "working_spacing_mm": working_spacing_mm,

@@ -6,11 +6,10 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_scorer(tmp_path_factory):
-    """A real scorer package (ResNet-18 at 64x32, untrained, fixed seed), loaded as the product loads it."""
+def tiny_scorer_package(tmp_path_factory):
+    """A real scorer package (ResNet-18 at 64x32, untrained, fixed seed): its ModelPackage."""
     import torch
 
-    from AACScoreLib.scoring.scorer import Scorer
     from AACScoreLib.scoring.model import build_model
     from AACScoreLib.scoring.training import TrainResult, TrainSettings, build_manifest, write_scorer_package
 
@@ -21,6 +20,13 @@ def tiny_scorer(tmp_path_factory):
     model = build_model(settings.architecture()).eval()
     manifest = build_manifest(model, settings, TrainResult(0, 0, 0, None, 0.0, "cpu"), {"source": "none"}, {},
                               "tiny-scorer", "0.0")
-    package = write_scorer_package(tmp_path_factory.mktemp("models") / "tiny-scorer", model, manifest)
-    yield Scorer.from_package(package.path)
+    yield write_scorer_package(tmp_path_factory.mktemp("models") / "tiny-scorer", model, manifest)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_scorer_package):
+    """The tiny scorer package loaded as the product loads it."""
+    from AACScoreLib.scoring.scorer import Scorer
+
+    return Scorer.from_package(tiny_scorer_package.path)

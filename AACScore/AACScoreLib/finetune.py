@@ -1,0 +1,399 @@
+"""From a group's own corrected cases to a model for its cohort: fine-tuning and cross-validation.
+
+The shipped models are trained on phantoms; a group's real accuracy comes from its own images. A training set
+(io/training_set.py) collects corrected segmentations and rated scores; `finetune` starts from an installed or
+bundled package (by default the one `aacscore score` would use) and writes a new package whose manifest records
+the base package, a hash of the training data and the metrics; `crossval` fine-tunes once per fold and tests on
+the cases left out, so a group can publish figures measured on its own data with the paper's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import AACScoreError
+from .io.atomic import write_text_atomic
+from .io.training_set import TrainingCase, TrainingSet, parse_scores
+from .kauppila import SUBSCORE_COLUMNS, VERTEBRAE
+from .packages import ModelPackage, find_package
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ScorerFinetuneSettings:
+    """Fine-tuning defaults for few cases: a tenth of the paper's learning rate, short warm-up, stem and first
+    residual stage frozen (their filters are generic), no validation split (every case trains)."""
+
+    epochs: int = 30
+    lr: float = 0.001
+    batch: int = 8
+    freeze: tuple[str, ...] = ("stem", "layer1")
+    warmup_iterations: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class SegmenterFinetuneSettings:
+    """Fine-tuning defaults for few cases on 2 CPU cores: 10 epochs of 25 iterations of 8 patches (~15 min),
+    nnU-Net's learning rate lowered tenfold."""
+
+    epochs: int = 10
+    iterations_per_epoch: int = 25
+    batch_size: int = 8
+    lr: float = 0.001
+    device: str = "auto"
+    processes: int = 2
+
+
+def package_reference(package: ModelPackage) -> dict:
+    """How a fine-tuned package names its base: name, version and the sha256 of every file the base pins."""
+    return {"name": package.name, "version": package.version, "kind": package.kind,
+            "files_sha256": dict(sorted(package.files.items()))}
+
+
+def _base_package(base: str | Path | ModelPackage | None, kind: str) -> ModelPackage:
+    return base if isinstance(base, ModelPackage) else find_package(None if base is None else str(base), kind)
+
+
+def _data_summary(dataset: TrainingSet, cases: Sequence[TrainingCase]) -> dict:
+    return {"source": "AACScore training set", "training_set_sha256": dataset.fingerprint(),
+            "n_cases": len(cases), "cases": [case.case for case in cases]}
+
+
+# ----------------------------------------------------------------------------------------------- scorer
+
+
+def _score_records(cases: Sequence[TrainingCase]):
+    from .scoring.data import ScoreRecord
+
+    return [ScoreRecord(case.image, case.labels, float(sum(case.scores.values())),
+                        [float(case.scores[name]) for name in SUBSCORE_COLUMNS]) for case in cases]
+
+
+def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelPackage | None = None,
+                    settings: ScorerFinetuneSettings | None = None, *, cases: Sequence[TrainingCase] | None = None,
+                    name: str | None = None, version: str | None = None, work_dir: str | Path | None = None,
+                    log: Log = print) -> Path:
+    """Fine-tune a scorer package on the rated cases of a training set; returns the new package's folder."""
+    from .packages import load_safetensors
+    from .scoring.data import load_crop_set
+    from .devices import resolve_device
+    from .scoring.training import TrainSettings, build_manifest, evaluate_model, iterations_per_epoch, train, write_scorer_package
+
+    s = settings or ScorerFinetuneSettings()
+    dataset = TrainingSet(data)
+    cases = [case for case in (dataset.cases() if cases is None else cases) if case.scores is not None]
+    if len(cases) < 2:
+        raise AACScoreError(f"{dataset.folder}: {len(cases)} case(s) with scores; fine-tuning the scorer needs 2 or more")
+    package = _base_package(base, "scorer")
+    manifest = package.manifest
+    architecture = manifest["architecture"]
+    input_size = tuple(int(v) for v in manifest["input"]["size"])
+    weights = load_safetensors(package, architecture["weights"])
+    batch = min(s.batch, len(cases))
+    total_iterations = s.epochs * iterations_per_epoch(len(cases), batch)
+    train_settings = TrainSettings(
+        input_size=input_size, backbone=architecture["backbone"], scse_combine=architecture.get("scse_combine", "max"),
+        subscores_head=bool(architecture.get("subscores_head")), epochs=s.epochs, batch=batch,
+        lr=s.lr, min_lr=s.lr / 100, warmup_iterations=min(s.warmup_iterations, max(1, total_iterations // 5)),
+        val_fraction=0.0, seed=s.seed, device=s.device)
+    owned = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="aacscore-finetune-")) if owned else Path(work_dir)
+    try:
+        crops = load_crop_set(_score_records(cases), input_size, cache_dir=work)
+        if crops.skipped:
+            skipped = "; ".join(f"{k}: {v}" for k, v in crops.skipped.items())
+            raise AACScoreError(f"{dataset.folder}: cases could not be cropped ({skipped})")
+        empty = crops.subset([])
+        model, result = train(crops, empty, train_settings, work / "train", initial_weights=weights,
+                              freeze=s.freeze, log=log)
+        fit = evaluate_model(model, crops, resolve_device(s.device), batch)
+    finally:
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = _data_summary(dataset, cases)
+    summary["fine_tuned_from"] = package_reference(package)
+    summary["freeze"] = list(s.freeze)
+    metrics = {"training_cases": {"note": "fit on the fine-tuning cases themselves, not a test: "
+                                          "`aacscore crossval scorer` measures accuracy on cases left out", **fit}}
+    new_manifest = build_manifest(model, train_settings, result, summary, metrics, name or f"{package.name}-finetuned",
+                                  version or time.strftime("%Y%m%d.%H%M%S"))
+    return Path(write_scorer_package(out, model.cpu(), new_manifest).path)
+
+
+def score_cases(package: str | Path, cases: Sequence[TrainingCase], device: str = "auto") -> list[dict]:
+    """Predictions of a scorer package for cases, from their stored (true) label maps: results.csv-like rows."""
+    from .pipeline import Pipeline
+
+    pipeline = Pipeline.from_packages(str(package), device=device, need_segmenter=False)
+    return [pipeline.run(case.image, case.labels, heatmap=False).record() for case in cases]
+
+
+# ----------------------------------------------------------------------------------------------- segmenter
+
+
+def finetune_segmenter(data: str | Path, out: str | Path, base: str | Path | ModelPackage | None = None,
+                       settings: SegmenterFinetuneSettings | None = None, *,
+                       cases: Sequence[TrainingCase] | None = None, name: str | None = None,
+                       version: str | None = None, work: str | Path | None = None) -> Path:
+    """Fine-tune a segmenter package (nnU-Net v2, same plan) on the corrected cases of a training set."""
+    from .segmentation.package import load_segmenter_package
+    from .segmentation.training import train_segmenter
+
+    s = settings or SegmenterFinetuneSettings()
+    dataset = TrainingSet(data)
+    cases = list(dataset.cases() if cases is None else cases)
+    if len(cases) < 2:
+        raise AACScoreError(f"{dataset.folder}: {len(cases)} case(s); fine-tuning the segmenter needs 2 or more")
+    loaded = load_segmenter_package(_base_package(base, "segmenter"))
+    configuration = loaded.plans["configurations"]["2d"]
+    manifest_input = loaded.package.manifest.get("input", {})
+    spacing = manifest_input.get("working_spacing_mm")
+    if not isinstance(spacing, (int, float)):
+        raise AACScoreError(f"{loaded.package.path}: fine-tuning needs a segmenter trained by AACScore "
+                            f"(one working spacing in mm), not an imported nnU-Net model")
+    summary = _data_summary(dataset, cases)
+    summary["fine_tuned_from"] = package_reference(loaded.package)
+    package, _ = train_segmenter(
+        [], out, work=work, name=name or f"{loaded.package.name}-finetuned",
+        version=version or time.strftime("%Y%m%d.%H%M%S"), epochs=s.epochs,
+        iterations_per_epoch=s.iterations_per_epoch, device=s.device,
+        patch_size=tuple(configuration["patch_size"]),
+        features=tuple(configuration["architecture"]["arch_kwargs"]["features_per_stage"]),
+        batch_size=s.batch_size, working_spacing_mm=float(spacing),
+        default_long_side_px=int(manifest_input.get("default_long_side_px", 271)),
+        training_note=summary, cases=[(case.image, case.labels) for case in cases], processes=s.processes,
+        initial_weights=loaded.fold_weights[0], initial_lr=s.lr)
+    return Path(package)
+
+
+def segment_cases(package: str | Path, cases: Sequence[TrainingCase], device: str = "auto") -> list[dict]:
+    """Dice per vertebra and whether all five levels are right, per case, for a segmenter package."""
+    from .evaluation.metrics import dice_per_label
+    from .io.labelmaps import read_label_map
+    from .io.radiograph import read_radiograph
+    from .segmentation.segmenter import Segmenter
+
+    segmenter = Segmenter.from_package(find_package(str(package), "segmenter"), device)
+    rows = []
+    for case in cases:
+        radiograph = read_radiograph(case.image)
+        truth = read_label_map(case.labels, radiograph.pixels.shape)
+        result = segmenter.segment(radiograph)
+        dice = dice_per_label(truth, result.labels, range(1, len(VERTEBRAE) + 1))
+        rows.append({"case": case.case, "status": result.status,
+                     **{name: round(float(dice[i]), 4) for i, name in enumerate(VERTEBRAE, start=1)},
+                     "levels_right": levels_right(truth, result.labels)})
+    return rows
+
+
+def levels_right(truth: np.ndarray, pred: np.ndarray) -> bool:
+    """All five levels right: each predicted vertebra overlaps its own true body more than any other label."""
+    for value in range(1, len(VERTEBRAE) + 1):
+        mask = pred == value
+        if not mask.any():
+            return False
+        if np.bincount(truth[mask].astype(np.int64), minlength=len(VERTEBRAE) + 1)[1:].argmax() + 1 != value:
+            return False
+    return True
+
+
+def summarise_segmentation(rows: Sequence[dict]) -> dict:
+    return {"n": len(rows),
+            "levels_right": round(float(np.mean([row["levels_right"] for row in rows])), 4) if rows else None,
+            "dice_mean": {name: round(float(np.nanmean([row[name] for row in rows])), 4) for name in VERTEBRAE},
+            "statuses": {status: sum(row["status"] == status for row in rows) for status in {r["status"] for r in rows}}}
+
+
+# ----------------------------------------------------------------------------------------------- cross-validation
+
+
+def fold_of_cases(cases: Sequence[TrainingCase], folds: int, seed: int = 0) -> list[int]:
+    """Fold number of each case: a seeded shuffle dealt round-robin, so folds differ in size by at most one."""
+    if not 2 <= folds <= len(cases):
+        raise AACScoreError(f"--folds must be between 2 and the number of cases ({len(cases)}), got {folds}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    assignment = [0] * len(cases)
+    for position, index in enumerate(order):
+        assignment[index] = position % folds
+    return assignment
+
+
+def crossval(kind: str, data: str | Path, out: str | Path, folds: int = 5, base: str | None = None,
+             scorer_settings: ScorerFinetuneSettings | None = None,
+             segmenter_settings: SegmenterFinetuneSettings | None = None, seed: int = 0, log: Log = print) -> dict:
+    """Fine-tune on all folds but one, test on that one, for every fold; write the report to `out`."""
+    dataset = TrainingSet(data)
+    cases = [c for c in dataset.cases() if kind == "segmenter" or c.scores is not None]
+    assignment = fold_of_cases(cases, folds, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="aacscore-crossval-") as scratch:
+        for fold in range(folds):
+            train_cases = [c for c, f in zip(cases, assignment) if f != fold]
+            test_cases = [c for c, f in zip(cases, assignment) if f == fold]
+            log(f"fold {fold + 1}/{folds}: fine-tuning on {len(train_cases)} cases, testing on {len(test_cases)}")
+            package = Path(scratch) / f"fold{fold}"
+            if kind == "scorer":
+                finetune_scorer(data, package, base, scorer_settings, cases=train_cases, log=log)
+                predicted = score_cases(package, test_cases, (scorer_settings or ScorerFinetuneSettings()).device)
+            else:
+                finetune_segmenter(data, package, base, segmenter_settings, cases=train_cases)
+                predicted = segment_cases(package, test_cases, (segmenter_settings or SegmenterFinetuneSettings()).device)
+            rows.extend({**row, "fold": fold} for row in predicted)
+    seconds = round(time.perf_counter() - started, 1)
+    if kind == "scorer":
+        return _scorer_report(dataset, cases, rows, out, folds, seconds)
+    summary = {"kind": "segmenter", "folds": folds, "seconds": seconds, **summarise_segmentation(rows), "cases": rows}
+    write_text_atomic(out / "crossval.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "report.md", _segmenter_markdown(summary))
+    return summary
+
+
+def _scorer_report(dataset: TrainingSet, cases: Sequence[TrainingCase], rows: list[dict], out: Path, folds: int,
+                   seconds: float) -> dict:
+    from .evaluation.evaluate import evaluate
+
+    by_image = {str(case.image): case for case in cases}
+    truth = [{"file": Path(row["file"]).name, "aac24": sum(by_image[row["file"]].scores.values()),
+              **by_image[row["file"]].scores} for row in rows if row["file"] in by_image]
+    predictions = [{**row, "file": Path(row["file"]).name} for row in rows]
+    _write_rows(out / "truth.csv", truth)
+    _write_rows(out / "predictions.csv", predictions)
+    results = evaluate(out / "truth.csv", out / "predictions.csv", out)
+    results.update(kind="scorer", folds=folds, seconds=seconds, training_set=str(dataset.folder))
+    return results
+
+
+def _write_rows(path: Path, rows: Sequence[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _segmenter_markdown(summary: dict) -> str:
+    lines = [f"# Segmenter cross-validation ({summary['folds']} folds, {summary['n']} cases, {summary['seconds']} s)",
+             "", f"All five levels right: {100 * summary['levels_right']:.1f}%", "",
+             "| " + " | ".join(VERTEBRAE) + " |", "|" + "---|" * len(VERTEBRAE),
+             "| " + " | ".join(f"{summary['dice_mean'][name]:.3f}" for name in VERTEBRAE) + " |", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_cli(subparsers) -> None:
+    """`aacscore dataset add|list`, `aacscore finetune segmenter|scorer`, `aacscore crossval segmenter|scorer`."""
+    dataset = subparsers.add_parser("dataset", help="build a training set of corrected cases (nnU-Net layout + scores)")
+    actions = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="store a radiograph with its corrected label map (and rated subscores)")
+    add.add_argument("image", metavar="IMAGE", help="radiograph (DICOM or NRRD: a training case needs pixel spacing)")
+    add.add_argument("--labels", required=True, metavar="LABELMAP",
+                     help="corrected L1-L5 label map (PNG/NRRD 0..5, or a Slicer .seg.nrrd)")
+    add.add_argument("--scores", metavar="L1A=..,L1P=..,...", help="the eight Kauppila subscores, when rated")
+    add.add_argument("--data", required=True, metavar="DIR", help="the training set folder")
+    add.set_defaults(func=_add_command)
+    listing = actions.add_parser("list", help="how many cases (and rated cases) a training set holds")
+    listing.add_argument("--data", required=True, metavar="DIR")
+    listing.set_defaults(func=_list_command)
+
+    finetune = subparsers.add_parser("finetune", help="fine-tune the segmenter or scorer on a training set")
+    crossval_parser = subparsers.add_parser("crossval", help="k-fold cross-validated fine-tuning: accuracy on your data")
+    for parser, func in ((finetune, _finetune_command), (crossval_parser, _crossval_command)):
+        parser.add_argument("kind", choices=("segmenter", "scorer"))
+        parser.add_argument("--data", required=True, metavar="DIR", help="training set folder (`aacscore dataset add`)")
+        parser.add_argument("--from", dest="base", metavar="PACKAGE",
+                            help="base package (default: the one `aacscore score` would use)")
+        parser.add_argument("--out", required=True, metavar="DIR",
+                            help="package folder (finetune) or report folder (crossval)")
+        parser.add_argument("--epochs", type=int, help="scorer default 30; segmenter default 10")
+        parser.add_argument("--lr", type=float, help="learning rate (default 0.001: a tenth of training's)")
+        parser.add_argument("--freeze", default=None, metavar="STAGES",
+                            help="scorer: backbone stages kept fixed, comma-separated among stem,layer1..layer4 "
+                                 "(default stem,layer1; 'none' trains all)")
+        parser.add_argument("--iterations-per-epoch", type=int, help="segmenter: default 25")
+        parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        parser.set_defaults(func=func)
+    finetune.add_argument("--name", help="new package name (default: <base>-finetuned)")
+    finetune.add_argument("--version", help="new package version (default: a timestamp)")
+    crossval_parser.add_argument("--folds", type=int, default=5)
+    crossval_parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+
+
+def _add_command(args) -> int:
+    from .io.labelmaps import read_label_map
+    from .io.radiograph import read_radiograph
+    from .packages import sha256_file
+
+    scores = parse_scores(args.scores) if args.scores else None
+    radiograph = read_radiograph(args.image)
+    labels = read_label_map(args.labels, radiograph.pixels.shape)
+    dataset = TrainingSet(args.data)
+    case = dataset.add(radiograph, labels, scores, source_sha256=sha256_file(args.image))
+    counts = dataset.counts()
+    print(f"stored {case.case} in {dataset.folder} ({counts['cases']} cases, {counts['scored']} with scores; "
+          f"no DICOM header is kept)")
+    return 0
+
+
+def _list_command(args) -> int:
+    dataset = TrainingSet(args.data)
+    counts = dataset.counts()
+    print(f"{dataset.folder}: {counts['cases']} cases, {counts['scored']} with scores")
+    for case in dataset.cases():
+        total = "" if case.scores is None else f"  AAC-24 {sum(case.scores.values())}"
+        print(f"  {case.case}{total}")
+    return 0
+
+
+def _settings(args) -> tuple[ScorerFinetuneSettings, SegmenterFinetuneSettings]:
+    scorer, segmenter = ScorerFinetuneSettings(device=args.device), SegmenterFinetuneSettings(device=args.device)
+    if args.epochs is not None:
+        scorer.epochs = segmenter.epochs = args.epochs
+    if args.lr is not None:
+        scorer.lr = segmenter.lr = args.lr
+    if args.freeze is not None:
+        scorer.freeze = () if args.freeze.strip().lower() == "none" else tuple(
+            part.strip() for part in args.freeze.split(",") if part.strip())
+    if args.iterations_per_epoch is not None:
+        segmenter.iterations_per_epoch = args.iterations_per_epoch
+    return scorer, segmenter
+
+
+def _finetune_command(args) -> int:
+    scorer, segmenter = _settings(args)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.kind == "scorer":
+        package = finetune_scorer(args.data, args.out, args.base, scorer, name=args.name, version=args.version, log=log)
+    else:
+        package = finetune_segmenter(args.data, args.out, args.base, segmenter, name=args.name, version=args.version)
+    print(f"wrote {package}; use it with --{args.kind} {package} or install it with `aacscore models install {package}`")
+    return 0
+
+
+def _crossval_command(args) -> int:
+    scorer, segmenter = _settings(args)
+    results = crossval(args.kind, args.data, args.out, args.folds, args.base, scorer, segmenter, args.seed,
+                       log=lambda text: print(text, file=sys.stderr))
+    print(results.get("report") or _segmenter_markdown(results), end="")
+    print(f"report in {args.out}")
+    return 0

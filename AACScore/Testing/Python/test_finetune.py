@@ -1,0 +1,215 @@
+"""From corrected cases to a model: the training set on disk, fine-tuning both models, cross-validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AACScoreLib.cli import main as cli_main
+from AACScoreLib.errors import AACScoreError, ModelPackageError
+from AACScoreLib.finetune import (ScorerFinetuneSettings, SegmenterFinetuneSettings, crossval, finetune_scorer,
+                                  finetune_segmenter, fold_of_cases, levels_right, segment_cases)
+from AACScoreLib.io.radiograph import Radiograph, read_radiograph
+from AACScoreLib.io.training_set import TrainingSet, parse_scores
+from AACScoreLib.kauppila import SUBSCORE_COLUMNS
+from AACScoreLib.packages import load_safetensors, read_package, verify_package
+from AACScoreLib.phantoms.generator import generate_phantom, read_back, write_phantom
+from test_segmenter import toy_spine
+
+SMALL = (300, 360)
+
+
+def phantom_case(seed: int, index: int):
+    phantom = generate_phantom(seed, "alt", index, size_range=SMALL)
+    return phantom, read_back(phantom, f"/cohort/{phantom.name}.dcm"), phantom.truth["subscores"]
+
+
+@pytest.fixture(scope="module")
+def scored_set(tmp_path_factory):
+    """A training set of four small phantoms with their drawn label maps and true subscores."""
+    dataset = TrainingSet(tmp_path_factory.mktemp("trainingset") / "set")
+    for index in range(4):
+        phantom, radiograph, scores = phantom_case(8200, index)
+        dataset.add(radiograph, phantom.labels, scores)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------- training set
+
+
+def test_training_set_is_an_nnunet_raw_dataset_and_a_train_scorer_csv(scored_set):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from AACScoreLib.scoring.data import read_score_csv
+
+    description = json.loads((scored_set.folder / "dataset.json").read_text())
+    assert description["numTraining"] == 4 and description["file_ending"] == ".nrrd"
+    assert description["labels"] == {"background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5}
+    case = scored_set.cases()[0]
+    image, properties = SimpleITKIO().read_images([str(case.image)])  # nnU-Net's own reader
+    seg, _ = SimpleITKIO().read_seg(str(case.labels))
+    assert image.shape[-2:] == seg.shape[-2:] and set(np.unique(seg)) == {0, 1, 2, 3, 4, 5}
+    radiograph = read_radiograph(case.image)
+    assert radiograph.spacing is not None and radiograph.spacing_source == "NRRD space directions"
+    records = read_score_csv(scored_set.folder / "scores.csv")
+    assert len(records) == 4 and all(record.image.is_file() and record.labels.is_file() for record in records)
+    assert all(record.aac24 == sum(record.subscores) for record in records)
+
+
+def test_adding_the_same_radiograph_again_updates_it_instead_of_duplicating(tmp_path):
+    phantom, radiograph, scores = phantom_case(8201, 0)
+    dataset = TrainingSet(tmp_path / "set")
+    first = dataset.add(radiograph, phantom.labels)
+    assert dataset.counts() == {"cases": 1, "scored": 0} and first.scores is None
+    again = dataset.add(radiograph, phantom.labels, scores)
+    assert again.case == first.case and dataset.counts() == {"cases": 1, "scored": 1}
+    assert again.scores == scores
+
+
+def test_stored_copies_keep_no_dicom_header(tmp_path):
+    phantom, _, scores = phantom_case(8202, 0)
+    dicom = write_phantom(phantom, tmp_path / "in")
+    import pydicom
+
+    dataset = pydicom.dcmread(dicom)
+    dataset.PatientName, dataset.PatientID = "Doe^Jane", "MRN-4711"
+    dataset.save_as(dicom)
+    assert cli_main(["dataset", "add", str(dicom), "--labels", str(tmp_path / "in" / f"{phantom.name}_labels.png"),
+                     "--scores", ",".join(f"{k}={v}" for k, v in scores.items()), "--data", str(tmp_path / "set")]) == 0
+    stored = b"".join(path.read_bytes() for path in (tmp_path / "set").rglob("*") if path.is_file())
+    assert b"Doe" not in stored and b"MRN-4711" not in stored and str(tmp_path / "in").encode() not in stored
+
+
+@pytest.mark.parametrize("text, message", [
+    ("L1A=0,L1P=1", "missing L2A"),
+    ("L1A=4," + ",".join(f"{c}=0" for c in SUBSCORE_COLUMNS[1:]), "must be 0, 1, 2 or 3"),
+    ("L1A=x," + ",".join(f"{c}=0" for c in SUBSCORE_COLUMNS[1:]), "not a number"),
+    ("L9A=1", "not NAME=VALUE"),
+    ("L1A=1,L1A=2", "given twice"),
+])
+def test_scores_are_checked(text, message):
+    with pytest.raises(AACScoreError, match=message):
+        parse_scores(text)
+
+
+def test_bad_cases_are_refused_with_nothing_written(tmp_path):
+    phantom, radiograph, _ = phantom_case(8203, 0)
+    dataset = TrainingSet(tmp_path / "set")
+    no_l5 = np.where(phantom.labels == 5, 0, phantom.labels)
+    with pytest.raises(AACScoreError, match="lacks L5"):
+        dataset.add(radiograph, no_l5)
+    with pytest.raises(AACScoreError, match="does not match the radiograph"):
+        dataset.add(radiograph, phantom.labels[:-1])
+    unknown = Radiograph(radiograph.pixels, None, "unknown", "/x/image.png", "PNG")
+    with pytest.raises(AACScoreError, match="image.png: pixel spacing unknown"):
+        dataset.add(unknown, phantom.labels)
+    assert dataset.counts() == {"cases": 0, "scored": 0}
+
+
+# ---------------------------------------------------------------------------------------------- scorer
+
+
+def test_scorer_finetuning_starts_from_the_base_and_keeps_frozen_stages(scored_set, tiny_scorer_package, tmp_path):
+    from AACScoreLib.scoring.scorer import Scorer
+
+    settings = ScorerFinetuneSettings(epochs=1, batch=4, device="cpu")
+    package = finetune_scorer(scored_set.folder, tmp_path / "tuned", tiny_scorer_package, settings, log=lambda _: None)
+    tuned = verify_package(package)
+    base = load_safetensors(tiny_scorer_package, "weights.safetensors")
+    after = load_safetensors(tuned, "weights.safetensors")
+    frozen = [k for k in base if k.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))]
+    assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
+    assert any(not torch.equal(base[k], after[k]) for k in base if k.startswith("backbone.layer4."))
+    data = tuned.manifest["training_data"]
+    assert data["fine_tuned_from"]["files_sha256"] == tiny_scorer_package.files
+    assert data["training_set_sha256"] == scored_set.fingerprint() and data["n_cases"] == 4
+    assert tuned.manifest["metrics"]["training_cases"]["n"] == 4
+    assert Scorer.from_package(package).input_size == (64, 32)
+
+
+def test_scorer_finetuning_needs_rated_cases(tmp_path, tiny_scorer_package):
+    phantom, radiograph, _ = phantom_case(8204, 0)
+    dataset = TrainingSet(tmp_path / "set")
+    dataset.add(radiograph, phantom.labels)
+    with pytest.raises(AACScoreError, match="0 case.s. with scores"):
+        finetune_scorer(dataset.folder, tmp_path / "out", tiny_scorer_package)
+
+
+def test_crossval_of_the_scorer_writes_the_papers_statistics(scored_set, tiny_scorer_package, tmp_path):
+    settings = ScorerFinetuneSettings(epochs=1, batch=2, device="cpu")
+    results = crossval("scorer", scored_set.folder, tmp_path / "cv", folds=2, base=str(tiny_scorer_package.path),
+                       scorer_settings=settings, log=lambda _: None)
+    assert results["n"] == 4 and "mae" in results["metrics"] and (tmp_path / "cv" / "report.md").is_file()
+    predictions = (tmp_path / "cv" / "predictions.csv").read_text()
+    assert predictions.count("\n") == 5 and "fold" in predictions.splitlines()[0]
+
+
+def test_folds_are_balanced_and_seeded():
+    cases = list(range(7))
+    folds = fold_of_cases(cases, 3, seed=1)
+    assert sorted(np.bincount(folds).tolist()) == [2, 2, 3] and folds == fold_of_cases(cases, 3, seed=1)
+    with pytest.raises(AACScoreError, match="between 2 and the number of cases"):
+        fold_of_cases(cases, 8)
+
+
+# ---------------------------------------------------------------------------------------------- segmenter
+
+
+@pytest.fixture(scope="module")
+def toy_set_and_base(tmp_path_factory):
+    """A training set of toy spines (1.25 mm pixels) and a tiny segmenter trained on them, as the base."""
+    from AACScoreLib.segmentation.training import train_segmenter
+
+    root = tmp_path_factory.mktemp("segfinetune")
+    dataset = TrainingSet(root / "set")
+    for seed in range(4):
+        pixels, labels = toy_spine(seed)
+        dataset.add(Radiograph(pixels.astype(np.float32), (1.25, 1.25), "test", f"toy{seed}.nrrd", "NRRD"), labels)
+    base, _ = train_segmenter([], root / "base", name="toy-base", version="1", epochs=1, iterations_per_epoch=2,
+                              patch_size=(64, 48), features=(4, 8, 16), batch_size=2, device="cpu",
+                              cases=[(case.image, case.labels) for case in dataset.cases()])
+    return dataset, Path(base), root
+
+
+def test_segmenter_finetuning_starts_from_the_base_package(toy_set_and_base):
+    from AACScoreLib.segmentation.package import load_segmenter_package
+
+    dataset, base, root = toy_set_and_base
+    settings = SegmenterFinetuneSettings(epochs=1, iterations_per_epoch=1, batch_size=2, device="cpu")
+    package = finetune_segmenter(dataset.folder, root / "tuned", base, settings, work=root / "work")
+    tuned = read_package(package)
+    assert tuned.manifest["training_data"]["fine_tuned_from"]["name"] == "toy-base"
+    assert tuned.manifest["architecture"]["features_per_stage"] == [4, 8, 16]
+    log = next((root / "work" / "results").rglob("training_log_*.txt")).read_text()
+    assert "started from the base segmenter's weights; fresh: none" in log
+    assert load_segmenter_package(package).network is not None
+    rows = segment_cases(package, dataset.cases()[:1], device="cpu")
+    assert set(rows[0]) >= {"L1", "L5", "levels_right", "status"}
+
+
+def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set_and_base):
+    from AACScoreLib.segmentation.package import build_network, load_segmenter_package, transfer_weights
+
+    _, base, _ = toy_set_and_base
+    loaded = load_segmenter_package(base)
+    more_classes = dict(loaded.dataset_json, labels={**loaded.dataset_json["labels"], "T12": 6, "S1": 7})
+    fresh = transfer_weights(build_network(loaded.plans, more_classes), loaded.fold_weights[0], "base")
+    assert fresh and all(".seg_layers." in name for name in fresh)
+    wider = json.loads(json.dumps(loaded.plans))
+    wider["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
+    with pytest.raises(ModelPackageError, match="does not fit the network being trained"):
+        transfer_weights(build_network(wider, loaded.dataset_json), loaded.fold_weights[0], "base")
+
+
+def test_levels_right_needs_every_level_on_its_own_body():
+    truth = np.zeros((60, 10), np.uint8)
+    for level in range(1, 6):
+        truth[10 * level:10 * level + 8] = level
+    assert levels_right(truth, truth)
+    shifted = np.where(truth > 0, np.clip(truth.astype(int) + 1, 1, 5), 0).astype(np.uint8)
+    assert not levels_right(truth, shifted)
+    assert not levels_right(truth, np.where(truth == 3, 0, truth))
