@@ -298,6 +298,82 @@ def _segmenter_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- learning curve
+
+
+def _phantom_cases(folder: Path, n: int, seed: int, style: str, size_range: tuple[int, int] | None
+                   ) -> list[TrainingCase]:
+    """Phantoms written as files a user would have (DICOM + label PNG), as cases with their true subscores."""
+    from .phantoms.generator import DEFAULT_SIZE_RANGE, generate_phantom, write_phantom
+
+    cases = []
+    for index in range(n):
+        phantom = generate_phantom(seed, style, index, size_range=size_range or DEFAULT_SIZE_RANGE)
+        image = write_phantom(phantom, folder)
+        cases.append(TrainingCase(phantom.name, image, folder / f"{phantom.name}_labels.png",
+                                  dict(phantom.truth["subscores"])))
+    return cases
+
+
+def learning_curve(kind: str, style: str, sizes: Sequence[int], n_test: int, out: str | Path, *,
+                   base: str | None = None, seed: int = 8300, scorer_settings: ScorerFinetuneSettings | None = None,
+                   segmenter_settings: SegmenterFinetuneSettings | None = None,
+                   size_range: tuple[int, int] | None = None, log: Log = print) -> dict:
+    """Accuracy on a phantom family after fine-tuning on 0, n1, n2, ... of its cases (0 = the base package).
+
+    Training cases come from `seed`, test cases from `seed + 1`: never the same phantom. Each size starts again
+    from the base package; the table and every fold's package go to `out`."""
+    from .io.radiograph import read_radiograph
+
+    out = Path(out)
+    sizes = sorted(set(int(n) for n in sizes))
+    if not sizes or sizes[0] < 0:
+        raise AACScoreError(f"sizes must be 0 or more, got {sizes}")
+    log(f"writing {max(sizes)} training and {n_test} test phantoms ({style})")
+    train_cases = _phantom_cases(out / "phantoms-train", max(sizes), seed, style, size_range)
+    test_cases = _phantom_cases(out / "phantoms-test", n_test, seed + 1, style, size_range)
+    dataset = TrainingSet(out / "trainingset")
+    stored = [dataset.add(read_radiograph(case.image), _labels(case), case.scores) for case in train_cases]
+    rows = []
+    for size in sizes:
+        started = time.perf_counter()
+        package: str | Path | None = base
+        if size:
+            log(f"fine-tuning the {kind} on {size} cases")
+            package = out / f"{kind}-{size}"
+            if kind == "scorer":
+                finetune_scorer(dataset.folder, package, base, scorer_settings, cases=stored[:size], log=log)
+            else:
+                finetune_segmenter(dataset.folder, package, base, segmenter_settings, cases=stored[:size])
+        seconds = round(time.perf_counter() - started, 1)
+        if package is None:
+            package = find_package(None, kind).path
+        if kind == "scorer":
+            predicted = score_cases(package, test_cases, (scorer_settings or ScorerFinetuneSettings()).device)
+            truth = np.array([sum(case.scores.values()) for case in test_cases], dtype=float)
+            pred = np.array([np.nan if row["aac24"] is None else float(row["aac24"]) for row in predicted])
+            ok = np.isfinite(pred)
+            row = {"cases": size, "mae": round(float(np.mean(np.abs(pred[ok] - truth[ok]))), 3),
+                   "n_test": int(ok.sum()), "errors": int((~ok).sum())}
+        else:
+            predicted = segment_cases(package, test_cases, (segmenter_settings or SegmenterFinetuneSettings()).device)
+            summary = summarise_segmentation(predicted)
+            row = {"cases": size, "levels_right": summary["levels_right"], "dice_mean": summary["dice_mean"],
+                   "n_test": summary["n"], "statuses": summary["statuses"]}
+        row["finetune_seconds"] = seconds
+        rows.append(row)
+        log(json.dumps(row))
+    curve = {"kind": kind, "family": style, "train_seed": seed, "test_seed": seed + 1, "rows": rows}
+    write_text_atomic(out / "curve.json", json.dumps(curve, indent=2) + "\n")
+    return curve
+
+
+def _labels(case: TrainingCase) -> np.ndarray:
+    from .io.labelmaps import read_label_map
+
+    return read_label_map(case.labels)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -336,6 +412,20 @@ def add_cli(subparsers) -> None:
     finetune.add_argument("--name", help="new package name (default: <base>-finetuned)")
     finetune.add_argument("--version", help="new package version (default: a timestamp)")
     crossval_parser.add_argument("--folds", type=int, default=5)
+    curve = subparsers.add_parser("finetune-curve", help="accuracy on a phantom family after fine-tuning on 0..N of its cases")
+    curve.add_argument("kind", choices=("segmenter", "scorer"))
+    curve.add_argument("--family", required=True, help="phantom family (style) the base models never saw")
+    curve.add_argument("--sizes", default="0,10,20,50", help="numbers of fine-tuning cases, comma-separated")
+    curve.add_argument("--n-test", type=int, default=100, help="test phantoms (seed + 1)")
+    curve.add_argument("--seed", type=int, default=8300, help="seed of the fine-tuning phantoms")
+    curve.add_argument("--from", dest="base", metavar="PACKAGE")
+    curve.add_argument("--out", required=True, metavar="DIR")
+    curve.add_argument("--epochs", type=int)
+    curve.add_argument("--lr", type=float)
+    curve.add_argument("--freeze", default=None, metavar="STAGES")
+    curve.add_argument("--iterations-per-epoch", type=int)
+    curve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    curve.set_defaults(func=_curve_command)
     crossval_parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
 
 
@@ -396,4 +486,20 @@ def _crossval_command(args) -> int:
                        log=lambda text: print(text, file=sys.stderr))
     print(results.get("report") or _segmenter_markdown(results), end="")
     print(f"report in {args.out}")
+    return 0
+
+
+def _curve_command(args) -> int:
+    from .phantoms.generator import check_styles
+
+    check_styles([args.family])
+    scorer, segmenter = _settings(args)
+    try:
+        sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
+    except ValueError:
+        raise AACScoreError(f"--sizes must be comma-separated whole numbers, got {args.sizes!r}") from None
+    curve = learning_curve(args.kind, args.family, sizes, args.n_test, args.out, base=args.base, seed=args.seed,
+                           scorer_settings=scorer, segmenter_settings=segmenter,
+                           log=lambda text: print(text, file=sys.stderr))
+    print(json.dumps(curve["rows"], indent=1))
     return 0

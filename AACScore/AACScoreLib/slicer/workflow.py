@@ -495,6 +495,26 @@ class Workflow:
             results.append(Agreement(first, second, len(shared), statistics))
         return results
 
+    def add_to_training_set(self, volume_node, folder: str | Path, rater: str | None = None,
+                            segmentation_node=None):
+        """Store this radiograph with its (corrected) vertebra segments, and the rater's subscores when that rater
+        has scored it, in a training set folder (io/training_set.py: nnU-Net raw layout, no DICOM header kept).
+        Returns the stored case and the set's counts."""
+        from ..io.training_set import TrainingSet
+
+        segmentation_node = segmentation_node or aac_scene.find_vertebra_segmentation(self.scene, volume_node)
+        if segmentation_node is None:
+            raise AACScoreError(f"'{volume_node.GetName()}' has no vertebra segmentation to store; segment it first")
+        labels = aac_scene.read_vertebra_labels(segmentation_node, volume_node)
+        rated = self.rating(volume_node, rater) if rater and rater.strip() else None
+        if rater and rater.strip() and rated is None:
+            raise AACScoreError(f"{rater.strip()} has not rated '{volume_node.GetName()}'; save the rating first, "
+                                "or add the case without a rater")
+        scores = {column: int(rated[column]) for column in SUBSCORE_COLUMNS} if rated else None
+        dataset = TrainingSet(folder)
+        case = dataset.add(radiograph_from_volume(volume_node), labels, scores)
+        return case, dataset.counts()
+
     # -- helpers
 
     def _volume(self, request: Request):

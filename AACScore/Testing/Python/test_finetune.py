@@ -213,3 +213,16 @@ def test_levels_right_needs_every_level_on_its_own_body():
     shifted = np.where(truth > 0, np.clip(truth.astype(int) + 1, 1, 5), 0).astype(np.uint8)
     assert not levels_right(truth, shifted)
     assert not levels_right(truth, np.where(truth == 3, 0, truth))
+
+
+def test_learning_curve_starts_each_size_from_the_base(tmp_path, tiny_scorer_package):
+    from AACScoreLib.finetune import learning_curve
+
+    settings = ScorerFinetuneSettings(epochs=1, batch=2, device="cpu")
+    curve = learning_curve("scorer", "alt", [0, 2], 2, tmp_path / "curve", base=str(tiny_scorer_package.path),
+                           seed=8500, scorer_settings=settings, size_range=SMALL, log=lambda _: None)
+    assert [row["cases"] for row in curve["rows"]] == [0, 2]
+    assert all(row["n_test"] == 2 and row["errors"] == 0 for row in curve["rows"])
+    assert json.loads((tmp_path / "curve" / "curve.json").read_text())["test_seed"] == 8501
+    tuned = read_package(tmp_path / "curve" / "scorer-2")
+    assert tuned.manifest["training_data"]["fine_tuned_from"]["name"] == "tiny-scorer"

@@ -591,3 +591,24 @@ def test_device_setting_is_checked(scene):
         workflow.configure(None, None, "gpu")
     workflow.configure("scorer-x", None, "cpu")  # a change drops the loaded pipeline; it reloads on next use
     assert workflow._pipeline is None
+
+
+def test_add_to_training_set_stores_the_corrected_segments_and_the_raters_scores(scene, workflow, volume, tmp_path):
+    from AACScoreLib.io.labelmaps import read_label_map
+    from AACScoreLib.io.training_set import TrainingSet
+
+    with pytest.raises(AACScoreError, match="no vertebra segmentation"):
+        workflow.add_to_training_set(volume, tmp_path / "set")
+    segmentation = workflow.segment(volume).segmentation
+    corrected = _labels()
+    corrected[20:30] = 0  # the user trims L1's top in the Segment Editor
+    _edit_segment(segmentation, "L1", corrected == 1, volume)
+    with pytest.raises(AACScoreError, match="Ann has not rated"):
+        workflow.add_to_training_set(volume, tmp_path / "set", rater="Ann")
+    case, counts = workflow.add_to_training_set(volume, tmp_path / "set")
+    assert counts == {"cases": 1, "scored": 0}
+    assert np.array_equal(read_label_map(case.labels), corrected)
+    workflow.save_rating(volume, "Ann", dict(zip(SUBSCORE_COLUMNS, (1, 2, 0, 0, 3, 0, 1, 0))))
+    case, counts = workflow.add_to_training_set(volume, tmp_path / "set", rater="Ann")
+    assert counts == {"cases": 1, "scored": 1} and sum(case.scores.values()) == 7
+    assert TrainingSet(tmp_path / "set").cases()[0].scores == case.scores
