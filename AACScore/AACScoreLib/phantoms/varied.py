@@ -79,6 +79,8 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
     hidden = _shutter_edges(label_map, anatomy, place, info)
     draw_dense(att, anatomy, place)
     plaque_mask = draw_deposits(att, anatomy, place, look, rng, deposits)
+    if hidden is not None:
+        plaque_mask &= ~hidden
 
     bits = 8 if info["dxa_like"] else int(rng.choice([10, 12, 14, 16]))
     pixels = process(att, place, look, rng, bits, shutter, field_)
@@ -121,12 +123,13 @@ def _shutter_edges(label_map: np.ndarray, anatomy: Anatomy, place: Placement, in
     rows = np.arange(label_map.shape[0], dtype=np.float32)[:, None]
     cols = np.arange(label_map.shape[1], dtype=np.float32)[None, :]
     hidden = np.zeros(label_map.shape, bool)
-    for kept, gone, kept_value in edges:
+    for kept, gone, kept_value in edges:  # the disc mid-plane, as the Kauppila boundaries define it
         upper, lower = (gone, kept) if gone is b["T12"] else (kept, gone)
-        point = place.px((endplate_mid(upper, "inferior") + endplate_mid(lower, "superior"))[None] / 2)[0]
-        towards = place.px(gone.center[None])[0] - point
-        plane = unit(place.px(unit(upper.normal + lower.normal)[None])[0] - place.px(np.zeros((1, 2)))[0])
-        normal = np.array([-plane[1], plane[0]]) * (1.0 if np.array([-plane[1], plane[0]]) @ towards > 0 else -1.0)
+        points, planes = disc_boundaries({"U": dict(zip(CORNER_NAMES, place.px(upper.corners))),
+                                          "D": dict(zip(CORNER_NAMES, place.px(lower.corners)))}, [("U", "D")])
+        point, plane = points[0], planes[0]
+        normal = np.array([-plane[1], plane[0]])
+        normal *= 1.0 if normal @ (place.px(gone.center[None])[0] - point) > 0 else -1.0
         distance = (rows - point[0]) * np.float32(normal[0]) + (cols - point[1]) * np.float32(normal[1])
         kept_pixels = distance[label_map == kept_value]
         shift = max(0.0, float(kept_pixels.max()) + 1.0) if kept_pixels.size else 0.0
