@@ -41,7 +41,7 @@ _AP_MM = dict(T8=27.0, T9=28.0, T10=29.0, T11=31.0, T12=33.0, L1=35.0, L2=37.0, 
               S1=38.0)
 TRANSITIONAL: dict[str, float] = {"": 0.84, "L6": 0.08, "sacralised L5": 0.08}  # about 18 % in people
 SACRUM_STYLES: tuple[str, ...] = ("block", "fused", "segmented", "through iliac wings")
-SACRUM_OUT_SHARE = 0.25  # images whose bottom edge lies between L5 and the sacrum
+SACRUM_OUT_SHARE = 0.3  # fields meant to end between L5 and the sacrum (a few keep a sliver of S1)
 TOP_AT_L1_SHARE = 0.15  # images whose top edge lies just above L1
 DXA_SHARE = 0.15
 INVERTED_SHARE = 0.15  # bone dark in the stored display values (besides MONOCHROME1 files)
