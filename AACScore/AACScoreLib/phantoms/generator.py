@@ -272,7 +272,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--severity", type=lambda t: _numbers(t, 3), default=DEFAULT_SEVERITY,
                         help="share of no/mild, moderate, severe phantoms (default 0.25,0.60,0.15)")
     parser.add_argument("--size-range", type=_size_range, default=DEFAULT_SIZE_RANGE,
-                        help="image side lengths in pixels, LOW,HIGH (default 1500,3000)")
+                        help="image side lengths in pixels, LOW,HIGH (default 1500,3000); varied keeps the long "
+                             "side in it, and its DXA-like images are smaller")
     parser.add_argument("--start", type=_non_negative, default=0, help="index of the first phantom (to extend a set)")
     parser.set_defaults(func=_run_cli, parser=parser)
 
