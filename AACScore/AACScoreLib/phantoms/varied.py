@@ -493,7 +493,7 @@ def varied_acquisition(rng: np.random.Generator, size_range: tuple[int, int], an
     spacing = max(spacing, longest / size_range[1])
     if not dxa:
         spacing = min(spacing, longest / size_range[0])
-    shape = (int(np.ceil(height / spacing)), int(np.ceil(width / spacing)))
+    shape = (min(int(np.ceil(height / spacing)), size_range[1]), min(int(np.ceil(width / spacing)), size_range[1]))
     origin = -np.array([top, left]) / spacing
     info.update(top_mm_above_l1=round(float(rows(b["L1"].corners).min() - top), 1),
                 bottom_mm_below_l5=round(float(bottom - l5_bottom + 1.0), 1))
