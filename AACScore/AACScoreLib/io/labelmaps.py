@@ -92,6 +92,15 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None)
         raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
     if image_shape is not None and labels.shape != tuple(image_shape):
         raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
+    if labels.dtype.kind not in "biuf":
+        raise GeometryError(f"{path}: a label map must hold whole numbers 0..{len(VERTEBRAE)}, not {labels.dtype}")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise GeometryError(f"{path}: label map holds NaN or infinite values; expected whole numbers "
+                                f"0..{len(VERTEBRAE)}")
+        if not np.array_equal(labels, np.round(labels)):
+            raise GeometryError(f"{path}: label map holds fractional values; expected whole numbers "
+                                f"0..{len(VERTEBRAE)}")
     if labels.min() < 0 or labels.max() > len(VERTEBRAE):
         raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {labels.min()}..{labels.max()}")
     return labels.astype(np.uint8)
