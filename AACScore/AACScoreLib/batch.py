@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .cli import say
 from .io.checksums import sha256_or_empty
-from .io.cohort import WorkItem, collect, output_names, parse_shard, real_path
+from .io.cohort import WorkItem, collect, parse_shard, real_path, unique_output_names
 from .errors import AACScoreError, Cancelled, OutputBusy, OutputError, RadiographError
 from .io.labelmaps import write_label_png
 from .io.overlay import render_overlay, save_overlay
@@ -106,7 +106,7 @@ def score_cohort(
 
     Raises OutputBusy when another run is scoring into `out_dir` (shards of one job array run side by side)."""
     out_dir = Path(out_dir)
-    names = names or output_names(items)
+    names = names or unique_output_names(items)
     table_path = results_path(out_dir, shard)
     with run_lock(out_dir, shard):
         if shard is None:
@@ -315,7 +315,7 @@ def _run(args) -> int:
     everything = collect(args.paths)
     if not everything:
         raise AACScoreError("no radiographs found in " + ", ".join(args.paths))
-    names = output_names(everything)
+    names = unique_output_names(everything)
     items = collect(args.paths, shard)
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
                                       need_segmenter=any(item.labels is None for item in items))

@@ -58,8 +58,7 @@ def run_command(program: str, args: argparse.Namespace) -> int:
 
 def say(text: str, stream=None, end: str = "\n"):
     """Print to stderr (or `stream`) and return the stream to use next: a stream whose reader has gone (piped into
-    `head`, which exited) is pointed at the null device, so the run's outcome and exit code stay its own.
-    Returns the stream to keep using."""
+    `head`, which exited) is pointed at the null device, so the run's outcome and exit code stay its own."""
     stream = stream or sys.stderr
     try:
         print(text, end=end, file=stream, flush=True)

@@ -21,6 +21,7 @@ from . import metrics
 from ..io.atomic import atomic_path, write_text_atomic
 from ..errors import AACScoreError, GeometryError, OutputError
 from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_SUBSCORE, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
+from ..io.cohort import OUTPUT_HASH_DIGITS
 from ..io.labelmaps import read_label_map
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
@@ -219,9 +220,25 @@ def find_label_maps(folder: str | Path) -> dict[str, Path]:
     return found
 
 
+def _without_path_hashes(pred_maps: dict[str, Path], truth_maps: dict[str, Path]) -> dict[str, Path]:
+    """`aacscore score` names its label maps `<name>-<8 hex digits of the input's path hash>_labels.png`: such a map
+    is matched to the truth `<name>` when no map has that exact name and only one has that name and a hash."""
+    bases: dict[str, list[str]] = {}
+    for stem in pred_maps:
+        match = re.fullmatch(rf"(.+)-[0-9a-f]{{{OUTPUT_HASH_DIGITS}}}", stem)
+        if match and match.group(1) in truth_maps and match.group(1) not in pred_maps:
+            bases.setdefault(match.group(1), []).append(stem)
+    renamed = dict(pred_maps)
+    for base, stems in bases.items():
+        if len(stems) == 1:
+            renamed[base] = renamed.pop(stems[0])
+    return renamed
+
+
 def dice_by_vertebra(truth_folder: str | Path, pred_folder: str | Path) -> dict:
     """Dice of L1..L5 for every label map present in both folders (matched by stem), with mean and SD."""
-    truth_maps, pred_maps = find_label_maps(truth_folder), find_label_maps(pred_folder)
+    truth_maps = find_label_maps(truth_folder)
+    pred_maps = _without_path_hashes(find_label_maps(pred_folder), truth_maps)
     stems = sorted(set(truth_maps) & set(pred_maps))
     if not stems:
         raise AACScoreError(f"no label maps match by name between {truth_folder} ({len(truth_maps)} found) "

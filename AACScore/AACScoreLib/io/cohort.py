@@ -14,6 +14,7 @@ from ..errors import AACScoreError
 
 RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
 DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay")
+OUTPUT_HASH_DIGITS = 8
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,22 @@ def _relative_to(csv_path: Path, value: str) -> Path:
 
 
 def output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
-    """A file stem per input: its name plus a short hash of its real path, so that two inputs never share an
-    output file, even when scored into one folder by separate runs."""
+    """A file stem per input, unique across the cohort (same stems in different folders get a path hash)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[_stem(item.image)] = counts.get(_stem(item.image), 0) + 1
+    return {item.image: output_name(item.image) if counts[_stem(item.image)] > 1 else _stem(item.image)
+            for item in items}
+
+
+def unique_output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
+    """A file stem per input that no other input can have, whatever the run: the name plus a short hash of its
+    real path (for outputs that accumulate in one folder over several runs, as `score`'s do)."""
     return {item.image: output_name(item.image) for item in items}
 
 
 def output_name(image: Path) -> str:
-    return f"{_stem(image)}-{hashlib.sha1(real_path(image).encode()).hexdigest()[:8]}"
+    return f"{_stem(image)}-{hashlib.sha1(real_path(image).encode()).hexdigest()[:OUTPUT_HASH_DIGITS]}"
 
 
 def _stem(path: Path) -> str:

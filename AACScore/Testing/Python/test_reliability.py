@@ -25,7 +25,7 @@ from AACScoreLib.evaluation import metrics
 from AACScoreLib.evaluation.evaluate import evaluate, format_report
 from AACScoreLib.geometry.orientation import check_numbering
 from AACScoreLib.io import atomic
-from AACScoreLib.io.cohort import WorkItem, collect, output_names
+from AACScoreLib.io.cohort import WorkItem, collect, unique_output_names
 from AACScoreLib.io.labelmaps import read_label_map
 from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.io.results_file import ResultsFile
@@ -90,7 +90,7 @@ def test_1_a_rerun_with_another_shard_count_is_not_overruled_by_stale_shard_tabl
     pipeline, out = Pipeline(tiny_scorer), tmp_path / "out"
     broken = WorkItem(phantoms[0], tmp_path / "missing_labels.png")  # an error row at first
     items = [broken] + [WorkItem(p, _labels_of(p)) for p in phantoms[1:]]
-    names = output_names(items)
+    names = unique_output_names(items)
     for index in range(3):
         score_cohort(pipeline, items[index::3], out, names=names, shard=(index, 3), heatmaps=False)
     assert {r["status"] for r in _rows(out / "results.csv") if Path(r["file"]).name == phantoms[0].name} == {"error"}
@@ -593,3 +593,63 @@ def test_results_table_rows_are_keyed_by_real_path(tmp_path, monkeypatch):
         results.add({"file": str(tmp_path / "a.dcm"), "status": "ok"})
     reopened = ResultsFile(tmp_path / "results.csv")
     assert reopened.done("a.dcm") and reopened.done("./a.dcm") and reopened.done("link.dcm")
+
+
+def test_3_scored_label_maps_still_match_the_truth_by_name(tiny_scorer, phantoms, tmp_path):
+    from AACScoreLib.evaluation.evaluate import dice_by_vertebra
+
+    out = tmp_path / "out"
+    score_cohort(Pipeline(tiny_scorer), [WorkItem(phantoms[0], _labels_of(phantoms[0]))], out, heatmaps=False)
+    (written,) = (out / "labels").iterdir()
+    assert written.name != f"{phantoms[0].stem}_labels.png"  # the name carries the path hash
+    dice = dice_by_vertebra(phantoms[0].parent, out / "labels")
+    assert dice["n"] == 1 and all(value == 1.0 for value in dice["cases"][phantoms[0].stem].values())
+
+
+_STALLING_RUN = """
+import sys, time
+from AACScoreLib.batch import score_cohort
+from AACScoreLib.io.cohort import collect
+from AACScoreLib.pipeline import Pipeline
+from AACScoreLib.scoring.scorer import Scorer
+
+pipeline = Pipeline(Scorer.from_package(sys.argv[1]))
+original, calls = pipeline.run, []
+
+def stall_on_third(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 3:
+        print("stalled", flush=True)
+        time.sleep(300)
+    return original(*args, **kwargs)
+
+pipeline.run = stall_on_third
+score_cohort(pipeline, collect([sys.argv[2]]), sys.argv[3], heatmaps=False)
+"""
+
+
+@pytest.mark.parametrize("signal_name, rows_kept", [("SIGKILL", 1), ("SIGINT", 2)])
+def test_an_interrupted_run_leaves_a_whole_table_and_resumes_without_duplicates(
+        phantoms, tmp_path, scorer_package, signal_name, rows_kept):
+    import signal
+
+    listing, out = _listing(tmp_path / "list.csv", phantoms), tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-c", _STALLING_RUN, str(scorer_package), str(listing), str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env={**os.environ, "PYTHONPATH": str(AACSCORE)})
+    try:
+        assert run.stdout.readline().strip() == "stalled"
+        run.send_signal(getattr(signal, signal_name))
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+        run.stdout.close()
+    assert len(_rows(out / "results.csv")) == rows_kept  # parseable, and every finished image kept
+    pipeline = Pipeline(Scorer.from_package(scorer_package))
+    calls = []
+    original = pipeline.run
+    pipeline.run = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+    score_cohort(pipeline, collect([listing]), out, heatmaps=False)
+    rows = _rows(out / "results.csv")
+    assert len(calls) == len(phantoms) - rows_kept
+    assert sorted(r["file"] for r in rows) == sorted(str(p.resolve()) for p in phantoms)
