@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -21,7 +22,7 @@ from . import metrics
 from ..io.atomic import atomic_path, write_text_atomic
 from ..errors import AACScoreError, GeometryError, OutputError
 from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_SUBSCORE, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
-from ..io.cohort import OUTPUT_HASH_DIGITS
+from ..io.cohort import OUTPUT_HASH_DIGITS, csv_text
 from ..io.labelmaps import read_label_map
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
@@ -50,11 +51,11 @@ def read_scores_csv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a score CSV as dicts; it must have `file` and `aac24` columns and unique file names."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as stream:
-            reader = csv.DictReader(stream)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if not isinstance(v, list)}
+                for row in reader]
+    except (OSError, csv.Error) as error:
         raise AACScoreError(f"{path}: cannot read CSV: {error}") from error
     missing = [c for c in ("file", "aac24") if c not in columns]
     if missing:

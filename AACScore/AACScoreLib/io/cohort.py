@@ -105,15 +105,19 @@ def _looks_like_radiograph(path: Path) -> bool:
     return path.suffix.lower() in RADIOGRAPH_SUFFIXES
 
 
-def _read_list(path: Path) -> list[WorkItem]:
-    """A CSV list in UTF-8 (a BOM, as Excel's "CSV UTF-8" writes, is skipped) or else Latin-1."""
+def csv_text(path: Path) -> str:
+    """A CSV file's text: UTF-8 (a BOM, as Excel's "CSV UTF-8" writes, is dropped), else Latin-1 (which decodes
+    every byte: older Excel and Windows tools)."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = data.decode("latin-1")  # every byte is a Latin-1 character: older Excel and Windows tools
+        return data.decode("latin-1")
+
+
+def _read_list(path: Path) -> list[WorkItem]:
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
         columns = [name.strip() for name in reader.fieldnames or []]
         if "file" not in columns:
             raise AACScoreError(f"{path}: a CSV list needs a 'file' column (and may have 'labels'); "
@@ -121,7 +125,7 @@ def _read_list(path: Path) -> list[WorkItem]:
         items = []
         for row in reader:
             row = {(key or "").strip(): (value or "").strip() for key, value in row.items()
-                   if isinstance(value, str)}
+                   if not isinstance(value, list)}
             if not row.get("file"):
                 continue
             image = _relative_to(path, row["file"])
@@ -129,6 +133,8 @@ def _read_list(path: Path) -> list[WorkItem]:
             items.append(WorkItem(image, _relative_to(path, labels) if labels else None))
     except csv.Error as error:
         raise AACScoreError(f"{path}: not a readable CSV list ({error})") from None
+    except OSError as error:
+        raise AACScoreError(f"{path}: cannot be read ({error.strerror or error})") from None
     return items
 
 

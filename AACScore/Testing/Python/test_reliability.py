@@ -22,7 +22,7 @@ from AACScoreLib import cli
 from AACScoreLib.batch import _ProgressBar, merge_shards, run_lock, score_cohort
 from AACScoreLib.errors import AACScoreError, ModelPackageError, OutputBusy, OutputError
 from AACScoreLib.evaluation import metrics
-from AACScoreLib.evaluation.evaluate import evaluate, format_report
+from AACScoreLib.evaluation.evaluate import evaluate, format_report, read_scores_csv
 from AACScoreLib.geometry.orientation import check_numbering
 from AACScoreLib.io import atomic
 from AACScoreLib.io.cohort import WorkItem, collect, unique_output_names
@@ -429,6 +429,9 @@ def test_13_14_csv_lists_in_latin1_or_with_a_bom_are_read(phantoms, tmp_path, en
     listing.write_text(prefix + f"file,labels\n{image},{_labels_of(phantoms[0])}\n", encoding=encoding)
     items = collect([listing])
     assert [item.image for item in items] == [image] and items[0].image.is_file()
+    truth = tmp_path / "truth.csv"
+    truth.write_text(prefix + "file,aac24\npatiént.dcm,3\nzoë.dcm,5\n", encoding=encoding)
+    assert [row["file"] for row in read_scores_csv(truth)] == ["patiént.dcm", "zoë.dcm"]
 
 
 def test_15_an_out_that_is_a_file_or_read_only_is_one_line(phantoms, tmp_path, scorer_package, capsys, monkeypatch):
