@@ -37,7 +37,7 @@ _NOT_DECODER_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _HEAD_BYTES = 348  # enough for the NIfTI-1 magic at offset 344
 # Warnings from these parts of the decoders concern the pixels themselves, so they go into the result's message;
 # the others (a tag value of the wrong form, say) only go to the log.
-_PIXEL_WARNING_SOURCES = ("/pixels/", "/pixel_data_handlers/", "/PIL/", "filereader.py")
+_PIXEL_WARNING_SOURCES = ("/pixels/", "/pixel_data_handlers/", "/PIL/")
 _WARNINGS_LOCK = threading.Lock()
 _log = logging.getLogger(__name__)
 _DICOM_METADATA_TAGS = (
