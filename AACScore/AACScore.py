@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from typing import Annotated
 
 import qt
@@ -305,13 +306,15 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobButton = None
         self.ui.progressBar.visible = False
         self._setBusy(False)
-        self._updateFromParameterNode()
+        self.checkDependencies()  # sets every button as the packages and the chosen radiograph allow
         if poller.problems:
             slicer.util.warningDisplay(f"{len(poller.problems)} result(s) could not be put into the scene.",
                                        detailedText="\n".join(poller.problems))
         if job.error is not None:
             self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(str(job.error), detailedText=getattr(job.error, "details", "") or "")
+            details = getattr(job.error, "details", "") or "".join(
+                traceback.format_exception(type(job.error), job.error, job.error.__traceback__))
+            slicer.util.errorDisplay(str(job.error), detailedText=details)
             return
         if generation != self._sceneGeneration:
             self.ui.statusLabel.text = "The scene was closed; the job's results were dropped."

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 from ..errors import AACScoreError
 from .protocol import END_EVENTS, PROTOCOL_VERSION, decode, encode

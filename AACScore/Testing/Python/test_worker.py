@@ -17,7 +17,7 @@ from AACScoreLib.io.radiograph import Radiograph
 from AACScoreLib.pipeline import AACResult
 from AACScoreLib.slicer import scene as aac_scene
 from AACScoreLib.slicer.sample_data import SAMPLE_DATA_DIR, SAMPLE_SHA256
-from AACScoreLib.slicer.workflow import JobPoller, Workflow, capture_volume
+from AACScoreLib.slicer.workflow import JobPoller, Workflow
 from AACScoreLib.worker.client import WorkerClient, WorkerError
 from AACScoreLib.worker.protocol import VolumeImage, decode, encode, result_from_message, result_message
 from AACScoreLib.worker.server import write_nrrd
