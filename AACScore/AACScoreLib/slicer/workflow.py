@@ -465,7 +465,8 @@ class Workflow:
                       heatmap: bool = True) -> BatchOutcome:
         """Score several volumes one after another; cancelling keeps what is done and stops.
 
-        The widget runs the same `batch_work` on a worker thread and applies what it delivers as it comes.
+        In process `batch_work` runs here; otherwise the worker's batch job (`start_batch`, which the widget
+        polls and applies as results come).
         """
         requests, problems = self.prepare_batch(volume_nodes)
         outcomes = [self.record_problem(volume, message) for volume, message in problems]
@@ -721,7 +722,8 @@ def read_work(files: Sequence[str | Path]) -> Callable[["Job"], None]:
 
 
 class Job:
-    """Compute work on a worker thread that the main thread polls: progress, delivered items, end, error.
+    """Work on a Python thread that the main thread polls: progress, delivered items, end, error. Used for what
+    is light enough for Slicer's own process (reading files, pip subprocesses) and for in-process pipelines.
 
     `work(job)` calls `job.report(fraction, text)`, checks `job.is_cancelled()`, and hands finished items to the
     main thread with `job.deliver(item)`; the main thread calls `poll()` (e.g. from a qt.QTimer) and applies

@@ -18,7 +18,7 @@ from AACScoreLib.pipeline import AACResult
 from AACScoreLib.slicer import scene as aac_scene
 from AACScoreLib.slicer.sample_data import SAMPLE_DATA_DIR, SAMPLE_SHA256
 from AACScoreLib.slicer.workflow import JobPoller, Workflow
-from AACScoreLib.worker.client import WorkerClient, WorkerError
+from AACScoreLib.worker.client import WorkerClient, WorkerError, worker_python
 from AACScoreLib.worker.protocol import VolumeImage, decode, encode, result_from_message, result_message
 from AACScoreLib.worker.server import write_nrrd
 
@@ -211,3 +211,14 @@ def test_score_files_without_loading_them_as_volumes(workflow):
     assert row["file"] == str(SAMPLES[1]) and row["aac24"] is not None
     assert workflow.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
     assert workflow.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_the_worker_python_is_the_configured_one_else_pythonslicer_else_this_one(monkeypatch, tmp_path):
+    assert worker_python("/opt/env/bin/python") == "/opt/env/bin/python"
+    monkeypatch.setenv("PATH", "")
+    assert worker_python() == sys.executable  # no PythonSlicer anywhere: scripts and tests use their own Python
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert worker_python() == str(launcher)
