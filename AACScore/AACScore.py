@@ -643,6 +643,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probe = None
         if probe.error is not None:
             self.ui.deviceStatusLabel.text = f"The worker process failed: {probe.error}"
+            self._probedDevice = None  # ask again on the next change
         elif not probe.cancelled:
             self.ui.deviceStatusLabel.text = probe.result["message"]
         if self._parameterNode is not None and self._parameterNode.device != self._probedDevice:

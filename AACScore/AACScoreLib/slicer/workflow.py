@@ -530,7 +530,7 @@ class Workflow:
         """The model's next flagged result after `current_file` in table order (wrapping round), or None.
 
         Flagged: QC verdict `review` or `error`; a row without a QC verdict counts when its status is
-        `warning` or `error`."""
+        `warning`, `review` or `error`."""
         return next_flagged(aac_scene.result_rows(self.results_table(), aac_scene.MODEL_SOURCE), current_file)
 
     def record_problem(self, volume_node, message: str) -> ScoreOutcome:
@@ -616,7 +616,7 @@ def is_flagged(row: Mapping[str, object]) -> bool:
     verdict = str(row.get("qc") or "")
     if verdict:
         return verdict in REVIEW_VERDICTS
-    return row.get("status") in ("warning", "error")
+    return row.get("status") in ("warning", "review", "error")
 
 
 def next_flagged(rows: Sequence[Mapping[str, object]], current_file: str | None) -> Mapping[str, object] | None:

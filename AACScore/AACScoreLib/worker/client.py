@@ -174,6 +174,7 @@ class WorkerClient:
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._log: queue.Queue = queue.Queue()
         self.ready: dict | None = None
+        self._killed_to_cancel: subprocess.Popen | None = None
 
     # -- the process
 
@@ -272,6 +273,7 @@ class WorkerClient:
 
     def _kill_if_running(self, process: subprocess.Popen, job: WorkerJob) -> None:
         if not job._ended.is_set():
+            self._killed_to_cancel = process
             self._kill(process)
 
     def _kill(self, process: subprocess.Popen) -> None:
@@ -325,7 +327,9 @@ class WorkerClient:
             if job.is_cancelled():
                 job._receive({"job": job.id, "event": "cancelled"})
             else:
-                message = why or f"the worker process ended unexpectedly (exit code {code})"
+                message = why or ("the worker was stopped to cancel another job; run this one again"
+                                  if self._killed_to_cancel is process
+                                  else f"the worker process ended unexpectedly (exit code {code})")
                 job._receive({"job": job.id, "event": "error", "message": message,
                               "details": f"{self.python} -m {SERVER_MODULE}\n{tail}"})
         if self._process is process:

@@ -142,11 +142,13 @@ def test_cancel_kills_a_job_that_does_not_stop_and_the_next_job_starts_a_new_wor
     worker = WorkerClient(python=sys.executable, cancel_grace=0.0)
     try:
         job = worker.submit("probe", {"device": "cpu"})  # importing torch: nothing to interrupt cooperatively
+        queued = worker.submit("probe", {"device": "cpu"})
         first = worker.pid
         start = time.monotonic()
         job.cancel()
         assert job.wait(5) and time.monotonic() - start < 2.0
         assert job.cancelled and job.error is None
+        assert queued.wait(5) and "stopped to cancel another job" in str(queued.error)
         answer = worker.submit("train")  # any job: a new worker answers it
         assert answer.wait(60) and "unknown job kind" in str(answer.error)
         assert worker.pid != first
