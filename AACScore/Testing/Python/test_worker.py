@@ -224,3 +224,28 @@ def test_the_worker_python_is_the_configured_one_else_pythonslicer_else_this_one
     launcher.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert worker_python() == str(launcher)
+
+
+def test_the_panel_side_never_imports_torch_or_nnunet(tmp_path):
+    """What runs in Slicer's process (scene, workflow, dependency check, worker client, reading a radiograph)
+    imports none of the heavy packages: only the worker does."""
+    import subprocess
+
+    script = f"""
+import sys
+from AACScoreLib.slicer import dependencies, scene, workflow
+from AACScoreLib.worker.client import WorkerClient
+flow = workflow.Workflow(scene.new_scene(), worker=WorkerClient({sys.executable!r}))
+volumes, problems = flow.load_radiographs([{str(SAMPLES[0])!r}])
+dependencies.missing_requirements()
+print(flow.start_probe().run(120)["torch"])
+flow.worker.stop()
+heavy = sorted(name for name in ("torch", "torchvision", "nnunetv2", "pytorch_grad_cam", "skimage", "matplotlib")
+               if name in sys.modules)
+print("heavy:", heavy)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(SAMPLE_DATA_DIR.parents[1])})
+    assert run.returncode == 0, run.stderr[-2000:]
+    torch_in_worker, heavy = run.stdout.strip().splitlines()[-2:]
+    assert torch_in_worker.startswith("2.") and heavy == "heavy: []"
