@@ -212,9 +212,18 @@ def _valid_spacing(values) -> tuple[float, float] | None:
 # --- DICOM -------------------------------------------------------------------------------------------------
 
 
+def _apply_modality_lut(stored: np.ndarray, ds) -> np.ndarray:
+    """pydicom's modality LUT: `pydicom.pixels` in pydicom 3, `pixel_data_handlers.util` in pydicom 2 (the one
+    3D Slicer 5.10 bundles, which AACScore never replaces)."""
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    return apply_modality_lut(stored, ds)
+
+
 def _read_dicom(path: Path, caught: _DecoderWarnings) -> Radiograph:
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     # defer_size: the header checks below reject non-radiographs before the pixel data is even read.
     ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
@@ -234,7 +243,7 @@ def _read_dicom(path: Path, caught: _DecoderWarnings) -> Radiograph:
         raise RadiographError(path, f"cannot decode the pixel data{where}: {_reason(exc)}") from exc
     if stored.ndim != 2:
         raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
-    pixels = apply_modality_lut(stored, ds)
+    pixels = _apply_modality_lut(stored, ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "MONOCHROME1":
         lo, hi = _modality_range(ds)
@@ -308,9 +317,17 @@ def _infer_missing_transfer_syntax(ds) -> None:
     if "TransferSyntaxUID" in ds.file_meta:
         return
     syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
-              (False, False): ExplicitVRBigEndian}.get(tuple(ds.original_encoding))
+              (False, False): ExplicitVRBigEndian}.get(_read_encoding(ds))
     if syntax is not None:
         ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _read_encoding(ds) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as the file was read: `original_encoding` in pydicom 3, the dataset's own
+    flags in pydicom 2."""
+    if hasattr(ds, "original_encoding"):
+        return tuple(ds.original_encoding)
+    return ds.is_implicit_VR, ds.is_little_endian
 
 
 def _sop_class_name(ds) -> str:
@@ -320,12 +337,10 @@ def _sop_class_name(ds) -> str:
 
 def _modality_range(ds) -> tuple[float, float]:
     """Nominal output range of the modality LUT, so MONOCHROME1 inverts the same way for every image."""
-    from pydicom.pixels import apply_modality_lut
-
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
-    mapped = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    mapped = np.asarray(_apply_modality_lut(stored, ds), dtype=np.float64)
     return float(mapped.min()), float(mapped.max())
 
 
