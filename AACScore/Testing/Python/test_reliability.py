@@ -519,7 +519,7 @@ def test_17_the_spacing_warning_is_said_once(tiny_scorer, phantoms, tmp_path):
         def segment(self, radiograph, cancel=None):
             from types import SimpleNamespace
 
-            labels = np.asarray(Image.open(_labels_of(phantoms[0])))
+            labels = read_label_map(_labels_of(phantoms[0]))  # L1..L5, as a segmenter gives them
             return SimpleNamespace(status="ok", labels=labels,
                                    message="pixel spacing unknown: assumed the image's long side spans 512 px")
 
