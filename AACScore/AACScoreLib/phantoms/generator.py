@@ -53,6 +53,7 @@ class Phantom:
     labels: np.ndarray  # uint8 (H, W): 0 background, 1..5 = L1..L5, exactly the drawn bodies
     truth: dict
     dataset: dict  # photometric, bits, rescale, spacing tags, orientation, transfer syntax, UIDs...
+    plaque_mask: np.ndarray | None = None  # bool (H, W): pixels showing drawn plaque, where a family records it
 
 
 # ---------------------------------------------------------------------------------------------------------- truth
@@ -124,7 +125,15 @@ def sample_subscores(u: float, rng: np.random.Generator, severity: Sequence[floa
     return dict(zip(kauppila.SUBSCORE_COLUMNS, (int(s) for s in scores)))
 
 
-def _place_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int) -> list[tuple[float, float]]:
+def target_subscores(seed: int, index: int, code: int, rng: np.random.Generator,
+                     severity: Sequence[float]) -> dict[str, int]:
+    """The wall subscores phantom `index` of `seed` realises: categories spread evenly over consecutive indices
+    (golden-ratio steps from a per-seed offset) in the `severity` proportions; `code` tells generator settings apart."""
+    offset = np.random.default_rng([seed, 7919, code]).random()
+    return sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
+
+
+def place_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int) -> list[tuple[float, float]]:
     """Plaque intervals (arc positions) inside one wall segment whose union realises `subscore`."""
     if subscore == 0:
         return []
@@ -298,7 +307,7 @@ def _deposits(rng: np.random.Generator, anatomy: Anatomy, targets: dict[str, int
     for wall_name, wall in walls.items():
         spans = wall_segment_spans(wall, boundaries, directions)
         for level, span in zip(kauppila.SCORED_LEVELS, spans):
-            for start, end in _place_plaques(rng, tuple(span), targets[f"{level}{wall_name}"]):
+            for start, end in place_plaques(rng, tuple(span), targets[f"{level}{wall_name}"]):
                 deposits.append(dict(wall=wall_name, level=level, start_mm=start, end_mm=end))
         if rng.random() < 0.15 + 0.6 * burden:  # calcification above the scored aorta (not counted)
             top = spans[0][0] - END_MARGIN_MM - rng.uniform(0.5, 10.0)
@@ -361,20 +370,25 @@ def _markers(rng: np.random.Generator, pixels: np.ndarray, place: Placement, key
     return drawn
 
 
-def _process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Generator, bits: int,
-             shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
-    """Quantum noise, normalisation, multi-scale equalisation and a contrast curve: uint16 display pixels."""
-    if look["blur_px"]:  # detector and focal spot blur
-        att = ndimage.gaussian_filter(att, look["blur_px"], truncate=2.0)
-    step = max(1, min(att.shape) // 400)
-    sample = att[::step, ::step]
+def _exposed_sample(shape: tuple[int, int], spacing: float, field_: tuple[float, float, float, float]):
+    """Subsampling step and the mask of sampled pixels inside the collimated field (penumbra excluded)."""
+    step = max(1, min(shape) // 400)
     top, bottom, left, right = field_
-    penumbra = 3.0 / place.spacing
-    r = np.arange(0, att.shape[0], step)
-    c = np.arange(0, att.shape[1], step)
+    penumbra = 3.0 / spacing
+    r = np.arange(0, shape[0], step)
+    c = np.arange(0, shape[1], step)
     exposed = (((r > top + penumbra) & (r < bottom - penumbra))[:, None]
                & ((c > left + penumbra) & (c < right - penumbra))[None, :])
-    ref = float(np.median(sample[exposed]))
+    return step, exposed
+
+
+def _process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Generator, bits: int,
+             shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
+    """Quantum noise, then the display processing: uint16 display pixels."""
+    if look["blur_px"]:  # detector and focal spot blur
+        att = ndimage.gaussian_filter(att, look["blur_px"], truncate=2.0)
+    step, exposed = _exposed_sample(att.shape, place.spacing, field_)
+    ref = float(np.median(att[::step, ::step][exposed]))
     sigma = np.exp(np.minimum((att - ref) * 0.5, 3.0))
     sigma *= look["noise"]
     noise = rng.random(att.shape, dtype=np.float32)
@@ -383,16 +397,25 @@ def _process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Gener
     noise *= np.float32(np.sqrt(6.0))
     signal = att + sigma * noise
     del sigma, noise
+    return display_pixels(signal, place.spacing, place.factor, look, rng, bits, shutter, field_)
+
+
+def display_pixels(signal: np.ndarray, spacing: float, factor: int, look: dict, rng: np.random.Generator, bits: int,
+                   shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
+    """Normalisation, grid lines, multi-scale equalisation and a contrast curve of a log-domain image (bone high),
+    in place: uint16 display pixels. `factor` is the coarse grid on which the equalisation runs."""
+    step, exposed = _exposed_sample(signal.shape, spacing, field_)
+    top, bottom, left, right = field_
     lo, hi = np.percentile(signal[::step, ::step][exposed], [0.5, 99.5])
     signal -= lo
     signal *= 1.0 / max(hi - lo, 1e-6)
     if look["grid_lines"]:  # a stationary anti-scatter grid leaves fine stripes
         period = rng.uniform(2.2, 4.0)
-        stripes = (look["grid_lines"] * np.sin(2 * np.pi * np.arange(att.shape[1]) / period)).astype(np.float32)
+        stripes = (look["grid_lines"] * np.sin(2 * np.pi * np.arange(signal.shape[1]) / period)).astype(np.float32)
         signal += stripes[None, :]
-    f = place.factor
+    f = factor
     coarse = np.clip(signal[(f - 1) // 2::f, (f - 1) // 2::f], -0.2, 1.2)
-    mean = upsample(blur(coarse, look["eq_sigma_mm"] / (place.spacing * f)), f, att.shape)
+    mean = upsample(blur(coarse, look["eq_sigma_mm"] / (spacing * f)), f, signal.shape)
     # Multi-scale processing: y = latitude * (mean - 0.5) + 0.5 + detail * (signal - mean), in place.
     signal -= mean
     signal *= look["detail"]
@@ -411,9 +434,9 @@ def _process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Gener
     signal *= levels - 1
     pixels = lut[signal.astype(np.uint16)]
     if shutter == "black":  # processing blanks everything outside the field, penumbra included
-        penumbra = 2.0 / place.spacing
-        r = np.arange(att.shape[0])
-        c = np.arange(att.shape[1])
+        penumbra = 2.0 / spacing
+        r = np.arange(signal.shape[0])
+        c = np.arange(signal.shape[1])
         pixels[(r < top + penumbra) | (r > bottom - penumbra), :] = 0
         pixels[:, (c < left + penumbra) | (c > right - penumbra)] = 0
     return pixels
@@ -433,8 +456,7 @@ def generate_phantom(seed: int, style: str = "default", index: int = 0,
         raise ValueError("seed and index must be non-negative")
     alt = style == "alt"
     rng = np.random.default_rng([seed, index, _STYLE_CODE[style]])
-    offset = np.random.default_rng([seed, 7919, _STYLE_CODE[style]]).random()
-    targets = sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
+    targets = target_subscores(seed, index, _STYLE_CODE[style], rng, severity)
 
     for _ in range(20):  # redraw the rare anatomy whose aorta leaves the Kauppila band
         anatomy = build_anatomy(rng, alt)
