@@ -28,14 +28,14 @@ from scipy.interpolate import CubicSpline
 from .. import kauppila
 from ..errors import GeometryError
 from ..geometry.spine import ANTERIOR_MARGIN, SpineGeometry, analyze_spine
+from ..io.labelmaps import vertebra_labels
 from .anatomy import BOUNDARY_NAMES, Placement, blur, smooth_noise, upsample
-from .generator import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom, _collimation, _dicom_settings,
-                        _look, _markers, arc_length, calcified_fractions, display_pixels, phantom_name,
-                        place_plaques, target_subscores, wall_segment_spans)
+from .drawn import burn_in_markers, collimate, dicom_settings, display_pixels, drawn_look
+from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom, arc_length, calcified_fractions,
+                    phantom_name, place_plaques, target_subscores, wall_segment_spans)
 from .volume import Convex, ConeBeam, Projector, ellipsoid, elliptic_prism, intersect, rotation_matrix, tube
 
 FAMILY = "projected"
-CONTEXT_LABELS = {"T12": 6, "S1": 7}
 _CODE = 2  # tells this family's random streams apart from the generator's styles
 _SPACING_MM = (0.1, 0.25)
 _RENDER_MM = 0.45  # pixel of the grid the smooth anatomy is projected on before upsampling
@@ -243,7 +243,7 @@ def _spine(rng: np.random.Generator, scale: float, lumbar_count: int, mu: dict) 
         coronal = np.radians(rng.normal(0.0, 1.0))
         frame = rotation_matrix(down, axial) @ rotation_matrix(anterior, coronal) @ frame
         centre = superior_mid + down * h / 2
-        label = {"T12": 6, "S1": 7}.get(name, int(name[1]) if name in kauppila.VERTEBRAE else 0)
+        label = kauppila.CONTEXT_LABELS.get(name, int(name[1]) if name in kauppila.VERTEBRAE else 0)
         w = wedge.get(name, 0.0)
         if kind == "coccyx":
             outline = ellipsoid(centre, frame, [width / 2, h / 2, ap / 2])
@@ -733,7 +733,8 @@ def _outline_chord(beam: ConeBeam, dirs: np.ndarray, outline: dict, key: str) ->
 
 def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, rng: np.random.Generator):
     """Line integrals of excess attenuation: smooth anatomy on the coarse grid (upsampled), trabecular texture and
-    plaque on the detector grid. Returns (line integrals, plaque mask, mask of the body on the detector grid)."""
+    plaque on the detector grid. `plaques` are (counted, term) pairs. Returns the line integrals, the mask of
+    counted plaque (on the L1..L4 walls) and the mask of the body on the detector grid."""
     coarse = Projector(beam, factor, keep_rays=True)
     outline = anatomy.outline
     fat = _MU_SOFT + anatomy.mu["fat"]
@@ -760,10 +761,11 @@ def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, rng:
     integral += core
     del core, texture
     fine = Projector(beam, 1)
-    plaque = np.zeros(beam.shape, np.float32)
-    fine.accumulate(plaque, plaques)
-    integral += plaque
-    return integral, plaque > 1e-4, body
+    counted = np.zeros(beam.shape, np.float32)
+    fine.accumulate(counted, [term for scored, term in plaques if scored])
+    integral += counted
+    fine.accumulate(integral, [term for scored, term in plaques if not scored])
+    return integral, counted > 1e-4, body
 
 
 def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, rng: np.random.Generator) -> np.ndarray:
@@ -817,8 +819,7 @@ def _draw_scene(rng: np.random.Generator, size_range: tuple[int, int], what: str
         labels = project_labels(beam, anatomy)
         anterior = np.array([beam.rows_axis @ [0, 0, 1.0], beam.cols_axis @ [0, 0, 1.0]])
         try:
-            geometry = analyze_spine(np.where(labels <= 5, labels, 0), (beam.spacing, beam.spacing),
-                                     anterior=anterior)
+            geometry = analyze_spine(vertebra_labels(labels), (beam.spacing, beam.spacing), anterior=anterior)
         except GeometryError:
             rejected["geometry"] += 1
             continue
@@ -848,11 +849,11 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     targets = target_subscores(seed, index, _CODE, rng, severity)
     anatomy, g, beam, labels, geometry, walls, rejected = _draw_scene(rng, size_range, f"seed {seed} index {index}")
 
-    look = _look(rng, rng.random() < 0.5)
+    look = drawn_look(rng, rng.random() < 0.5)
     # thickness from belly to back spans several times the bone contrast: processing compresses it strongly
     look.update(latitude=rng.uniform(0.1, 0.45), eq_sigma_mm=rng.uniform(8.0, 30.0), detail=rng.uniform(1.0, 1.6))
     deposits = _deposits(rng, targets, walls, beam.spacing, geometry, anatomy.aorta, anatomy.iliacs)
-    plaques = [t for d in deposits for t in _plaque_terms(beam, d, rng, look)]
+    plaques = [(d["level"] is not None, t) for d in deposits for t in _plaque_terms(beam, d, rng, look)]
     factor = max(1, int(round(_RENDER_MM / beam.spacing)))
     integral, plaque_mask, body = _render(beam, anatomy, plaques, factor, rng)
 
@@ -860,7 +861,7 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     key_px = np.vstack([beam.project(anatomy.vertebra(n).rim) for n in kauppila.VERTEBRAE]
                        + [walls["A"], walls["P"]])
     key_px = key_px[(key_px[:, 0] > 0) & (key_px[:, 0] < beam.shape[0])]
-    collimation, shutter, field_ = _collimation(rng, place, key_px)
+    collimation, shutter, field_ = collimate(rng, place, key_px)
     integral += upsample(collimation, factor, beam.shape)
     signal = _expose(integral, beam, factor, rng)
     # exposure recognition: the processing maps the anatomy's range, direct exposure outside the body goes black
@@ -870,12 +871,12 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     pixels = display_pixels(signal, beam.spacing, factor, look, rng, bits, shutter, field_)
     del signal
     magnification = g["sid"] / beam.source_distance
-    settings = _dicom_settings(rng, seed, index, FAMILY, place, dict(facing=g["facing"]), bits)
+    settings = dicom_settings(rng, seed, index, FAMILY, place, dict(facing=g["facing"]), bits)
     settings["magnification"] = round(float(magnification), 4)
     marker_value = int((2**bits - 1) * look["headroom"])
-    settings["markers"] = _markers(rng, pixels, place, key_px, field_, settings["marker_letter"], marker_value)
+    settings["markers"] = burn_in_markers(rng, pixels, place, key_px, field_, settings["marker_letter"], marker_value)
     truth = _truth(geometry, walls, deposits, targets, anatomy, beam, g, labels, settings)
-    truth.update(name=phantom_name(seed, index, FAMILY), seed=seed, index=index, style=FAMILY,
+    truth.update(name=phantom_name(seed, index, FAMILY), seed=seed, index=index, style=FAMILY, family=FAMILY,
                  rejected_draws=rejected)
     return Phantom(truth["name"], pixels, labels, truth, settings, plaque_mask)
 
@@ -914,8 +915,8 @@ def _truth(geometry: SpineGeometry, walls: dict, deposits: list[dict], targets: 
                   for d in deposits if "start_px" in d],
         fractions={k: round(v, 6) for k, v in fractions.items()}, subscores=subscores, aac24=aac24,
         category=kauppila.category(aac24),
-        transitional=anatomy.lumbar_count != 5, lumbar_vertebrae=anatomy.lumbar_count,
-        context_labels={name: label in present for name, label in CONTEXT_LABELS.items()},
+        transitional={4: "sacralised L5", 5: "", 6: "L6"}[anatomy.lumbar_count], lumbar_vertebrae=anatomy.lumbar_count,
+        context_labels={name: label in present for name, label in kauppila.CONTEXT_LABELS.items()},
         field_of_view=dict(top_edge_in=_top_edge(g), sacrum_in_view=_sacrum_in_view(g)),
         projection=dict(source_image_mm=round(g["sid"], 1), source_object_mm=round(beam.source_distance, 1),
                         magnification=settings["magnification"], source_side="left" if g["side"] > 0 else "right",

@@ -12,8 +12,10 @@ from scipy import ndimage
 
 from AACScoreLib import kauppila
 from AACScoreLib.geometry.spine import analyze_spine
+from AACScoreLib.io.labelmaps import read_label_map
 from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.phantoms import generator, projected
+from AACScoreLib.phantoms.families import FAMILIES
 from AACScoreLib.phantoms.volume import ellipsoid, rotation_matrix, tube
 
 SMALL = (360, 440)  # image sides for fast tests (the spacing grows to keep the field of view)
@@ -52,7 +54,8 @@ def test_same_seed_and_index_give_the_same_phantom(phantoms):
 
 def test_labels_are_the_bodies_once_each_in_order_with_context(phantoms):
     for phantom in phantoms:
-        labels, truth = phantom.labels, phantom.truth
+        labels, truth = phantom.label_map, phantom.truth
+        assert np.array_equal(phantom.labels, np.where(labels <= 5, labels, 0))
         assert labels.dtype == np.uint8 and labels.shape == phantom.pixels.shape == tuple(truth["image_shape"])
         assert set(np.unique(labels)) <= set(range(8)) and {1, 2, 3, 4, 5} <= set(np.unique(labels))
         for label in range(1, 6):
@@ -80,7 +83,8 @@ def test_field_of_view_and_anatomy_vary(phantoms):
         below_l5 = (phantom.labels.shape[0] - 1 - np.nonzero(phantom.labels == 5)[0].max()) * spacing
         assert below_l5 < 8.0 + 2 * spacing
     assert {p.truth["lumbar_vertebrae"] for p in phantoms} == {4, 5, 6}
-    assert all(p.truth["transitional"] == (p.truth["lumbar_vertebrae"] != 5) for p in phantoms)
+    kinds = {4: "sacralised L5", 5: "", 6: "L6"}  # the naming the other families use
+    assert all(p.truth["transitional"] == kinds[p.truth["lumbar_vertebrae"]] for p in phantoms)
     assert {p.truth["anterior"] for p in phantoms} == {"left", "right"}
     projection = [p.truth["projection"] for p in phantoms]
     assert all(1000.0 <= q["source_image_mm"] <= 1800.0 and q["magnification"] > 1.0 for q in projection)
@@ -91,8 +95,7 @@ def test_field_of_view_and_anatomy_vary(phantoms):
 def test_truth_is_the_geometry_of_the_true_labels(phantoms):
     for phantom in phantoms:
         truth = phantom.truth
-        geometry = analyze_spine(np.where(phantom.labels <= 5, phantom.labels, 0), truth["spacing"],
-                                 anterior=truth["anterior"])
+        geometry = analyze_spine(phantom.labels, truth["spacing"], anterior=truth["anterior"])
         assert np.allclose(geometry.boundaries, truth["boundaries"], atol=1e-2)
         for vertebra in geometry.vertebrae:
             corners = np.array(list(truth["vertebrae"][vertebra.name].values()))
@@ -105,8 +108,7 @@ def _measured_fractions(phantom) -> dict[str, float]:
     """Calcified fraction of each wall segment measured from the plaque mask: wall points just inside the lumen
     (0.6 mm), between the boundaries the geometry finds on the true labels."""
     truth = phantom.truth
-    geometry = analyze_spine(np.where(phantom.labels <= 5, phantom.labels, 0), truth["spacing"],
-                             anterior=truth["anterior"])
+    geometry = analyze_spine(phantom.labels, truth["spacing"], anterior=truth["anterior"])
     walls = {"A": np.array(truth["aorta"]["anterior_wall"]), "P": np.array(truth["aorta"]["posterior_wall"])}
     measured = {}
     for name, other in (("A", "P"), ("P", "A")):
@@ -147,6 +149,16 @@ def test_a_written_phantom_reads_back(phantoms, tmp_path):
     read = (radiograph.pixels - intercept) / slope  # bone bright again after the reader undoes MONOCHROME1
     assert np.corrcoef(read.ravel(), phantom.pixels.ravel())[0, 1] > 0.999
     labels = np.asarray(Image.open(tmp_path / f"{phantom.name}_labels.png"))
-    assert np.array_equal(labels, phantom.labels)
+    assert np.array_equal(labels, phantom.label_map)
+    assert np.array_equal(read_label_map(tmp_path / f"{phantom.name}_labels.png", context=True), phantom.label_map)
+    assert np.array_equal(read_label_map(tmp_path / f"{phantom.name}_labels.png"), phantom.labels)
     generator.write_truth_csv(tmp_path / "truth.csv", [generator.truth_row(phantom)])
-    assert f"{phantom.name}.dcm,{phantom.name}_labels.png,{phantom.truth['aac24']}" in (tmp_path / "truth.csv").read_text()
+    row = (tmp_path / "truth.csv").read_text().splitlines()[1]
+    assert row.startswith(f"{phantom.name}.dcm,{phantom.name}_labels.png,{phantom.truth['aac24']},")
+    assert row.endswith(f",projected,{phantom.truth['transitional']}")
+
+
+def test_the_family_is_registered():
+    assert "projected" in FAMILIES and not FAMILIES["projected"].held_out
+    phantom = generator.generate_phantom(2, "projected", 1, size_range=SMALL)
+    assert phantom.name == "phantom_projected_s2_0001" and phantom.truth["family"] == "projected"
