@@ -341,7 +341,8 @@ def _soft_tissue(vertebrae: list[Vertebra3D], rng: np.random.Generator, mu: dict
     along = (ys - ys[0]) / (ys[-1] - ys[0])
     belly = rng.uniform(80.0, 220.0) + rng.uniform(-25.0, 25.0) * np.sin(np.pi * along + rng.uniform(0, np.pi))
     depth = np.array([v.centre[2] + v.ap / 2 for v in spine]) + belly - back
-    half_width = rng.uniform(120.0, 185.0) + np.where(ys > ys[-7], rng.uniform(10.0, 40.0), 0.0)
+    hips = 1.0 / (1.0 + np.exp(-(ys - ys[-7]) / 25.0))  # the outline widens smoothly below the waist
+    half_width = rng.uniform(120.0, 185.0) + rng.uniform(10.0, 40.0) * hips
     fat_side, fat_front, fat_back = rng.uniform(8.0, 40.0), rng.uniform(10.0, 60.0), rng.uniform(5.0, 25.0)
     outline = dict(y=ys, skin=(half_width, back, back + depth),
                    muscle=(half_width - fat_side, back + fat_back, back + depth - fat_front))
@@ -716,31 +717,31 @@ def _plaque_terms(beam: ConeBeam, deposit: dict, rng: np.random.Generator, look:
 def _outline_chord(beam: ConeBeam, dirs: np.ndarray, outline: dict, key: str) -> np.ndarray:
     """Path length through an elliptic cylinder along y whose half-width and front/back vary with y (taken where
     each ray crosses the mid-sagittal plane: the outline changes slowly)."""
-    d = dirs.reshape(-1, 3)
+    d = dirs.reshape(3, -1)
     o = beam.source
-    t_mid = -o[0] / d[:, 0]
-    y = o[1] + t_mid * d[:, 1]
+    t_mid = -o[0] / d[0]
+    y = o[1] + t_mid * d[1]
     half, back, front = (np.interp(y, outline["y"], values) for values in outline[key])
     zc, hz = (back + front) / 2, (front - back) / 2
     ox, oz = o[0] / half, (o[2] - zc) / hz
-    dx, dz = d[:, 0] / half, d[:, 2] / hz
+    dx, dz = d[0] / half, d[2] / hz
     a = dx * dx + dz * dz
     b = ox * dx + oz * dz
     c = ox * ox + oz * oz - 1.0
     disc = np.maximum(b * b - a * c, 0.0)
-    return (2.0 * np.sqrt(disc) / a).reshape(dirs.shape[:2]).astype(np.float32)
+    return (2.0 * np.sqrt(disc) / a).reshape(dirs.shape[1:]).astype(np.float32)
 
 
-def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, rng: np.random.Generator):
-    """Line integrals of excess attenuation: smooth anatomy on the coarse grid (upsampled), trabecular texture and
-    plaque on the detector grid. `plaques` are (counted, term) pairs. Returns the line integrals, the mask of
-    counted plaque (on the L1..L4 walls) and the mask of the body on the detector grid."""
+def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, collimation: np.ndarray,
+            rng: np.random.Generator):
+    """Line integrals of attenuation: smooth anatomy (and the collimator's) on the coarse grid, upsampled;
+    trabecular texture and plaque on the detector grid. `plaques` are (counted, term) pairs. Returns the line
+    integrals, the mask of counted plaque (on the L1..L4 walls) and the coarse mask of the body."""
     coarse = Projector(beam, factor, keep_rays=True)
     outline = anatomy.outline
     fat = _MU_SOFT + anatomy.mu["fat"]
     skin = _outline_chord(beam, coarse.dirs, outline, "skin")
-    body = upsample((skin > 30.0).astype(np.float32), factor, beam.shape) > 0.5
-    integral = fat * skin
+    integral = fat * skin + collimation
     integral += (_MU_SOFT - fat) * _outline_chord(beam, coarse.dirs, outline, "muscle")
     terms = list(anatomy.terms)
     for v in anatomy.vertebrae:
@@ -749,46 +750,60 @@ def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, rng:
     core = np.zeros_like(integral)
     coarse.accumulate(core, [t for v in anatomy.vertebrae for t in v.core])
     integral = upsample(integral, factor, beam.shape)
-    core = upsample(core, factor, beam.shape)
+    # the cores get texture on the detector grid, only over the rows and columns they cover
+    rows, cols = np.nonzero(core.any(axis=1))[0], np.nonzero(core.any(axis=0))[0]
+    r0, c0 = max(rows.min() - 2, 0), max(cols.min() - 2, 0)
+    r1, c1 = min(rows.max() + 3, core.shape[0]), min(cols.max() + 3, core.shape[1])
+    window = (slice(r0 * factor, min(r1 * factor, beam.shape[0])), slice(c0 * factor, min(c1 * factor, beam.shape[1])))
+    shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
+    core = upsample(core[r0:r1, c0:c1], factor, shape)
     spacing = beam.spacing
     stretch = rng.uniform(1.0, 2.0)  # vertical trabeculae: the texture runs along the spine
     grain = rng.uniform(0.2, 0.4) / spacing
-    texture = smooth_noise(rng, beam.shape, (grain * stretch, grain))
-    texture += 0.7 * smooth_noise(rng, beam.shape, rng.uniform(0.8, 1.6) / spacing)
+    texture = smooth_noise(rng, shape, (grain * stretch, grain))
+    texture += 0.7 * smooth_noise(rng, shape, rng.uniform(0.8, 1.6) / spacing)
     texture *= np.float32(rng.uniform(0.04, 0.14))
     texture += 1.0
     core *= texture
-    integral += core
+    integral[window] += core
     del core, texture
     fine = Projector(beam, 1)
     counted = np.zeros(beam.shape, np.float32)
     fine.accumulate(counted, [term for scored, term in plaques if scored])
     integral += counted
     fine.accumulate(integral, [term for scored, term in plaques if not scored])
-    return integral, counted > 1e-4, body
+    return integral, counted > 1e-4, skin > 30.0
 
 
-def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, rng: np.random.Generator) -> np.ndarray:
+def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, spine: np.ndarray, rng: np.random.Generator):
     """Beer–Lambert primary intensity with heel effect, scatter, quantum and electronic noise, detector blur and
-    the log transform: the log-domain image (bone high), in place of `integral`."""
-    rows, cols = beam.shape
-    step = max(1, min(rows, cols) // 300)
-    reference = float(np.median(integral[::step, ::step]))
-    photons = float(np.exp(rng.uniform(np.log(40.0), np.log(4000.0))))
+    the log transform: the log-domain image (bone high), in place of `integral`.
+
+    Exposure is set by the photons reaching the detector behind the spine (`spine`: a mask of its pixels). Scatter
+    follows scatter-kernel superposition: each pixel's primary times its path (in attenuation lengths) spread by a
+    broad kernel, scaled to a scatter-to-primary ratio behind the spine; air scatters nothing.
+    """
+    step = max(1, min(beam.shape) // 300)
+    reference = float(np.median(integral[::step, ::step][spine[::step, ::step]]))
+    photons = float(np.exp(rng.uniform(np.log(40.0), np.log(4000.0))))  # behind the spine, per pixel
     angle = rng.uniform(0.0, 2 * np.pi)
-    r = np.linspace(-0.5, 0.5, rows, dtype=np.float32)[:, None]
-    c = np.linspace(-0.5, 0.5, cols, dtype=np.float32)[None, :]
+    r = np.linspace(-0.5, 0.5, beam.shape[0], dtype=np.float32)[:, None]
+    c = np.linspace(-0.5, 0.5, beam.shape[1], dtype=np.float32)[None, :]
     heel = np.float32(rng.uniform(0.0, 0.3))
-    gain = np.float32(photons * np.exp(reference)) * (1.0 + heel * (np.float32(np.cos(angle)) * r
-                                                                   + np.float32(np.sin(angle)) * c))
+    gain = np.float32(photons) * (1.0 + heel * (np.float32(np.cos(angle)) * r + np.float32(np.sin(angle)) * c))
+    f = max(factor, 2)
+    path = integral[f // 2::f, f // 2::f].copy()  # attenuation lengths, before the intensity replaces them
+    integral -= np.float32(reference)
     integral *= -1.0
     np.exp(integral, out=integral)
-    integral *= gain.astype(np.float32)
+    integral *= gain
     primary = integral
-    f = max(factor, 2)
     small = primary[f // 2::f, f // 2::f]
-    scatter = blur(small, rng.uniform(30.0, 90.0) / (beam.spacing * f))
-    primary += upsample(scatter * np.float32(rng.uniform(0.1, 1.5)), f, beam.shape)
+    scatter = blur(small * path, rng.uniform(30.0, 90.0) / (beam.spacing * f))
+    ratio = float(np.median((scatter / np.maximum(small, 1e-6))[::max(1, step // f), ::max(1, step // f)][
+        spine[f // 2::f, f // 2::f][::max(1, step // f), ::max(1, step // f)]]))
+    scatter *= np.float32(rng.uniform(0.2, 2.0) / max(ratio, 1e-6))
+    primary += upsample(scatter, f, beam.shape)
     noise = rng.standard_normal(beam.shape, dtype=np.float32)
     noise *= np.sqrt(primary + np.float32(rng.uniform(0.3, 3.0) ** 2))
     primary += noise
@@ -851,22 +866,22 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
 
     look = drawn_look(rng, rng.random() < 0.5)
     # thickness from belly to back spans several times the bone contrast: processing compresses it strongly
-    look.update(latitude=rng.uniform(0.1, 0.45), eq_sigma_mm=rng.uniform(8.0, 30.0), detail=rng.uniform(1.0, 1.6))
+    look.update(latitude=rng.uniform(0.05, 0.3), eq_sigma_mm=rng.uniform(6.0, 25.0), detail=rng.uniform(1.2, 2.0))
     deposits = _deposits(rng, targets, walls, beam.spacing, geometry, anatomy.aorta, anatomy.iliacs)
     plaques = [(d["level"] is not None, t) for d in deposits for t in _plaque_terms(beam, d, rng, look)]
     factor = max(1, int(round(_RENDER_MM / beam.spacing)))
-    integral, plaque_mask, body = _render(beam, anatomy, plaques, factor, rng)
-
     place = Placement(np.eye(2), np.zeros(2), beam.spacing, beam.shape, factor)
     key_px = np.vstack([beam.project(anatomy.vertebra(n).rim) for n in kauppila.VERTEBRAE]
                        + [walls["A"], walls["P"]])
     key_px = key_px[(key_px[:, 0] > 0) & (key_px[:, 0] < beam.shape[0])]
     collimation, shutter, field_ = collimate(rng, place, key_px)
-    integral += upsample(collimation, factor, beam.shape)
-    signal = _expose(integral, beam, factor, rng)
+    integral, plaque_mask, body = _render(beam, anatomy, plaques, factor, collimation, rng)
+    signal = _expose(integral, beam, factor, (labels > 0) & (labels <= 5), rng)
     # exposure recognition: the processing maps the anatomy's range, direct exposure outside the body goes black
-    step = max(1, min(beam.shape) // 400)
-    np.maximum(signal, np.percentile(signal[::step, ::step][body[::step, ::step]], 0.5), out=signal)
+    half = (factor - 1) // 2
+    inside = signal[half::factor, half::factor][body[:(beam.shape[0] - half + factor - 1) // factor,
+                                                     :(beam.shape[1] - half + factor - 1) // factor]]
+    np.maximum(signal, np.percentile(inside, 0.5), out=signal)
     bits = int(rng.choice([12, 14, 15, 16]))
     pixels = display_pixels(signal, beam.spacing, factor, look, rng, bits, shutter, field_)
     del signal

@@ -31,12 +31,13 @@ def test_chord_lengths_are_exact_for_simple_shapes():
     source = np.array([-500.0, 0.0, 0.0])
     rays = np.array([[1.0, 0.0, 0.0], [1.0, 0.01, 0.0]], np.float32)
     rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    rays = np.ascontiguousarray(rays.T)  # (3, N): one row per coordinate
     sphere = ellipsoid([0.0, 0.0, 0.0], np.eye(3), [10.0, 10.0, 10.0])
     assert sphere.chord(source, rays) == pytest.approx([20.0, 2 * np.sqrt(100.0 - (500.0 * rays[1, 1]) ** 2)], abs=5e-3)  # float32
     rod = tube([0.0, -20.0, 0.0], [0.0, 20.0, 0.0], (5.0, 8.0), reference=(0.0, 0.0, 1.0))
-    assert rod.chord(source, rays[:1]) == pytest.approx([16.0], abs=1e-3)  # across the 8 mm semi-axis
+    assert rod.chord(source, rays[:, :1]) == pytest.approx([16.0], abs=1e-3)  # across the 8 mm semi-axis
     half = rod.cut([0.0, 1.0, 0.0], [0.0, 0.0, 0.0])
-    along = np.array([[0.0, 1.0, 0.0]], np.float32)
+    along = np.array([[0.0], [1.0], [0.0]], np.float32)
     assert half.chord(np.array([0.0, -100.0, 0.0]), along) == pytest.approx([20.0], abs=1e-3)
     turned = ellipsoid([0.0, 0.0, 0.0], rotation_matrix([0.0, 0.0, 1.0], np.pi / 2), [30.0, 5.0, 5.0])
     assert turned.chord(np.array([0.0, -100.0, 0.0]), along) == pytest.approx([60.0], abs=1e-3)
