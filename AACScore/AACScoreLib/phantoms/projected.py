@@ -147,8 +147,8 @@ def _posterior_elements(v: Vertebra3D, kind: str, mu: dict, rng: np.random.Gener
     up = v.frame[:, 1]
     terms = []
     for side in (-1.0, 1.0):
-        terms.append((tube(v.local(side * pedicle_w, pedicle_u, -ap / 2 + 3), v.local(side * pedicle_w, pedicle_u, back),
-                           (0.28 * h, rng.uniform(3.5, 5.5)), up), weight))
+        pedicle = v.local(side * pedicle_w, pedicle_u, -ap / 2 + 3), v.local(side * pedicle_w, pedicle_u, back)
+        terms.append((tube(*pedicle, (0.28 * h, rng.uniform(3.5, 5.5)), up), weight))
         terms.append((ellipsoid(v.local(side * pedicle_w * 0.95, pedicle_u + 0.12 * h, back - 4.0), v.frame,
                                 [rng.uniform(3.0, 5.0), 0.7 * h, rng.uniform(4.0, 6.0)]), weight * 0.7))
         terms.append((tube(v.local(side * pedicle_w, pedicle_u + 0.15 * h, back - 2), v.local(0.0, pedicle_u + 0.25 * h,
@@ -267,8 +267,9 @@ def _spine(rng: np.random.Generator, scale: float, lumbar_count: int, mu: dict) 
     return vertebrae
 
 
-def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso: tuple[float, float]) -> list:
-    """Ribs of T9..T12: head at the body, then posterolaterally to the angle and around the torso, sloping down."""
+def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso_radius: float) -> list:
+    """Ribs of T9..T12: head at the body, then posterolaterally to the angle and around the torso (of AP radius
+    `torso_radius`), sloping down."""
     lengths = dict(T9=(250.0, 320.0), T10=(220.0, 300.0), T11=(120.0, 210.0), T12=(25.0, 140.0))
     terms = []
     for v in vertebrae:
@@ -280,7 +281,7 @@ def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso
             corner = v.local(side * (v.width / 2 + rng.uniform(22.0, 32.0)), -0.3 * v.height, -v.ap / 2 - 22.0)
             theta1 = np.radians(rng.uniform(22.0, 35.0))
             rx = abs(corner[0]) / np.sin(theta1) * rng.uniform(0.9, 1.1)
-            rz = torso[1] * rng.uniform(0.85, 1.1)
+            rz = torso_radius * rng.uniform(0.85, 1.1)
             zc = corner[2] + rz * np.cos(theta1)
             points = [head, corner]
             theta, walked = theta1, np.linalg.norm(corner - head)
@@ -306,8 +307,8 @@ def _pelvis(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, cre
     s1, s2 = (next(v for v in vertebrae if v.name == n) for n in ("S1", "S2"))
     for v in vertebrae:
         if v.name.startswith("S"):
-            terms.append((ellipsoid(v.local(0.0, 0.0, -v.ap / 2 - 16.0), v.frame, [0.55 * v.width, 0.6 * v.height, 5.0]),
-                          mu["posterior"] * 0.8))
+            plate = ellipsoid(v.local(0.0, 0.0, -v.ap / 2 - 16.0), v.frame, [0.55 * v.width, 0.6 * v.height, 5.0])
+            terms.append((plate, mu["posterior"] * 0.8))
     for v, size in ((s1, 1.0), (s2, 0.8)):
         for side in (-1.0, 1.0):
             terms.append((ellipsoid(v.local(side * (v.width / 2 + 14.0 * size), 0.15 * v.height, -0.08 * v.ap), v.frame,
@@ -448,8 +449,8 @@ def build_anatomy_3d(rng: np.random.Generator) -> Anatomy3D:
     names = [v.name for v in vertebrae]
     right_side = 1.0 if rng.random() < 0.5 else -1.0
     outline, soft = _soft_tissue(vertebrae, rng, mu, right_side)
-    torso = (float(np.mean(outline["muscle"][0])) * 0.85, float(np.mean(outline["muscle"][2] - outline["muscle"][1])) * 0.4)
-    terms = _ribs(vertebrae, mu, rng, torso)
+    _, back, front = outline["muscle"]
+    terms = _ribs(vertebrae, mu, rng, float(np.mean(front - back)) * 0.4)
     l5 = vertebrae[names.index("L5")]
     crest_y = l5.centre[1] + rng.uniform(-0.9, 0.4) * l5.height
     terms += _pelvis(vertebrae, mu, rng, crest_y)
