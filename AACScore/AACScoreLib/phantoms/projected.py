@@ -36,7 +36,7 @@ from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom
 from .volume import Convex, ConeBeam, Projector, ellipsoid, elliptic_prism, intersect, rotation_matrix, tube
 
 FAMILY = "projected"
-_CODE = 2  # tells this family's random streams apart from the generator's styles
+_CODE = 2  # tells this family's random streams apart from the drawn families' (0 and 1)
 _SPACING_MM = (0.1, 0.25)
 _RENDER_MM = 0.45  # pixel of the grid the smooth anatomy is projected on before upsampling
 _MU_SOFT = 0.020  # soft tissue attenuation per mm (about 60 keV); everything else is excess over it
@@ -109,10 +109,10 @@ def _body(centre: np.ndarray, frame: np.ndarray, h_ant: float, h_post: float, ap
     def solid(inset: float, endplate: float) -> Convex:
         prism = elliptic_prism(centre + frame @ [0.0, 0.0, v_c], frame, [width / 2 - inset, half, a_v - inset])
         shape = Convex(prism.quadrics, [], prism.bounds)
-        for sign, (ha, hp) in ((-1.0, (h_ant, h_post)), (1.0, (h_ant, h_post))):
-            # plane through (u = sign*ha/2, v = ap/2) and (u = sign*hp/2, v = -ap/2); outward normal along sign*u
-            normal = np.array([0.0, sign * ap, -(ha - hp) / 2.0])
-            point = np.array([0.0, sign * (ha / 2.0 - endplate), ap / 2.0])
+        for sign in (-1.0, 1.0):
+            # plane through (u = sign*h_ant/2, v = ap/2) and (u = sign*h_post/2, v = -ap/2); outward normal ~ sign*u
+            normal = np.array([0.0, sign * ap, -(h_ant - h_post) / 2.0])
+            point = np.array([0.0, sign * (h_ant / 2.0 - endplate), ap / 2.0])
             shape = shape.cut(frame @ normal, centre + frame @ point)
         return shape.cut(frame @ [0.0, 0.0, -1.0], centre + frame @ [0.0, 0.0, -ap / 2.0 + inset])
 
@@ -151,9 +151,8 @@ def _posterior_elements(v: Vertebra3D, kind: str, mu: dict, rng: np.random.Gener
         terms.append((tube(*pedicle, (0.28 * h, rng.uniform(3.5, 5.5)), up), weight))
         terms.append((ellipsoid(v.local(side * pedicle_w * 0.95, pedicle_u + 0.12 * h, back - 4.0), v.frame,
                                 [rng.uniform(3.0, 5.0), 0.7 * h, rng.uniform(4.0, 6.0)]), weight * 0.7))
-        terms.append((tube(v.local(side * pedicle_w, pedicle_u + 0.15 * h, back - 2), v.local(0.0, pedicle_u + 0.25 * h,
-                                                                                                  back - 12),
-                           (0.33 * h, rng.uniform(2.5, 3.5)), up), weight))
+        lamina = v.local(side * pedicle_w, pedicle_u + 0.15 * h, back - 2), v.local(0.0, pedicle_u + 0.25 * h, back - 12)
+        terms.append((tube(*lamina, (0.33 * h, rng.uniform(2.5, 3.5)), up), weight))
         length = _TRANSVERSE_MM.get(v.name, 20.0) * rng.uniform(0.8, 1.2)
         thick = 1.6 if kind == "sacralised" or v.name in ("L5", "L6") else 1.0
         aim = v.local(side * (w / 2 + length), pedicle_u + 2.0, -ap / 2 - pedicle_len * (1.2 if thoracic else 0.5) - 5)
