@@ -776,14 +776,17 @@ def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, coll
 
 
 def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, spine: np.ndarray, rng: np.random.Generator):
-    """Beer–Lambert primary intensity with heel effect, scatter, quantum and electronic noise, detector blur and
-    the log transform: the log-domain image (bone high), in place of `integral`.
+    """Beer–Lambert primary intensity with beam hardening, heel effect, scatter, quantum and electronic noise,
+    detector blur and the log transform: the log-domain image (bone high), in place of `integral`.
 
     Exposure is set by the photons reaching the detector behind the spine (`spine`: a mask of its pixels). Scatter
     follows scatter-kernel superposition: each pixel's primary times its path (in attenuation lengths) spread by a
     broad kernel, scaled to a scatter-to-primary ratio behind the spine; air scatters nothing.
     """
     step = max(1, min(beam.shape) // 300)
+    # beam hardening of a polyenergetic spectrum: thick paths attenuate less per mm than thin ones
+    hardening = np.float32(rng.uniform(0.0, 0.05))
+    integral /= 1.0 + hardening * integral
     reference = float(np.median(integral[::step, ::step][spine[::step, ::step]]))
     photons = float(np.exp(rng.uniform(np.log(40.0), np.log(4000.0))))  # behind the spine, per pixel
     angle = rng.uniform(0.0, 2 * np.pi)
