@@ -1,9 +1,16 @@
 """3D Slicer module AACScore: a thin panel over AACScoreLib, which holds every behaviour.
 
 The widget binds the panel to `AACScoreLib.slicer.workflow.Workflow` (tested headless against slicer-core's scene):
-it prepares work from the scene, runs the compute part on a Python thread that a qt.QTimer polls (the pressed
-button turns into Cancel), and applies results to the scene on the main thread.
+it prepares work from the scene, sends the compute part to the worker process (`AACScoreLib.worker`: PythonSlicer
+running the models, which stay loaded between jobs), polls it with a qt.QTimer through a `JobPoller` (the pressed
+button turns into Cancel), and applies the results to the scene on the main thread. torch and nnU-Net are never
+imported into Slicer's own process.
+
+This file also runs in Slicers whose Python is too old for AACScore (5.6 and 5.8 run Python 3.9): there it only
+shows why, so it keeps to Python 3.9 syntax.
 """
+
+from __future__ import annotations
 
 import logging
 import os
@@ -44,11 +51,22 @@ class AACScore(ScriptedLoadableModule):
             "Method after Shao et al. 2025, Front Cardiovasc Med 12:1647882 (nnU-Net segmentation and an "
             "scSE-ResNet34 regression model)."
         )
-        slicer.app.connect("startupCompleted()", _onStartupCompleted)
+        slicer.app.connect("startupCompleted()", registerResources)
 
 
-def _onStartupCompleted():
-    """Terminology of L1-L5 for the Segment Editor, and the demo radiographs in Sample Data."""
+_resourcesRegistered = False
+
+
+def registerResources():
+    """Terminology of L1-L5 for the Segment Editor, and the demo radiographs in Sample Data.
+
+    Called at startup and again when the panel opens (a module added after startup never sees the
+    startupCompleted signal); registers once.
+    """
+    global _resourcesRegistered
+    if _resourcesRegistered:
+        return
+    _resourcesRegistered = True
     try:
         slicer.modules.terminologies.logic().LoadContextFromFile(TERMINOLOGY_FILE)
     except Exception:  # noqa: BLE001 - startup must go on; the segments still carry their codes
@@ -72,6 +90,7 @@ class AACScoreParameterNode:
     scorerModel: str = ""  # package path; "" = newest installed, else the bundled demo
     segmenterModel: str = ""
     raterName: str = ""
+    workerPython: str = ""  # "" = Slicer's own PythonSlicer
 
 
 class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -82,16 +101,19 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._poller = None
         self._jobButton = None
         self._jobButtonText = ""
-        self._onItem = None
         self._onDone = None
+        self._sceneGeneration = 0
         self._dependenciesReady = False
+        self._unsupported = None
         self._shownVolumeId = None
-        self._deviceMessages = {}
+        self._probe = None
+        self._probedDevice = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._pollJob)
+        self._timer.connect("timeout()", self._pollJobs)
 
     # -- set-up
 
@@ -102,6 +124,18 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AACScoreLogic()
+        registerResources()
+
+        from AACScoreLib.slicer import dependencies
+
+        self._unsupported = dependencies.unsupported_python()
+        if self._unsupported:  # Slicer 5.6/5.8: say why, instead of buttons that stay grey without a reason
+            self.ui.versionMessageLabel.text = self._unsupported
+            self.ui.versionMessageLabel.visible = True
+            for button in self._actionButtons() + [self.ui.installDependenciesButton, self.ui.checkDependenciesButton]:
+                button.enabled = False
+                button.toolTip = self._unsupported
+            return
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -114,6 +148,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scoreButton.connect("clicked(bool)", self.onScore)
         self.ui.scoreAllButton.connect("clicked(bool)", self.onScoreAll)
         self.ui.scoreFolderButton.connect("clicked(bool)", self.onScoreFolder)
+        self.ui.nextToReviewButton.connect("clicked(bool)", self.onNextToReview)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.saveRatingButton.connect("clicked(bool)", self.onSaveRating)
         self.ui.agreementButton.connect("clicked(bool)", self.onAgreement)
@@ -137,19 +172,25 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self.removeObservers()
         self._disconnectParameterNode()
+        if self.logic is not None:
+            self.logic.stopWorker()
 
     def enter(self):
-        self.initializeParameterNode()
+        if not self._unsupported:
+            self.initializeParameterNode()
 
     def exit(self):
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event):
+        """The scene goes: a running job is cancelled and whatever it still delivers is dropped."""
+        self._sceneGeneration += 1
         if self._job is not None:
             self._job.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self._shownVolumeId = None
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -158,10 +199,11 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if (volume and not volume.IsA("vtkMRMLLabelMapVolumeNode")
-                    and volume.GetAttribute("AACScore.Role") != "heatmap"):
-                self._parameterNode.inputVolume = volume
+            from AACScoreLib.slicer.workflow import radiograph_volumes
+
+            volumes = radiograph_volumes(slicer.mrmlScene)
+            if volumes:
+                self._parameterNode.inputVolume = volumes[0]
 
     def setParameterNode(self, inputParameterNode):
         self._disconnectParameterNode()
@@ -181,19 +223,21 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         volume = parameters.inputVolume if parameters else None
         idle = self._job is None and self._dependenciesReady
-        for button in (self.ui.segmentButton, self.ui.scoreButton, self.ui.saveRatingButton):
+        for button in (self.ui.segmentButton, self.ui.scoreButton, self.ui.saveRatingButton, self.ui.editButton):
             if button is not self._jobButton:
                 button.enabled = idle and volume is not None
-        self.ui.editButton.enabled = idle and volume is not None
-        if not self._dependenciesReady:
+        if not self._dependenciesReady or parameters is None:
             return
+        self.logic.setWorkerPython(parameters.workerPython)
         volumeId = volume.GetID() if volume is not None else None
         if volumeId != self._shownVolumeId:  # another radiograph: its own segmentation and ratings
             self._shownVolumeId = volumeId
             self._onVolumeChanged(volume)
-        self._showHeatmapOpacity()
+        from AACScoreLib.slicer import scene as aac_scene
+
+        aac_scene.set_heatmap_opacity(slicer.mrmlScene, parameters.heatmapOpacity)
         self._showStoredResult()
-        self.ui.deviceStatusLabel.text = self._deviceMessage()
+        self._probeDevice()
 
     def _onVolumeChanged(self, volume):
         """Another radiograph chosen: select its segmentation, show it with its heatmap, load the rating."""
@@ -208,19 +252,26 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              foregroundOpacity=self._parameterNode.heatmapOpacity, fit=True)
         self._showRating()
 
-    # -- background jobs: the pressed button becomes Cancel
+    # -- jobs: the pressed button becomes Cancel; every other action waits
 
-    def _run(self, button, work, onDone=None, onItem=None):
-        """Run `work(job)` on a thread; here, `onItem(item)` applies each delivered item and `onDone(job)` the
-        end (not after a cancel unless `onDone.runsWhenCancelled`)."""
-        from AACScoreLib.slicer.workflow import Job
+    def _run(self, button, job, onDone=None, onItem=None, runsWhenCancelled=False):
+        """Poll `job` (a WorkerJob, or a Job on a thread); `onItem(item)` applies each delivered item and
+        `onDone(job)` the end (after a cancel too when `runsWhenCancelled`)."""
+        from AACScoreLib.slicer.workflow import JobPoller
 
-        self._job = Job(work).start()
+        generation = self._sceneGeneration
+
+        def applyItem(item):
+            if generation == self._sceneGeneration:  # not into a scene opened after the job started
+                onItem(item)
+
+        self._job = job
+        self._poller = JobPoller(job, applyItem if onItem is not None else None)
         self._jobButton, self._jobButtonText = button, button.text
-        self._onItem, self._onDone = onItem, onDone
+        self._onDone = (onDone, runsWhenCancelled, generation)
         button.text = "Cancel"
         button.enabled = True
-        self._setActionsEnabled(False)
+        self._setBusy(True)
         self.ui.progressBar.value = 0
         self.ui.progressBar.visible = True
         self._timer.start()
@@ -234,45 +285,63 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobButton.enabled = False
         return True
 
-    def _pollJob(self):
-        job = self._job
-        if job is None:
-            self._timer.stop()
+    def _pollJobs(self):
+        for line in self.logic.takeWorkerLog():
+            logging.info("AACScore worker: %s", line)
+        self._pollProbe()
+        poller = self._poller
+        if poller is None:
+            if self._probe is None:
+                self._timer.stop()
             return
-        fraction, text, items, done = job.poll()
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = text
-        for item in items:
-            with slicer.util.tryWithErrorDisplay("Could not put a result into the scene.", waitCursor=False):
-                self._onItem(item)
+        done = poller.poll()
+        self.ui.progressBar.value = int(round(100 * poller.fraction))
+        self.ui.statusLabel.text = poller.text
         if not done:
             return
-        self._timer.stop()
-        self._job = None
+        job = self._job
+        onDone, runsWhenCancelled, generation = self._onDone
+        self._job, self._poller, self._onDone = None, None, None  # before any dialog: its event loop polls too
         self._jobButton.text = self._jobButtonText
         self._jobButton = None
         self.ui.progressBar.visible = False
-        self._setActionsEnabled(True)
-        self._updateFromParameterNode()
+        self._setBusy(False)
+        self.checkDependencies()  # sets every button as the packages and the chosen radiograph allow
+        if poller.problems:
+            slicer.util.warningDisplay(f"{len(poller.problems)} result(s) could not be put into the scene.",
+                                       detailedText="\n".join(poller.problems))
         if job.error is not None:
             self.ui.statusLabel.text = "Failed."
-            details = "".join(traceback.format_exception(type(job.error), job.error, job.error.__traceback__))
+            details = getattr(job.error, "details", "") or "".join(
+                traceback.format_exception(type(job.error), job.error, job.error.__traceback__))
             slicer.util.errorDisplay(str(job.error), detailedText=details)
+            return
+        if generation != self._sceneGeneration:
+            self.ui.statusLabel.text = "The scene was closed; the job's results were dropped."
             return
         if job.cancelled:
             self.ui.statusLabel.text = "Cancelled."
-            if not getattr(self._onDone, "runsWhenCancelled", False):
+            if not runsWhenCancelled:
                 return
-        if self._onDone is not None:
+        if onDone is not None:
             with slicer.util.tryWithErrorDisplay("Could not put the result into the scene.", waitCursor=True):
-                self._onDone(job)
+                onDone(job)
 
-    def _setActionsEnabled(self, enabled):
-        for button in (self.ui.loadFilesButton, self.ui.loadFolderButton, self.ui.segmentButton,
-                       self.ui.editButton, self.ui.scoreButton, self.ui.scoreAllButton, self.ui.scoreFolderButton,
-                       self.ui.installModelButton):
-            if button is not self._jobButton:
-                button.enabled = enabled
+    def _actionButtons(self):
+        return [self.ui.loadFilesButton, self.ui.loadFolderButton, self.ui.dicomButton, self.ui.segmentButton,
+                self.ui.editButton, self.ui.scoreButton, self.ui.scoreAllButton, self.ui.scoreFolderButton,
+                self.ui.nextToReviewButton, self.ui.installModelButton, self.ui.verifyModelsButton,
+                self.ui.saveRatingButton, self.ui.agreementButton, self.ui.exportCsvButton]
+
+    def _setBusy(self, busy):
+        """While a job runs, nothing else can start and the choices it was started with cannot change."""
+        for widget in self._actionButtons() + [
+                self.ui.inputVolumeSelector, self.ui.segmentationSelector, self.ui.deviceComboBox,
+                self.ui.scorerModelComboBox, self.ui.segmenterModelComboBox, self.ui.workerPythonLineEdit,
+                self.ui.installDependenciesButton, self.ui.checkDependenciesButton]:
+            if widget is not self._jobButton:
+                widget.enabled = not busy and (self._dependenciesReady or widget in (
+                    self.ui.installDependenciesButton, self.ui.checkDependenciesButton, self.ui.dicomButton))
 
     # -- loading
 
@@ -289,10 +358,10 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._load(self.ui.loadFolderButton, [folder])
 
     def _load(self, button, paths, then=None):
-        """Read the files on a thread, add each as a volume here; then `then(volumes)`."""
+        """Read the files on a thread (pydicom and Pillow only), add each as a volume here; then `then(volumes)`."""
         if self._cancelRunningJob():
             return
-        from AACScoreLib.slicer.workflow import radiograph_files, read_work
+        from AACScoreLib.slicer.workflow import Job, radiograph_files, read_work
 
         files = []
         with slicer.util.tryWithErrorDisplay("Could not list the radiographs.", waitCursor=True):
@@ -321,7 +390,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if then is not None:
                 then(volumes)
 
-        self._run(button, read_work(files), done, add)
+        self._run(button, Job(read_work(files)).start(), done, add)
 
     # -- segment, edit, score
 
@@ -351,8 +420,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showSegmentation(volume, outcome.segmentation)
                 self.ui.statusLabel.text = f"Segmentation {outcome.status}. {outcome.message}".strip()
 
-            self._run(self.ui.segmentButton,
-                      lambda job: wf.compute_segment(request, job.report, job.is_cancelled), done)
+            self._run(self.ui.segmentButton, wf.start_segment(request), done)
 
     def onEditSegments(self):
         with slicer.util.tryWithErrorDisplay("Cannot open the Segment Editor.", waitCursor=True):
@@ -363,10 +431,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editor.setSegmentationNode(segmentation)
-            if hasattr(editor, "setSourceVolumeNode"):
-                editor.setSourceVolumeNode(volume)
-            else:  # Slicer before 5.4
-                editor.setMasterVolumeNode(volume)
+            editor.setSourceVolumeNode(volume)
 
     def onScore(self):
         if self._cancelRunningJob():
@@ -377,50 +442,69 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = wf.prepare_score(volume, self._parameterNode.segmentation)
 
             def done(job):
-                outcome = wf.apply_score(request, job.result)
+                outcome = wf.apply_score(request, *job.result)
                 self._showScore(volume, outcome)
 
-            self._run(self.ui.scoreButton,
-                      lambda job: wf.compute_score(request, job.report, job.is_cancelled), done)
+            self._run(self.ui.scoreButton, wf.start_score(request), done)
 
-    # -- batch
+    # -- batch and review
 
     def onScoreAll(self):
         if self._cancelRunningJob():
             return
         from AACScoreLib.slicer.workflow import radiograph_volumes
 
-        self._scoreBatch(self.ui.scoreAllButton, radiograph_volumes(slicer.mrmlScene))
-
-    def onScoreFolder(self):
-        if self._cancelRunningJob():
-            return
-        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Score every radiograph in a folder")
-        if folder:
-            self._load(self.ui.scoreFolderButton, [folder],
-                       then=lambda volumes: self._scoreBatch(self.ui.scoreFolderButton, volumes))
-
-    def _scoreBatch(self, button, volumes):
-        from AACScoreLib.slicer.workflow import BatchOutcome
-
         with slicer.util.tryWithErrorDisplay("Batch scoring failed.", waitCursor=True):
+            volumes = radiograph_volumes(slicer.mrmlScene)
             if not volumes:
                 raise ValueError("No radiographs to score.")
             wf = self.logic.workflow(self._parameterNode)
             requests, problems = wf.prepare_batch(volumes)
             outcomes = [wf.record_problem(volume, message) for volume, message in problems]
-            total = len(volumes)
+            self._runBatch(self.ui.scoreAllButton, wf, wf.start_batch(requests), outcomes, len(volumes))
 
-            def apply(item):
-                outcomes.append(wf.apply_score(*item))
+    def onScoreFolder(self):
+        """Score the files without loading them: the table gets a row each; flagged ones load on review."""
+        if self._cancelRunningJob():
+            return
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Score every radiograph in a folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Batch scoring failed.", waitCursor=True):
+            wf = self.logic.workflow(self._parameterNode)
+            requests = wf.prepare_files([folder])
+            if not requests:
+                raise ValueError(f"No radiographs found in {folder}.")
+            self._runBatch(self.ui.scoreFolderButton, wf, wf.start_batch(requests, heatmap=False), [], len(requests))
 
-            def done(job):
-                batch = BatchOutcome(outcomes, total, job.cancelled)
-                self.ui.statusLabel.text = batch.message
-                self._showTable()
+    def _runBatch(self, button, wf, job, outcomes, total):
+        from AACScoreLib.slicer.workflow import BatchOutcome
 
-            done.runsWhenCancelled = True
-            self._run(button, wf.batch_work(requests), done, apply)
+        def done(job):
+            self.ui.statusLabel.text = BatchOutcome(outcomes, total, job.cancelled).message
+            self._showResultsLayout()
+
+        self._run(button, job, done, lambda item: outcomes.append(wf.apply_score(*item)), runsWhenCancelled=True)
+
+    def onNextToReview(self):
+        """Select the next radiograph whose result QC flagged (loading it when only its row is in the scene)."""
+        from AACScoreLib.slicer.workflow import radiograph_key
+
+        with slicer.util.tryWithErrorDisplay("Could not show the next result to review.", waitCursor=True):
+            wf = self.logic.workflow(self._parameterNode)
+            current = self._parameterNode.inputVolume
+            row = wf.next_to_review(radiograph_key(current) if current is not None else None)
+            if row is None:
+                self.ui.statusLabel.text = "No result is flagged for review."
+                return
+            volume = wf.volume_for_file(row["file"])
+            if volume is not None:
+                self._parameterNode.inputVolume = volume
+                self._showResultsLayout()
+            elif os.path.isfile(row["file"]):
+                self._load(self.ui.nextToReviewButton, [row["file"]], then=lambda volumes: self._showResultsLayout())
+            else:
+                raise ValueError(f"{row['file']}: flagged, but neither in the scene nor on disk.")
 
     def onExportCsv(self):
         path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export the results table", "results.csv",
@@ -454,7 +538,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             subscores = {column: spinBox.value for column, spinBox in zip(SUBSCORE_COLUMNS, self._raterSpinBoxes())}
             self.logic.workflow().save_rating(self._volume(), self._parameterNode.raterName, subscores)
             self.ui.statusLabel.text = f"Rating by {self._parameterNode.raterName.strip()} saved."
-            self._showTable()
+            self._showResultsLayout()
 
     def onAgreement(self):
         with slicer.util.tryWithErrorDisplay("Could not compute agreement.", waitCursor=True):
@@ -466,7 +550,9 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- showing results
 
     def _showSegmentation(self, volume, segmentation):
-        if segmentation is None:
+        """Show a job's segmentation, only if its radiograph is still the chosen one (the person may have chosen
+        another while the job ran; attaching it there would score one radiograph with another's vertebrae)."""
+        if segmentation is None or self._parameterNode.inputVolume is not volume:
             return
         self._parameterNode.segmentation = segmentation
         display = segmentation.GetDisplayNode()
@@ -477,25 +563,27 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showScore(self, volume, outcome):
         result = outcome.result
-        if outcome.segmentation is not None:
-            self._showSegmentation(volume, outcome.segmentation)
+        self._showSegmentation(volume, outcome.segmentation)
         if result.status == "error":
             self.ui.statusLabel.text = f"Not scored: {result.message}"
         else:
             extra = "  (heatmap all zero: nothing in the model's attention)" if result.heatmap_all_zero else ""
             self.ui.statusLabel.text = (f"Scored ({result.status}). {result.message}".strip() + extra)
-        if outcome.heatmap is not None:
+        if outcome.heatmap is not None and self._parameterNode.inputVolume is volume:
             slicer.util.setSliceViewerLayers(background=volume, foreground=outcome.heatmap,
                                              foregroundOpacity=self._parameterNode.heatmapOpacity)
+        self._showResultsLayout()
         self._showStoredResult()
 
     def _showStoredResult(self):
-        """Total, category (in its colour) and subscores of the model's row for the current radiograph."""
+        """Total, category (in its colour), QC verdict with interval and reasons, and subscores of the model's row
+        for the current radiograph."""
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         row = None
         if volume is not None and slicer.mrmlScene.GetFirstNodeByName("AACScore results") is not None:
             row = self.logic.workflow().rating(volume, "model")
         from AACScoreLib.kauppila import CATEGORY_COLORS
+        from AACScoreLib.slicer.workflow import is_flagged, qc_text
 
         total = row["aac24"] if row else None
         self.ui.resultTotalLabel.text = "–" if total is None else f"{total:.1f}"
@@ -503,41 +591,66 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultCategoryLabel.text = category
         self.ui.resultCategoryLabel.setStyleSheet(
             f"color: {CATEGORY_COLORS[category]}; font-weight: bold" if category in CATEGORY_COLORS else "")
+        verdict, reasons = qc_text(row)
+        self.ui.resultQcLabel.text = verdict
+        self.ui.resultQcLabel.setStyleSheet("color: #c0392b; font-weight: bold" if row and is_flagged(row) else "")
+        self.ui.resultQcReasonsLabel.text = reasons
         for index, column in enumerate(SUBSCORE_COLUMNS):
             value = row[column] if row else None
             item = qt.QTableWidgetItem("" if value is None else f"{value:.1f}")
             item.setTextAlignment(qt.Qt.AlignCenter)
             self.ui.subscoreTable.setItem(index % 2, index // 2, item)
 
-    def _showHeatmapOpacity(self):
-        if self._parameterNode is None:
-            return
-        layout = slicer.app.layoutManager()
-        if layout is None:
-            return
-        for name in layout.sliceViewNames():
-            composite = layout.sliceWidget(name).mrmlSliceCompositeNode()
-            if composite.GetForegroundVolumeID():
-                composite.SetForegroundOpacity(self._parameterNode.heatmapOpacity)
+    def _showResultsLayout(self):
+        """The Red slice view alone above the results table (sortable, e.g. by QC verdict)."""
+        from AACScoreLib.slicer import scene as aac_scene
 
-    def _showTable(self):
+        layoutManager = slicer.app.layoutManager()
         table = self.logic.workflow().results_table()
+        if layoutManager is not None:
+            layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+            if not layoutNode.IsLayoutDescription(aac_scene.RESULTS_LAYOUT_ID):
+                layoutNode.AddLayoutDescription(aac_scene.RESULTS_LAYOUT_ID, aac_scene.RESULTS_LAYOUT_XML)
+            layoutManager.setLayout(aac_scene.RESULTS_LAYOUT_ID)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
+        if layoutManager is not None and layoutManager.tableWidget(0) is not None:
+            layoutManager.tableWidget(0).tableView().setSortingEnabled(True)
 
     # -- settings
 
-    def _deviceMessage(self):
-        """What the chosen device means here (probed once per choice: the probe imports torch)."""
+    def _probeDevice(self):
+        """Ask the worker which device the chosen setting gives (it imports torch; Slicer never does)."""
         device = self._parameterNode.device if self._parameterNode else None
-        if device is not None and device not in self._deviceMessages:
-            from AACScoreLib.devices import device_choice
+        if device is None or device == self._probedDevice or self._probe is not None:
+            return
+        self._probedDevice = device
+        self.ui.deviceStatusLabel.text = "Asking the worker process…"
+        try:
+            self._probe = self.logic.workflow(self._parameterNode).start_probe()
+        except Exception as error:  # noqa: BLE001 - e.g. PythonSlicer missing: say it, do not break the panel
+            self.ui.deviceStatusLabel.text = f"The worker process cannot start: {error}"
+            return
+        self._timer.start()
 
-            self._deviceMessages[device] = device_choice(device)[1]
-        return self._deviceMessages.get(device, "")
+    def _pollProbe(self):
+        probe = self._probe
+        if probe is None:
+            return
+        probe.poll()
+        if not probe.done:
+            return
+        self._probe = None
+        if probe.error is not None:
+            self.ui.deviceStatusLabel.text = f"The worker process failed: {probe.error}"
+            self._probedDevice = None  # ask again on the next change
+        elif not probe.cancelled:
+            self.ui.deviceStatusLabel.text = probe.result["message"]
+        if self._parameterNode is not None and self._parameterNode.device != self._probedDevice:
+            self._probeDevice()  # the choice changed meanwhile
 
     def checkDependencies(self):
-        """True when every pinned package is installed; otherwise says what is missing."""
+        """True when every pinned package is installed; otherwise says what is missing (no import of them)."""
         from AACScoreLib.slicer import dependencies
 
         missing = dependencies.missing_requirements()
@@ -546,31 +659,70 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "All pinned packages installed." if not missing else
             "Missing or different: " + ", ".join(missing))
         self._dependenciesReady = not absent
-        self.ui.installDependenciesButton.enabled = bool(absent)
-        for button in (self.ui.segmentButton, self.ui.scoreButton, self.ui.scoreAllButton,
-                       self.ui.scoreFolderButton, self.ui.loadFilesButton, self.ui.loadFolderButton):
-            button.enabled = not absent
+        self.ui.installDependenciesButton.enabled = bool(absent) and self._job is None
+        for button in self._actionButtons():
+            if button is not self._jobButton and button is not self.ui.dicomButton:
+                button.enabled = not absent and self._job is None
+                button.toolTip = "" if not absent else "Install the missing Python packages first (Settings)."
         if absent:
             self.ui.settingsCollapsibleButton.collapsed = False
+        self._updateFromParameterNode()
         return not absent
 
-    def onInstallDependencies(self):
-        from AACScoreLib.slicer import dependencies
+    def _pyTorchUtils(self):
+        """The PyTorch extension's logic (how the anchors install torch), or None when it is not installed."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            return None
+        return PyTorchUtils.PyTorchUtilsLogic()
 
+    def onInstallDependencies(self):
+        """torch first through PyTorchUtils (the build for this computer's GPU), then the rest with pip in a
+        subprocess, Slicer's own packages held at their versions; every other action waits meanwhile."""
+        from AACScoreLib.slicer import dependencies
+        from AACScoreLib.slicer.workflow import Job
+
+        torchUtils = self._pyTorchUtils()
+        torchAbsent = any(line.startswith("torch==") and "not installed" in line
+                          for line in dependencies.missing_requirements())
         constraints = os.path.join(slicer.app.temporaryPath, "AACScore-constraints.txt")
-        calls = dependencies.pip_install_arguments(constraints)
-        if not calls:
+        calls = dependencies.pip_install_arguments(constraints, without_torch=torchUtils is not None)
+        steps = [f"PyTorch {dependencies.TORCH_RANGES['torch']} through the PyTorch extension"] \
+            if torchAbsent and torchUtils is not None else []
+        steps += ["pip install " + " ".join(call) for call in calls]
+        if not steps:
             self.checkDependencies()
             return
-        text = "\n".join("pip install " + " ".join(call) for call in calls)
         if not slicer.util.confirmOkCancelDisplay(
                 "Install AACScore's Python packages into Slicer's Python? This downloads up to a few GB and "
-                "never replaces Slicer's own packages.", detailedText=text, windowTitle="AAC Score"):
+                "never replaces Slicer's own packages.", detailedText="\n".join(steps), windowTitle="AAC Score"):
             return
-        with slicer.util.tryWithErrorDisplay("Installing the packages failed.", waitCursor=True):
-            dependencies.install_missing(constraints, slicer.util.pip_install, logging.info)
-        if self.checkDependencies():
-            self._refreshModels()
+        self._setBusy(True)
+        try:
+            if torchAbsent and torchUtils is not None:
+                self.ui.statusLabel.text = "Installing PyTorch through the PyTorch extension…"
+                with slicer.util.tryWithErrorDisplay("Installing PyTorch failed.", waitCursor=True):
+                    if torchUtils.installTorch(askConfirmation=False,
+                                               torchVersionRequirement=dependencies.TORCH_RANGES["torch"],
+                                               torchvisionVersionRequirement=dependencies.TORCH_RANGES["torchvision"]
+                                               ) is None:
+                        raise RuntimeError("PyTorch was not installed.")
+                # the rest is resolved against the torch now installed, which pip must keep
+                calls = dependencies.pip_install_arguments(constraints, without_torch=True)
+        finally:
+            self._setBusy(False)
+
+        def done(job):
+            self.ui.statusLabel.text = "Packages installed."
+            if self.checkDependencies():
+                self._refreshModels()
+                self.logic.stopWorker()  # the next job starts a worker that sees the new packages
+
+        if calls:
+            self._run(self.ui.installDependenciesButton, Job(dependencies.pip_work(calls)).start(), done)
+        else:
+            self.checkDependencies()
 
     def _refreshModels(self):
         from AACScoreLib import packages
@@ -606,14 +758,18 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "…or a model package folder")
         if not path:
             return
-        from AACScoreLib import models
 
         def done(job):
-            package = job.result
-            self.ui.statusLabel.text = f"Installed {package.kind} {package.name} {package.version}."
+            if job.cancelled:  # the worker was stopped: the package is installed only if it got that far
+                self.ui.statusLabel.text = "Cancelled before the install finished; the model list shows what is there."
+            else:
+                package = job.result
+                self.ui.statusLabel.text = f"Installed {package['kind']} {package['name']} {package['version']}."
             self._refreshModels()
 
-        self._run(self.ui.installModelButton, lambda job: models.install_model(path), done)
+        with slicer.util.tryWithErrorDisplay("Could not install the model.", waitCursor=True):
+            job = self.logic.workflow(self._parameterNode).start_install_model(path)
+            self._run(self.ui.installModelButton, job, done, runsWhenCancelled=True)
 
     def onVerifyModels(self):
         from AACScoreLib import packages
@@ -632,21 +788,47 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class AACScoreLogic(ScriptedLoadableModuleLogic):
-    """Entry point for scripts inside Slicer; every behaviour is AACScoreLib.slicer.workflow.Workflow's."""
+    """Entry point for scripts inside Slicer; every behaviour is AACScoreLib.slicer.workflow.Workflow's.
+
+    Holds the worker process (one per Slicer session, kept across scenes so the models stay loaded)."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._workflow = None
+        self._worker = None
+        self._workerPython = ""
 
     def getParameterNode(self):
         return AACScoreParameterNode(super().getParameterNode())
 
+    def worker(self):
+        from AACScoreLib.worker.client import WorkerClient
+
+        if self._worker is None:
+            self._worker = WorkerClient(self._workerPython or None, temporary_dir=slicer.app.temporaryPath)
+        return self._worker
+
+    def setWorkerPython(self, python):
+        """Use another Python for the worker (an environment holding the packages); "" for PythonSlicer."""
+        if (python or "") != self._workerPython:
+            self._workerPython = python or ""
+            self.stopWorker()
+
+    def stopWorker(self):
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+            self._workflow = None
+
+    def takeWorkerLog(self):
+        return self._worker.take_log() if self._worker is not None else []
+
     def workflow(self, parameters=None):
-        """The scene's Workflow (models stay loaded between calls), configured from the parameters if given."""
+        """The scene's Workflow, running its jobs in the worker, configured from the parameters if given."""
         from AACScoreLib.slicer.workflow import Workflow
 
         if self._workflow is None or self._workflow.scene is not slicer.mrmlScene:
-            self._workflow = Workflow(slicer.mrmlScene)
+            self._workflow = Workflow(slicer.mrmlScene, worker=self.worker())
         if parameters is not None:
             self._workflow.configure(parameters.scorerModel or None, parameters.segmenterModel or None,
                                      parameters.device)
@@ -658,14 +840,48 @@ class AACScoreLogic(ScriptedLoadableModuleLogic):
 
 
 class AACScoreTest(ScriptedLoadableModuleTest):
-    """The whole flow inside Slicer on a demo radiograph: load, segment, score, table, heatmap, .mrb."""
+    """Inside Slicer: the scene side on a demo radiograph always; the whole flow (worker, models) only where
+    AACScore's packages are installed, as TotalSegmentator gates its logic test: the extension build machines
+    that run this test have no PyTorch."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from AACScoreLib.slicer import dependencies
+
+        self.setUp()
+        self.test_sample_data_and_results_view()
+        unsupported = dependencies.unsupported_python()
+        absent = [line for line in dependencies.missing_requirements() if "not installed" in line]
+        if unsupported or absent:
+            self.delayDisplay("Skipping the scoring test: " + (unsupported or "not installed: " + ", ".join(absent)))
+            return
         self.setUp()
         self.test_whole_flow_on_sample_data()
+
+    def test_sample_data_and_results_view(self):
+        import SampleData
+
+        from AACScoreLib.slicer import sample_data
+        from AACScoreLib.slicer import scene as aac_scene
+        from AACScoreLib.slicer.workflow import Workflow
+
+        self.delayDisplay("Loading a demo radiograph")
+        registerResources()
+        names = sample_data.register(SampleData.SampleDataLogic)
+        volume = SampleData.downloadSample(names[0])
+        self.assertIsNotNone(volume)
+        workflow = Workflow(slicer.mrmlScene, worker=None)
+        workflow.save_rating(volume, "Tester", dict.fromkeys(SUBSCORE_COLUMNS, 1))
+        self.assertEqual(workflow.rating(volume, "Tester")["aac24"], 8.0)
+        self.assertEqual(aac_scene.heatmap_color_node(slicer.mrmlScene).GetID(), aac_scene.SLICER_INFERNO_ID)
+        layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(aac_scene.RESULTS_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(aac_scene.RESULTS_LAYOUT_ID, aac_scene.RESULTS_LAYOUT_XML)
+        slicer.app.layoutManager().setLayout(aac_scene.RESULTS_LAYOUT_ID)
+        self.assertEqual(list(slicer.app.layoutManager().sliceViewNames()), ["Red"])
+        self.assertIsNotNone(slicer.app.layoutManager().tableWidget(0))
 
     def test_whole_flow_on_sample_data(self):
         import SampleData
@@ -680,7 +896,7 @@ class AACScoreTest(ScriptedLoadableModuleTest):
         volume = SampleData.downloadSample(names[0])
         self.assertIsNotNone(volume)
 
-        self.delayDisplay("Segmenting L1-L5")
+        self.delayDisplay("Segmenting L1-L5 in the worker process")
         workflow = Workflow(slicer.mrmlScene)
         outcome = workflow.segment(volume)
         self.assertEqual(outcome.status, "created", outcome.message)
@@ -720,4 +936,5 @@ class AACScoreTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(heatmaps), 1)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode"), 5)
         os.remove(path)
+        workflow.worker.stop()
         self.delayDisplay("Test passed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -49,11 +50,29 @@ def run_command(program: str, args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except AACScoreError as error:
-        print(f"{program} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        say(f"{program} {args.command}: error: {error}")
+        return error.exit_code
     except KeyboardInterrupt:
-        print(f"{program} {args.command}: interrupted", file=sys.stderr)
+        say(f"{program} {args.command}: interrupted")
         return 130
+
+
+def say(text: str, stream=None, end: str = "\n"):
+    """Print to stderr (or `stream`) and return the stream to use next: a stream whose reader has gone (piped into
+    `head`, which exited) is pointed at the null device, so the run's outcome and exit code stay its own."""
+    stream = stream or sys.stderr
+    try:
+        print(text, end=end, file=stream, flush=True)
+        return stream
+    except (BrokenPipeError, ValueError):
+        pass
+    try:  # the same file descriptor, now writing nowhere: the flush at exit succeeds too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return stream
+    except (AttributeError, OSError, ValueError):
+        return open(os.devnull, "w")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 class AACScoreError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose; `exit_code` is what the command line exits with."""
+
+    exit_code = 2
 
 
 class RadiographError(AACScoreError):
@@ -35,3 +37,14 @@ class Cancelled(AACScoreError):
 
 class DeviceError(AACScoreError, ValueError):
     """The requested compute device is unknown (a bad value, hence ValueError too) or cannot be used."""
+
+
+class OutputError(AACScoreError, OSError):
+    """An output cannot be written (read-only folder, a file where a folder should be, disk full); also an OSError
+    so that callers catching write failures see it as one."""
+
+
+class OutputBusy(AACScoreError):
+    """Another run holds the output folder's lock; exit code 75 (EX_TEMPFAIL) so job scripts can retry later."""
+
+    exit_code = 75

@@ -11,6 +11,7 @@ SCORED_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4")
 WALLS: tuple[str, ...] = ("A", "P")  # anterior and posterior aortic wall
 SUBSCORE_COLUMNS: tuple[str, ...] = tuple(f"{level}{wall}" for level in SCORED_LEVELS for wall in WALLS)
 MAX_TOTAL = 24
+MAX_SUBSCORE = 3  # per wall and segment
 
 CATEGORIES: tuple[str, ...] = ("no/mild", "moderate", "severe")
 CATEGORY_RANGES: dict[str, tuple[int, int]] = {"no/mild": (0, 4), "moderate": (5, 15), "severe": (16, 24)}

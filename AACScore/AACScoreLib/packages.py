@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import zipfile
@@ -29,8 +30,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from .errors import ModelPackageError
+from .io.checksums import sha256_file
 
 MANIFEST = "manifest.json"
+MANIFEST_SEAL = "manifest.sha256"
+"""Written beside the manifest on install (and by `write_package`): the sha256 of the manifest's bytes, so that an
+edited manifest (another input size, say) is refused at load, as an edited weights file is."""
 KINDS = ("segmenter", "scorer")
 BUNDLED_MODELS = Path(__file__).parents[1] / "Resources" / "Models"
 # Files of these types drive loading, so one that the manifest does not pin is refused rather than ignored.
@@ -67,6 +72,13 @@ class ModelPackage:
     kind: str
     path: Path
     manifest: dict
+    manifest_sha256: str = ""
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the manifest, which pins the sha256 of every weights file: two packages with the same name and
+        version but other weights or settings have different identities."""
+        return self.manifest_sha256
 
     @property
     def files(self) -> dict[str, str]:
@@ -80,6 +92,12 @@ class ModelPackage:
 
     def __str__(self) -> str:
         return f"{self.name}=={self.version} ({self.kind}, {self.path})"
+
+
+def timestamped_version(base: str) -> str:
+    """`base+YYYYMMDD.HHMMSS` (UTC): the default version of a trained package, so that two trainings never share
+    a name and version (results.csv and installs tell packages apart by content too, but people read versions)."""
+    return f"{base}+{time.strftime('%Y%m%d.%H%M%S', time.gmtime())}"
 
 
 def models_home() -> Path:
@@ -151,20 +169,22 @@ def _parse_manifest(data: bytes, where: str | Path) -> dict:
     return validate_manifest(manifest, where)
 
 
-def _package(manifest: dict, path: Path) -> ModelPackage:
-    return ModelPackage(manifest["name"], manifest["version"], manifest["kind"], Path(path), manifest)
+def _package(manifest: dict, path: Path, manifest_bytes: bytes = b"") -> ModelPackage:
+    return ModelPackage(manifest["name"], manifest["version"], manifest["kind"], Path(path), manifest,
+                        hashlib.sha256(manifest_bytes).hexdigest() if manifest_bytes else "")
+
+
+def _check_seal(package: ModelPackage, seal: bytes | None) -> None:
+    """Refuse a manifest changed since the package was sealed (a package without a seal is taken as it is)."""
+    if seal is None:
+        return
+    expected = seal.decode("ascii", "replace").split()[0] if seal.strip() else ""
+    if expected != package.manifest_sha256:
+        raise ModelPackageError(f"{package.path}: {MANIFEST} was changed after the package was written (its sha256 "
+                                f"does not match {MANIFEST_SEAL}); refused - reinstall the package")
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file, read in chunks so that large weights need little memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checksum_error(where: str | Path, relpath: str, expected: str, got: str) -> ModelPackageError:
@@ -219,27 +239,46 @@ def read_package(path: str | Path) -> ModelPackage:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise ModelPackageError(f"{path}: no {MANIFEST}; not a model package")
-        return _package(_parse_manifest(manifest_path.read_bytes(), path), path)
+        data = manifest_path.read_bytes()
+        return _package(_parse_manifest(data, path), path, data)
     if path.is_file():
         with _open_zip(path) as archive:
             root = _zip_root(archive, path)
-            return _package(_parse_manifest(archive.read(root + MANIFEST), path), path)
+            data = archive.read(root + MANIFEST)
+            return _package(_parse_manifest(data, path), path, data)
     raise ModelPackageError(f"{path}: no such package folder or zip")
+
+
+def _read_seal(package: ModelPackage) -> bytes | None:
+    try:
+        if package.path.is_dir():
+            seal = package.path / MANIFEST_SEAL
+            return seal.read_bytes() if seal.is_file() else None
+        with _open_zip(package.path) as archive:
+            name = _zip_root(archive, package.path) + MANIFEST_SEAL
+            return archive.read(name) if name in archive.namelist() else None
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise ModelPackageError(f"{package.path}: {MANIFEST_SEAL}: cannot be read ({error})") from None
+
+
+def _inside(package_dir: Path, relpath: str) -> Path:
+    """The file of a folder package, refused when it (or a link on its way) points outside the package."""
+    file = package_dir / relpath
+    if package_dir.resolve() not in file.resolve().parents:
+        raise ModelPackageError(f"{package_dir}: {relpath}: links outside the package (refused)")
+    return file
 
 
 def verify_package(path: str | Path) -> ModelPackage:
     """Check every listed file exists and matches its sha256, and no unlisted weights or JSON lie beside them."""
     package = read_package(path)
+    _check_seal(package, _read_seal(package))
     path = package.path
     if path.is_dir():
-        root = path.resolve()
         for relpath, expected in package.files.items():
-            file = path / relpath
-            if not file.is_file():
+            if not (path / relpath).is_file():
                 raise ModelPackageError(f"{path}: {relpath}: listed in the manifest but missing")
-            if root not in file.resolve().parents:
-                raise ModelPackageError(f"{path}: {relpath}: links outside the package (refused)")
-            got = sha256_file(file)
+            got = sha256_file(_inside(path, relpath))
             if got != expected:
                 raise _checksum_error(path, relpath, expected, got)
         present = {file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()}
@@ -265,13 +304,15 @@ def verify_package(path: str | Path) -> ModelPackage:
 
 
 def read_verified(package: ModelPackage, relpath: str) -> bytes:
-    """The bytes of one package file, after checking them against the manifest's sha256."""
+    """The bytes of one package file, after checking them against the manifest's sha256 and the manifest against
+    its seal."""
     expected = package.files.get(relpath)
     if expected is None:
         raise ModelPackageError(f"{package.path}: {relpath}: not listed in the manifest")
+    _check_seal(package, _read_seal(package))
     try:
         if package.path.is_dir():
-            data = (package.path / relpath).read_bytes()
+            data = _inside(package.path, relpath).read_bytes()
         else:
             with _open_zip(package.path) as archive:
                 data = archive.read(_zip_root(archive, package.path) + relpath)
@@ -335,11 +376,17 @@ def write_package(out_dir: str | Path, manifest: dict, files: dict[str, Path | b
             else:
                 shutil.copyfile(content, target)
             manifest["files"][relpath] = sha256_file(target)
-        (build / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+        (build / MANIFEST).write_bytes(data)
+        _write_seal(build, data)
         _replace_dir(build, out_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return _package(manifest, out_dir)
+    return _package(manifest, out_dir, data)
+
+
+def _write_seal(folder: Path, manifest_bytes: bytes) -> None:
+    (folder / MANIFEST_SEAL).write_text(f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n", "ascii")
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -466,9 +513,15 @@ def install_package(
         for relpath in [MANIFEST, *package.files]:
             (build / relpath).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(package.path / relpath, build / relpath)
+        _write_seal(build, (build / MANIFEST).read_bytes())
         verify_package(build)  # the copy, not only the source, must match the manifest
         _replace_dir(build, destination)
         return read_package(destination)
+    except ModelPackageError as error:  # name the user's folder or zip, not the hidden staging folder
+        message = str(error)
+        for inner in (staging / "unpacked", staging / "download", staging):
+            message = message.replace(str(inner), source)
+        raise ModelPackageError(message) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import spine
+from .geometry.orientation import check_numbering
 from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
@@ -70,9 +71,11 @@ class Pipeline:
 
     @property
     def models(self) -> str:
-        """The packages behind this pipeline's results, as results.csv records them: 'name==version; ...'."""
-        manifests = [self.scorer.manifest] + ([self.segmenter.manifest] if self.segmenter is not None else [])
-        return "; ".join(f"{m.get('name')}=={m.get('version')}" for m in manifests)
+        """The packages behind this pipeline's results, as results.csv records them: 'name==version@identity; ...'
+        (the identity, a hash over manifest and weights, tells apart two models given the same name and version)."""
+        models = [self.scorer] + ([self.segmenter] if self.segmenter is not None else [])
+        return "; ".join(f"{m.manifest.get('name')}=={m.manifest.get('version')}"
+                         + (f"@{m.identity[:12]}" if getattr(m, "identity", "") else "") for m in models)
 
     @classmethod
     def from_packages(
@@ -122,13 +125,16 @@ class Pipeline:
         with _timed(result, "read"):
             radiograph = source if isinstance(source, Radiograph) else read_radiograph(source)
         result.radiograph = radiograph
-        if radiograph.spacing is None:
-            warnings.append("pixel spacing unknown: geometry in pixels")
+        warnings += radiograph.read_warnings
         _check_cancel(cancel)
 
         report(0.1, "segmenting vertebrae")
         with _timed(result, "segment"):
-            result.labels, result.labels_source = self._labels(radiograph, labels, warnings, cancel)
+            labels, result.labels_source = self._labels(radiograph, labels, warnings, cancel)
+            result.labels, notes = check_numbering(labels, radiograph.patient_orientation)
+            warnings += notes
+        if radiograph.spacing is None and not any("pixel spacing unknown" in warning for warning in warnings):
+            warnings.append("pixel spacing unknown: geometry in pixels")  # said once, the segmenter may have said it
         _check_cancel(cancel)
 
         report(0.5, "Kauppila geometry")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -19,8 +20,9 @@ import numpy as np
 
 from . import metrics
 from ..io.atomic import atomic_path, write_text_atomic
-from ..errors import AACScoreError, GeometryError
-from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
+from ..errors import AACScoreError, GeometryError, OutputError
+from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_SUBSCORE, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
+from ..io.cohort import OUTPUT_HASH_DIGITS, csv_text
 from ..io.labelmaps import read_label_map
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
@@ -39,6 +41,7 @@ class PairedScores:
     truth: np.ndarray
     pred: np.ndarray
     excluded: list[dict[str, str]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)  # the prediction's status per compared case
     truth_subscores: np.ndarray | None = None  # (n, 8) in SUBSCORE_COLUMNS order when both CSVs have them
     pred_subscores: np.ndarray | None = None
     subscore_note: str = ""
@@ -48,11 +51,11 @@ def read_scores_csv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a score CSV as dicts; it must have `file` and `aac24` columns and unique file names."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as stream:
-            reader = csv.DictReader(stream)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if not isinstance(v, list)}
+                for row in reader]
+    except (OSError, csv.Error) as error:
         raise AACScoreError(f"{path}: cannot read CSV: {error}") from error
     missing = [c for c in ("file", "aac24") if c not in columns]
     if missing:
@@ -119,8 +122,8 @@ def _number(text: str) -> float | None:
 def _exclusion_reason(truth_row: dict, pred_row: dict) -> str | None:
     if _number(truth_row["aac24"]) is None:
         return f"no usable truth score ({truth_row['aac24']!r})"
-    status = pred_row.get("status", "ok").lower()
-    if status != "ok":
+    status = (pred_row.get("status") or "ok").lower()
+    if status == "error":
         message = pred_row.get("message", "")
         return f"prediction status {status!r}" + (f": {message}" if message else "")
     if _number(pred_row["aac24"]) is None:
@@ -128,11 +131,33 @@ def _exclusion_reason(truth_row: dict, pred_row: dict) -> str | None:
     return None
 
 
+def impossible_values(path: Path, rows: list[dict[str, str]], totals_are_sums: bool) -> None:
+    """Refuse scores no reader could give: AAC-24 outside 0..24, a subscore outside 0..3, and (for truth) a
+    total that is not the sum of its eight subscores; one line naming the file, the first cases and the values."""
+    problems = []
+    for row in rows:
+        total = _number(row.get("aac24", ""))
+        if total is not None and not 0 <= total <= MAX_TOTAL:
+            problems.append(f"{row['file']}: aac24 {row['aac24']} is outside 0..{MAX_TOTAL}")
+        subscores = [_number(row.get(column, "")) for column in SUBSCORE_COLUMNS]
+        for column, value in zip(SUBSCORE_COLUMNS, subscores):
+            if value is not None and not 0 <= value <= MAX_SUBSCORE:
+                problems.append(f"{row['file']}: {column} {row[column]} is outside 0..{MAX_SUBSCORE}")
+        if totals_are_sums and total is not None and all(v is not None for v in subscores) \
+                and abs(sum(subscores) - total) > 0.01:
+            problems.append(f"{row['file']}: aac24 {row['aac24']} is not the sum of its subscores ({sum(subscores):g})")
+    if problems:
+        raise AACScoreError(f"{path}: {len(problems)} impossible value(s): {_listing(problems, 3)}")
+
+
 def match_scores(truth_path: str | Path, pred_path: str | Path) -> PairedScores:
-    """Read both CSVs, pair their rows by file, and split off the rows that cannot be compared."""
+    """Read both CSVs, pair their rows by file, and split off the rows that cannot be compared. Every scored row
+    counts whatever its status (ok, warning, review); impossible values are refused."""
     truth_path, pred_path = Path(truth_path), Path(pred_path)
     truth_rows, pred_rows = read_scores_csv(truth_path), read_scores_csv(pred_path)
-    files, truth, pred, excluded, kept = [], [], [], [], []
+    impossible_values(truth_path, truth_rows, totals_are_sums=True)
+    impossible_values(pred_path, pred_rows, totals_are_sums=False)  # a model's total comes from its own head
+    files, truth, pred, excluded, kept, statuses = [], [], [], [], [], []
     for truth_row, pred_row in _pair_rows(truth_rows, pred_rows, truth_path, pred_path):
         reason = _exclusion_reason(truth_row, pred_row)
         if reason:
@@ -142,7 +167,8 @@ def match_scores(truth_path: str | Path, pred_path: str | Path) -> PairedScores:
         truth.append(_number(truth_row["aac24"]))
         pred.append(_number(pred_row["aac24"]))
         kept.append((truth_row, pred_row))
-    paired = PairedScores(files, np.array(truth, dtype=float), np.array(pred, dtype=float), excluded)
+        statuses.append((pred_row.get("status") or "ok").lower())
+    paired = PairedScores(files, np.array(truth, dtype=float), np.array(pred, dtype=float), excluded, statuses)
     _attach_subscores(paired, kept)
     return paired
 
@@ -195,9 +221,25 @@ def find_label_maps(folder: str | Path) -> dict[str, Path]:
     return found
 
 
+def _without_path_hashes(pred_maps: dict[str, Path], truth_maps: dict[str, Path]) -> dict[str, Path]:
+    """`aacscore score` names its label maps `<name>-<8 hex digits of the input's path hash>_labels.png`: such a map
+    is matched to the truth `<name>` when no map has that exact name and only one has that name and a hash."""
+    bases: dict[str, list[str]] = {}
+    for stem in pred_maps:
+        match = re.fullmatch(rf"(.+)-[0-9a-f]{{{OUTPUT_HASH_DIGITS}}}", stem)
+        if match and match.group(1) in truth_maps and match.group(1) not in pred_maps:
+            bases.setdefault(match.group(1), []).append(stem)
+    renamed = dict(pred_maps)
+    for base, stems in bases.items():
+        if len(stems) == 1:
+            renamed[base] = renamed.pop(stems[0])
+    return renamed
+
+
 def dice_by_vertebra(truth_folder: str | Path, pred_folder: str | Path) -> dict:
     """Dice of L1..L5 for every label map present in both folders (matched by stem), with mean and SD."""
-    truth_maps, pred_maps = find_label_maps(truth_folder), find_label_maps(pred_folder)
+    truth_maps = find_label_maps(truth_folder)
+    pred_maps = _without_path_hashes(find_label_maps(pred_folder), truth_maps)
     stems = sorted(set(truth_maps) & set(pred_maps))
     if not stems:
         raise AACScoreError(f"no label maps match by name between {truth_folder} ({len(truth_maps)} found) "
@@ -232,6 +274,8 @@ def evaluate(truth_csv: str | Path, pred_csv: str | Path, out_dir: str | Path | 
         raise AACScoreError("give both --labels-truth and --labels-pred, or neither")
     if bootstrap < 0:
         raise AACScoreError(f"--bootstrap must be 0 or more, got {bootstrap}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder; --out needs a folder")
     paired = match_scores(truth_csv, pred_csv)
     if paired.truth.size < 2:
         raise AACScoreError(f"only {paired.truth.size} case(s) can be compared after excluding "
@@ -240,7 +284,9 @@ def evaluate(truth_csv: str | Path, pred_csv: str | Path, out_dir: str | Path | 
         "truth_csv": str(truth_csv), "pred_csv": str(pred_csv),
         **metrics.evaluate_scores(paired.truth, paired.pred, bootstrap=bootstrap, seed=seed),
         "excluded": paired.excluded,
-        "cases": [{"file": f, "truth": t, "pred": p} for f, t, p in zip(paired.files, paired.truth, paired.pred)],
+        "by_status": _by_status(paired),
+        "cases": [{"file": f, "truth": t, "pred": p, "status": s}
+                  for f, t, p, s in zip(paired.files, paired.truth, paired.pred, paired.statuses)],
     }
     if paired.truth_subscores is not None:
         results["subscores"] = subscore_agreement(paired.truth_subscores, paired.pred_subscores)
@@ -250,15 +296,27 @@ def evaluate(truth_csv: str | Path, pred_csv: str | Path, out_dir: str | Path | 
         results["dice"] = dice_by_vertebra(labels_truth, labels_pred)
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         results["outputs"] = [str(out / name) for name in ("metrics.json", "report.md", *PLOT_FILES)]
     results["report"] = format_report(results)
     if out_dir is not None:
         numbers = {key: value for key, value in results.items() if key != "report"}
-        write_text_atomic(out / "metrics.json", json.dumps(_json_safe(numbers), indent=2, allow_nan=False) + "\n")
-        write_text_atomic(out / "report.md", results["report"])
-        write_plots(paired.truth, paired.pred, results, out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "metrics.json", json.dumps(_json_safe(numbers), indent=2, allow_nan=False) + "\n")
+            write_text_atomic(out / "report.md", results["report"])
+            write_plots(paired.truth, paired.pred, results, out)
+        except OSError as error:
+            where = error.filename or out
+            raise OutputError(f"{where}: cannot write the evaluation there ({error.strerror or error})") from None
     return results
+
+
+def _by_status(paired: PairedScores) -> dict[str, dict]:
+    """Cases and MAE per prediction status, so that 'warning' or 'review' rows can be judged apart."""
+    statuses = np.array(paired.statuses)
+    return {status: {"n": int((statuses == status).sum()),
+                     "mae": float(np.mean(np.abs(paired.pred - paired.truth)[statuses == status]))}
+            for status in sorted(set(paired.statuses))}
 
 
 def _json_safe(value):
@@ -281,8 +339,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _p(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
+    if value is None:
         return ""
+    if not math.isfinite(value):
+        return "n/a"
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
@@ -293,13 +353,18 @@ def _percent(entry: dict) -> str:
             f"{entry['successes']}/{entry['total']}")
 
 
+def _status_counts(results: dict) -> str:
+    return ", ".join(f"{status} {entry['n']}, MAE {_fmt(entry['mae'], 2)}"
+                     for status, entry in results.get("by_status", {}).items()) or "none"
+
+
 def format_report(results: dict) -> str:
     """The Markdown report (also what the command prints): tables readable as plain text too."""
     n, m = results["n"], results["metrics"]
     boot = results["bootstrap"]
     lines = ["# AAC-24 evaluation", "",
              f"Truth: `{results['truth_csv']}`  ", f"Predictions: `{results['pred_csv']}`  ",
-             f"Cases compared: {n}; excluded: {len(results['excluded'])}", "",
+             f"Cases compared: {n} ({_status_counts(results)}); excluded: {len(results['excluded'])}", "",
              "## Total score", "",
              "| Metric | Value | 95% CI | p |", "|---|---|---|---|"]
     for key, label in METRIC_NAMES.items():

@@ -91,8 +91,9 @@ def icc_2_1(ratings: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
     msr, msc, mse = ms["MSR"], ms["MSC"], ms["MSE"]
     icc = float(_icc_2_1_from(batch, n, k)[0])
     df1, df2 = n - 1, (n - 1) * (k - 1)
-    f_value = msr / mse if mse > 0 else np.inf
-    p_value = float(stats.f.sf(f_value, df1, df2)) if np.isfinite(f_value) else 0.0
+    # no variance at all (constant truth and prediction): F is 0/0, and so is its p value
+    f_value = msr / mse if mse > 0 else (np.inf if msr > 0 else np.nan)
+    p_value = float(stats.f.sf(f_value, df1, df2)) if np.isfinite(f_value) else (0.0 if f_value > 0 else np.nan)
     result = {"icc": icc, "f": float(f_value), "df1": df1, "df2": df2, "p": p_value,
               "ci_low": float("nan"), "ci_high": float("nan"), **ms}
     if np.isfinite(icc) and mse > 0 and icc < 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +14,7 @@ from ..errors import AACScoreError
 
 RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
 DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay")
+OUTPUT_HASH_DIGITS = 8
 
 
 @dataclass(frozen=True)
@@ -37,28 +40,60 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def collect(paths: Sequence[str | Path], shard: tuple[int, int] | None = None) -> list[WorkItem]:
-    """Expand files, folders (recursively) and CSV lists (column `file`, optional `labels`) into work items.
+    """Expand files, folders (recursively, symlinked subfolders followed once) and CSV lists (column `file`,
+    optional `labels`) into work items.
 
-    The list is sorted and de-duplicated before sharding, so every shard of a job array sees the same order and
-    each input lands in exactly one shard.
+    Inputs are keyed by their resolved real path, so `a.dcm`, `./a.dcm` and `/abs/a.dcm` are one input. The list
+    is sorted and de-duplicated before sharding, so every shard of a job array sees the same order and each input
+    lands in exactly one shard.
     """
-    items: dict[Path, WorkItem] = {}
+    items: dict[str, WorkItem] = {}
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+        if _is_dir(path):
+            for candidate in _files_under(path):
                 if _looks_like_radiograph(candidate):
-                    items.setdefault(candidate.resolve(), WorkItem(candidate))
+                    items.setdefault(real_path(candidate), WorkItem(candidate))
         elif path.suffix.lower() == ".csv" and path.is_file():
             for item in _read_list(path):
-                items.setdefault(item.image.resolve(), item)
+                items.setdefault(real_path(item.image), item)
         else:
-            items.setdefault(path.resolve(), WorkItem(path))  # missing files become error rows later
+            items.setdefault(real_path(path), WorkItem(path))  # missing files become error rows later
     ordered = [items[key] for key in sorted(items)]
     if shard is not None:
         index, count = shard
         ordered = ordered[index::count]
     return ordered
+
+
+def real_path(path: str | Path) -> str:
+    """The absolute path with symlinks resolved, the key of an input; a symlink loop keeps its own absolute path
+    (reading it then reports the loop) instead of raising."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        return os.path.abspath(path)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted; symlinked subfolders are followed, each real folder visited once (so a
+    link back up the tree cannot loop)."""
+    files, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = real_path(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(root) / name for name in names if (Path(root) / name).is_file()]
+    return sorted(files)
 
 
 def _looks_like_radiograph(path: Path) -> bool:
@@ -70,19 +105,37 @@ def _looks_like_radiograph(path: Path) -> bool:
     return path.suffix.lower() in RADIOGRAPH_SUFFIXES
 
 
+def csv_text(path: Path) -> str:
+    """A CSV file's text: UTF-8 (a BOM, as Excel's "CSV UTF-8" writes, is dropped), else Latin-1 (which decodes
+    every byte: older Excel and Windows tools)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def _read_list(path: Path) -> list[WorkItem]:
-    with open(path, newline="") as stream:
-        reader = csv.DictReader(stream)
-        if not reader.fieldnames or "file" not in reader.fieldnames:
-            raise AACScoreError(f"{path}: a CSV list needs a 'file' column (and may have 'labels')")
+    try:
+        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
+        columns = [name.strip() for name in reader.fieldnames or []]
+        if "file" not in columns:
+            raise AACScoreError(f"{path}: a CSV list needs a 'file' column (and may have 'labels'); "
+                                f"found {', '.join(columns) or 'no columns'}")
         items = []
         for row in reader:
-            if not (row.get("file") or "").strip():
+            row = {(key or "").strip(): (value or "").strip() for key, value in row.items()
+                   if not isinstance(value, list)}
+            if not row.get("file"):
                 continue
-            image = _relative_to(path, row["file"].strip())
-            labels = (row.get("labels") or "").strip()
+            image = _relative_to(path, row["file"])
+            labels = row.get("labels", "")
             items.append(WorkItem(image, _relative_to(path, labels) if labels else None))
-        return items
+    except csv.Error as error:
+        raise AACScoreError(f"{path}: not a readable CSV list ({error})") from None
+    except OSError as error:
+        raise AACScoreError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return items
 
 
 def _relative_to(csv_path: Path, value: str) -> Path:
@@ -95,13 +148,18 @@ def output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
     counts: dict[str, int] = {}
     for item in items:
         counts[_stem(item.image)] = counts.get(_stem(item.image), 0) + 1
-    names = {}
-    for item in items:
-        stem = _stem(item.image)
-        if counts[stem] > 1:
-            stem += "-" + hashlib.sha1(str(item.image.resolve()).encode()).hexdigest()[:8]
-        names[item.image] = stem
-    return names
+    return {item.image: output_name(item.image) if counts[_stem(item.image)] > 1 else _stem(item.image)
+            for item in items}
+
+
+def unique_output_names(items: Sequence[WorkItem]) -> dict[Path, str]:
+    """A file stem per input that no other input can have, whatever the run: the name plus a short hash of its
+    real path (for outputs that accumulate in one folder over several runs, as `score`'s do)."""
+    return {item.image: output_name(item.image) for item in items}
+
+
+def output_name(image: Path) -> str:
+    return f"{_stem(image)}-{hashlib.sha1(real_path(image).encode()).hexdigest()[:OUTPUT_HASH_DIGITS]}"
 
 
 def _stem(path: Path) -> str:

@@ -115,8 +115,13 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None,
         raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
     if image_shape is not None and labels.shape != tuple(image_shape):
         raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
-    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and np.array_equal(labels, np.round(labels))):
-        raise GeometryError(f"{path}: label values must be whole numbers, found NaN or fractions")
+    if labels.dtype.kind not in "biuf":
+        raise GeometryError(f"{path}: a label map must hold whole numbers 0..{MAX_LABEL}, not {labels.dtype}")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise GeometryError(f"{path}: label map holds NaN or infinite values; label values must be whole numbers")
+        if not np.array_equal(labels, np.round(labels)):
+            raise GeometryError(f"{path}: label map holds fractional values; label values must be whole numbers")
     if labels.min() < 0 or labels.max() > MAX_LABEL:
         raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)} (L1..L5) or {MAX_LABEL - 1}, "
                             f"{MAX_LABEL} (T12, S1), found {labels.min()}..{labels.max()}")

@@ -8,7 +8,11 @@ from the file's content, not its extension, and every failure, whatever library 
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,11 @@ _DICOM_NO_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 # data with pyo3's PanicException, which does not derive from Exception.
 _NOT_DECODER_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _HEAD_BYTES = 348  # enough for the NIfTI-1 magic at offset 344
+# Warnings from these parts of the decoders concern the pixels themselves, so they go into the result's message;
+# the others (a tag value of the wrong form, say) only go to the log.
+_PIXEL_WARNING_SOURCES = ("/pixels/", "/pixel_data_handlers/", "/PIL/")
+_WARNINGS_LOCK = threading.Lock()
+_log = logging.getLogger(__name__)
 _DICOM_METADATA_TAGS = (
     "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "PhotometricInterpretation",
     "SOPClassUID", "SOPInstanceUID", "BitsAllocated", "BitsStored", "PixelRepresentation",
@@ -51,17 +60,68 @@ class Radiograph:
     view_position: str | None = None
     image_laterality: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    read_warnings: list[str] = field(default_factory=list)  # what the decoders warned about the pixels
 
 
 def read_radiograph(path: str | Path) -> Radiograph:
-    """Read a DICOM, PNG, JPEG, NRRD or NIfTI radiograph; raises RadiographError and nothing else."""
+    """Read a DICOM, PNG, JPEG, NRRD or NIfTI radiograph; raises RadiographError and nothing else.
+
+    Decoder warnings never reach the terminal: those about the pixels are kept in `read_warnings` (the result's
+    message shows them), the others go to the log."""
     path = Path(path)
-    try:
-        return _read(path)
-    except (RadiographError, *_NOT_DECODER_ERRORS):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
-        raise RadiographError(path, f"cannot be read: {_reason(exc)}") from exc
+    with _DecoderWarnings(path) as caught:
+        try:
+            radiograph = _read(path, caught)
+        except (RadiographError, *_NOT_DECODER_ERRORS):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
+            raise RadiographError(path, f"cannot be read: {_reason(exc)}") from exc
+    radiograph.read_warnings = caught.about_pixels()
+    return radiograph
+
+
+class _DecoderWarnings:
+    """Collect the warnings that this thread raises while reading one file (the batch reads on a worker thread
+    while the main thread scores, so other threads' warnings are passed on untouched)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.messages: list[tuple[str, str]] = []  # (source file, one-line message)
+
+    def __enter__(self) -> "_DecoderWarnings":
+        _WARNINGS_LOCK.acquire()
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.simplefilter("always")  # every file gets its own warnings, not only the first file
+        reader, passed_on = threading.get_ident(), warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.get_ident() == reader:
+                self.messages.append((str(filename).replace("\\", "/"), " ".join(str(message).split())))
+            else:
+                passed_on(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self._context.__exit__(*exc_info)
+        finally:
+            _WARNINGS_LOCK.release()
+        for source, message in self.messages:
+            if not self._about_pixels(source):
+                _log.warning("%s: %s", self.path, message)
+
+    def ended_early(self) -> bool:
+        return any("End of file" in message for _, message in self.messages)
+
+    def about_pixels(self) -> list[str]:
+        return list(dict.fromkeys(message for source, message in self.messages if self._about_pixels(source)))
+
+    @staticmethod
+    def _about_pixels(source: str) -> bool:
+        return any(part in source for part in _PIXEL_WARNING_SOURCES)
 
 
 def read_or_error(path: str | Path) -> Radiograph | RadiographError:
@@ -77,18 +137,27 @@ def _reason(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _read(path: Path) -> Radiograph:
-    if not path.exists():
-        raise RadiographError(path, "file does not exist")
+def _read(path: Path, caught: _DecoderWarnings) -> Radiograph:
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RadiographError(path, "is a symbolic link loop (the link points back to itself)") from None
+        if path.is_symlink():
+            raise RadiographError(path, "is a broken symbolic link (its target does not exist)") from None
+        raise RadiographError(path, "file does not exist") from None
     if path.is_dir():
         raise RadiographError(path, "is a folder, not an image file")
     with open(path, "rb") as f:
         head = f.read(_HEAD_BYTES)
     if not head:
         raise RadiographError(path, "file is empty (0 bytes)")
-    reader = {"DICOM": _read_dicom, "PNG": _read_pillow, "JPEG": _read_pillow,
-              "NRRD": _read_nrrd, "NIfTI": _read_nifti}[_detect_format(path, head)]
-    radiograph = reader(path)
+    file_format = _detect_format(path, head)
+    if file_format == "DICOM":
+        radiograph = _read_dicom(path, caught)
+    else:
+        readers = {"PNG": _read_pillow, "JPEG": _read_pillow, "NRRD": _read_nrrd, "NIfTI": _read_nifti}
+        radiograph = readers[file_format](path)
     _check_pixels(path, radiograph.pixels)
     return radiograph
 
@@ -143,25 +212,38 @@ def _valid_spacing(values) -> tuple[float, float] | None:
 # --- DICOM -------------------------------------------------------------------------------------------------
 
 
-def _read_dicom(path: Path) -> Radiograph:
+def _apply_modality_lut(stored: np.ndarray, ds) -> np.ndarray:
+    """pydicom's modality LUT: `pydicom.pixels` in pydicom 3, `pixel_data_handlers.util` in pydicom 2 (the one
+    3D Slicer 5.10 bundles, which AACScore never replaces)."""
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    return apply_modality_lut(stored, ds)
+
+
+def _read_dicom(path: Path, caught: _DecoderWarnings) -> Radiograph:
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     # defer_size: the header checks below reject non-radiographs before the pixel data is even read.
     ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
-    _check_dicom_header(path, ds)
+    _check_dicom_header(path, ds, caught.ended_early())
     _infer_missing_transfer_syntax(ds)
+    cut = _pixel_data_cut(path, ds)  # before decoding, which replaces the raw element
     try:
         stored = ds.pixel_array
     except _NOT_DECODER_ERRORS:
         raise
     except BaseException as exc:  # noqa: BLE001 - any decoder plugin's failure
+        if cut or caught.ended_early():
+            raise RadiographError(path, f"DICOM file is truncated: it ends after {path.stat().st_size:,} bytes, "
+                                        "inside its pixel data (an interrupted copy or download?)") from exc
         syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
         where = f" ({syntax.name})" if syntax else ""
         raise RadiographError(path, f"cannot decode the pixel data{where}: {_reason(exc)}") from exc
     if stored.ndim != 2:
         raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
-    pixels = apply_modality_lut(stored, ds)
+    pixels = _apply_modality_lut(stored, ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "MONOCHROME1":
         lo, hi = _modality_range(ds)
@@ -183,10 +265,14 @@ def _read_dicom(path: Path) -> Radiograph:
     )
 
 
-def _check_dicom_header(path: Path, ds) -> None:
+def _check_dicom_header(path: Path, ds, ended_early: bool = False) -> None:
     """Reject what is not a single grayscale image before decoding, with the reason a user can act on."""
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
+        if ended_early or "Image Storage" in kind or "Rows" in ds:
+            size = path.stat().st_size
+            raise RadiographError(path, f"DICOM file is truncated: it ends after {size:,} bytes, before its "
+                                        "pixel data is complete (an interrupted copy or download?)")
         if not kind:
             raise RadiographError(path, "DICOM file has no pixel data and no SOP Class; it is corrupt or not an image")
         raise RadiographError(path, f"DICOM file has no pixel data ({kind}); it is not an image")
@@ -211,6 +297,15 @@ def _check_dicom_header(path: Path, ds) -> None:
     _check_size(path, int(rows), int(cols))
 
 
+def _pixel_data_cut(path: Path, ds) -> bool:
+    """True when the pixel data element claims more bytes than the file holds after it."""
+    element = ds.get_item("PixelData")
+    tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:  # undefined length: encapsulated fragments
+        return False
+    return tell + length > path.stat().st_size
+
+
 def _infer_missing_transfer_syntax(ds) -> None:
     """Files without a file meta header (older than DICOM Part 10) are uncompressed; pydicom knows how it read
     them but will not decode pixels without a Transfer Syntax UID, so give it the one matching that encoding."""
@@ -222,9 +317,17 @@ def _infer_missing_transfer_syntax(ds) -> None:
     if "TransferSyntaxUID" in ds.file_meta:
         return
     syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
-              (False, False): ExplicitVRBigEndian}.get(tuple(ds.original_encoding))
+              (False, False): ExplicitVRBigEndian}.get(_read_encoding(ds))
     if syntax is not None:
         ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _read_encoding(ds) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as the file was read: `original_encoding` in pydicom 3, the dataset's own
+    flags in pydicom 2."""
+    if hasattr(ds, "original_encoding"):
+        return tuple(ds.original_encoding)
+    return ds.is_implicit_VR, ds.is_little_endian
 
 
 def _sop_class_name(ds) -> str:
@@ -234,12 +337,10 @@ def _sop_class_name(ds) -> str:
 
 def _modality_range(ds) -> tuple[float, float]:
     """Nominal output range of the modality LUT, so MONOCHROME1 inverts the same way for every image."""
-    from pydicom.pixels import apply_modality_lut
-
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
-    mapped = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    mapped = np.asarray(_apply_modality_lut(stored, ds), dtype=np.float64)
     return float(mapped.min()), float(mapped.max())
 
 

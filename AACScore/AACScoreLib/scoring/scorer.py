@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ModelPackageError
-from ..kauppila import MAX_TOTAL, SUBSCORE_COLUMNS, category
+from ..kauppila import MAX_SUBSCORE, MAX_TOTAL, SUBSCORE_COLUMNS, category
 
 
 @dataclass
@@ -25,10 +25,11 @@ class ScoreResult:
 class Scorer:
     """A scorer package loaded for inference on one device."""
 
-    def __init__(self, model, manifest: dict, device):
+    def __init__(self, model, manifest: dict, device, identity: str = ""):
         self.model = model
         self.manifest = manifest
         self.device = device
+        self.identity = identity  # the package's sha256 identity (manifest and weights); "" when not from a package
         self.input_size: tuple[int, int] = tuple(int(v) for v in manifest["input"]["size"])
 
     @classmethod
@@ -48,13 +49,15 @@ class Scorer:
             size = manifest["input"]["size"]
         except (KeyError, TypeError):
             raise ModelPackageError(f"{package.path}: manifest lacks architecture.weights or input.size") from None
-        if not (isinstance(size, list) and len(size) == 2):
-            raise ModelPackageError(f"{package.path}: input.size must be [rows, cols], got {size!r}")
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in size)):
+            raise ModelPackageError(f"{package.path}: input.size must be [rows, cols] of whole numbers of at least 16 "
+                                    f"pixels, got {size!r} (refused)")
         model_settings = {k: architecture[k] for k in ("backbone", "scse_combine", "scse_reduction", "dropout",
                                                        "subscores_head", "in_channels") if k in architecture}
         model = model_from_state(model_settings, load_safetensors(package, weights))
         device = resolve_device(device)
-        return cls(model.to(device), manifest, device)
+        return cls(model.to(device), manifest, device, package.identity)
 
     @property
     def has_subscores(self) -> bool:
@@ -90,7 +93,7 @@ class Scorer:
         total = float(np.clip(output[0], 0.0, MAX_TOTAL))
         subscores = None
         if len(output) > 1:
-            subscores = {name: float(np.clip(v, 0.0, 3.0)) for name, v in zip(SUBSCORE_COLUMNS, output[1:])}
+            subscores = {name: float(np.clip(v, 0.0, MAX_SUBSCORE)) for name, v in zip(SUBSCORE_COLUMNS, output[1:])}
         return ScoreResult(total, subscores)
 
     def heatmap(self, crop_pixels: np.ndarray):

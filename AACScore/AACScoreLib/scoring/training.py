@@ -25,6 +25,7 @@ import numpy as np
 from ..devices import resolve_device
 from ..errors import AACScoreError
 from ..kauppila import SUBSCORE_COLUMNS
+from ..packages import timestamped_version
 from ..phantoms.generator import parse_styles
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -478,7 +479,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in the work dir")
     p.add_argument("--name", default="aacscore-scorer")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--version", default=None,
+                   help="package version (default: 1.0.0+ the UTC time of training, so that two trainings never "
+                        "share a name and version)")
     p.set_defaults(func=_run)
 
 
@@ -536,7 +539,8 @@ def _run(args: argparse.Namespace) -> int:
                               "heatmap": heatmap_band_summary(model, holdout_records, settings.input_size)}
     summary = data_summary(data, str(source))
     summary.update(n_train=len(train_index), n_validation=len(val_index))
-    manifest = build_manifest(model, settings, result, summary, metrics, args.name, args.version)
+    manifest = build_manifest(model, settings, result, summary, metrics, args.name,
+                              args.version or timestamped_version("1.0.0"))
     package = write_scorer_package(out, model.cpu(), manifest)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {package} in {result.seconds:.0f} s ({result.epochs_run} epochs, best epoch {result.best_epoch})")

@@ -174,6 +174,7 @@ class Segmenter:
 
         self.package = loaded.package
         self.manifest = loaded.package.manifest
+        self.identity = loaded.package.identity
         settings = self.manifest["input"]
         self.working_spacing = settings.get("working_spacing_mm")
         self.default_long_side = settings.get("default_long_side_px")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import AACScoreError
 from ..kauppila import VERTEBRAE
+from ..packages import timestamped_version
 from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
 from ..phantoms.generator import PhantomSource, parse_styles, phantom_sources, write_phantoms
@@ -337,7 +338,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--eval-seed", type=int, default=9001)
     parser.add_argument("--out", required=True, help="package folder to write")
     parser.add_argument("--name", default="aacscore-demo-segmenter")
-    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--version", default=None,
+                        help="package version (default: 1.0+ the UTC time of training, so that two trainings "
+                             "never share a name and version)")
     parser.add_argument("--epochs", type=int, default=1000, help="epochs (at most, with --time-budget-minutes)")
     parser.add_argument("--iterations-per-epoch", type=int, default=250)
     parser.add_argument("--time-budget-minutes", type=float, default=None,
@@ -372,7 +375,8 @@ def _train_command(args) -> int:
         note = {"phantoms": {"n": args.phantoms, "seed": args.seed, "styles": list(styles)}} if phantoms else None
         budget = args.time_budget_minutes * 60 if args.time_budget_minutes else None
         package, metrics = train_segmenter(
-            data, args.out, work=args.work, name=args.name, version=args.version, epochs=args.epochs,
+            data, args.out, work=args.work, name=args.name,
+            version=args.version or timestamped_version("1.0"), epochs=args.epochs,
             iterations_per_epoch=args.iterations_per_epoch, fold=fold, device=args.device, eval_cases=eval_cases,
             training_note=note, resume=args.resume, phantoms=phantoms, processes=args.processes,
             time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size))

@@ -2,5 +2,6 @@
 dependency installs inside Slicer and the registered sample data.
 
 Takes a scene (slicer-core's headless one in tests, Slicer's inside the application); gives volumes,
-segmentations, heatmaps and result tables in it. Nothing else in the library imports `slicer`.
+segmentations, heatmaps and result tables in it, from results the worker process (`AACScoreLib.worker`)
+computes. Nothing else in the library imports `slicer`, and nothing here imports torch.
 """

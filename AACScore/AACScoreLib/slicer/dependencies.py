@@ -8,22 +8,36 @@ AI extensions complain about most:
   into a pip constraints file at its installed version (numpy, SimpleITK and vtk too, from their module's
   version when pip has no record of them), and nothing already installed is requested again, so pip either
   leaves them as they are or stops with a conflict; it can never up- or downgrade them.
-- torch comes from PyTorch's CPU wheel index, pinned as `torch==2.14.1+cpu`, when this machine has no NVIDIA
-  GPU (no working `nvidia-smi`; torch itself may not be installed yet), so a computer without CUDA does not
-  download gigabytes of CUDA libraries; with a GPU, from PyPI on Linux (those wheels bundle CUDA) and from
-  PyTorch's CUDA index (`+cu128`) on Windows, whose PyPI wheels are CPU-only. macOS always uses PyPI.
+- torch comes first, through the PyTorch extension's PyTorchUtils (declared as EXTENSION_DEPENDS), whose
+  light-the-torch picks the build that matches the NVIDIA driver (the CPU build without one), within
+  `TORCH_RANGES`: a range, since an exact CUDA build cannot suit every driver. Without that extension (the module
+  added from a source tree), pip installs it: from PyTorch's CPU wheel index, pinned as `torch==2.14.1+cpu`, when
+  this machine has no NVIDIA GPU (no working `nvidia-smi`), so a computer without CUDA does not download
+  gigabytes of CUDA libraries; with a GPU, from PyPI on Linux (those wheels bundle CUDA) and from PyTorch's CUDA
+  index (`+cu128`) on Windows, whose PyPI wheels are CPU-only. macOS always uses PyPI.
+
+Supported: 3D Slicer 5.10 and 5.12 (Python 3.12). `Resources/SlicerConstraints/slicer-<release>.txt` lists the
+packages each release bundles (from its SuperBuild files); a test resolves the set AACScore installs against
+each with pip. Slicer 5.6 and 5.8 run Python 3.9, for which the pinned packages do not exist:
+`unsupported_python` says so in the panel.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.metadata
 import platform
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
+
+from ..errors import AACScoreError
 
 REQUIREMENTS: tuple[str, ...] = (
     "torch==2.14.1",
@@ -51,6 +65,11 @@ SLICER_PACKAGES: dict[str, str] = {"numpy": "numpy", "SimpleITK": "SimpleITK", "
 """Packages Slicer builds or bundles itself (distribution name: import name); never installed by AACScore."""
 
 TORCH_PACKAGES: tuple[str, ...] = ("torch", "torchvision")
+TORCH_RANGES: dict[str, str] = {"torch": ">=2.6,<=2.14.1", "torchvision": ">=0.21,<=0.29.1"}
+"""What PyTorchUtils may install: tested with the pins, and no newer; 2.6 made `weights_only` loading the default."""
+MINIMUM_PYTHON: tuple[int, int] = (3, 10)
+SUPPORTED_SLICER_RELEASES: tuple[str, ...] = ("5.10", "5.12")
+CONSTRAINTS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SlicerConstraints"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"  # CUDA 12.8 wheels of torch 2.14 for Windows
 PYPI_INDEX = "https://pypi.org/simple"  # torch's own dependencies (sympy, filelock, ...)
@@ -101,6 +120,46 @@ def _module_version(module_name: str) -> str | None:
     return str(version) if version else None
 
 
+def unsupported_python(version: tuple[int, ...] | None = None) -> str | None:
+    """Why AACScore cannot run in this Slicer's Python (older than 3.10), or None."""
+    version = tuple(sys.version_info[:2] if version is None else version[:2])
+    if version >= MINIMUM_PYTHON:
+        return None
+    return (f"AACScore needs 3D Slicer {' or '.join(SUPPORTED_SLICER_RELEASES)} (Python 3.12). This Slicer runs "
+            f"Python {version[0]}.{version[1]}, for which PyTorch 2.14 and nnU-Net 2.8 publish no packages. "
+            "Install a newer Slicer from download.slicer.org.")
+
+
+def slicer_release_packages(release: str) -> tuple[str, dict[str, str]]:
+    """(Python version, {package: version}) that 3D Slicer `release` (e.g. "5.10") bundles."""
+    path = CONSTRAINTS_DIR / f"slicer-{release}.txt"
+    if not path.is_file():
+        raise ValueError(f"no constraints file for Slicer {release} ({path})")
+    python, packages = "", {}
+    for line in path.read_text().splitlines():
+        if line.startswith("# python:"):
+            python = line.split(":", 1)[1].strip()
+        elif line.strip() and not line.startswith("#"):
+            name, version = split_requirement(line)
+            packages[canonical(name)] = version
+    return python, packages
+
+
+def wanted_requirements(installed: Mapping[str, str], torch_ranges: bool = False) -> list[str]:
+    """The requirements to ask pip for in a Python that holds `installed`: each one not installed in any version
+    (a different version is reported, never replaced) and none of Slicer's own. With `torch_ranges`, torch and
+    torchvision as `TORCH_RANGES` (what PyTorchUtils is given)."""
+    installed = {canonical(name) for name in installed}
+    protected = {canonical(name) for name in SLICER_PACKAGES}
+    wanted = []
+    for requirement in REQUIREMENTS:
+        name = split_requirement(requirement)[0]
+        if canonical(name) in installed or canonical(name) in protected:
+            continue
+        wanted.append(name + TORCH_RANGES[name] if torch_ranges and name in TORCH_RANGES else requirement)
+    return wanted
+
+
 def missing_requirements(installed: Mapping[str, str] | None = None) -> list[str]:
     """Problems with the pinned requirements: "name==version (not installed)" or "(version X installed)".
 
@@ -141,19 +200,20 @@ def torch_index(cuda: bool, system: str | None = None) -> str | None:
 
 
 def pip_install_arguments(constraints_file: str | Path, installed: Mapping[str, str] | None = None,
-                          cuda: bool | None = None, system: str | None = None) -> list[list[str]]:
+                          cuda: bool | None = None, system: str | None = None,
+                          without_torch: bool = False) -> list[list[str]]:
     """The `slicer.util.pip_install` calls (argument lists) that install what is missing, in order.
 
     Writes `constraints_file`: every installed distribution (and numpy, SimpleITK, vtk) pinned at its
     installed version, passed to every call with `-c`. Requirements already installed, in any version, are not
     requested, and Slicer's own packages never are. torch and torchvision go in their own call when the
-    wheel index differs from PyPI. Returns [] when nothing is missing.
+    wheel index differs from PyPI, or in none `without_torch` (PyTorchUtils installed them first).
+    Returns [] when nothing is missing.
     """
     installed = installed_versions() if installed is None else {canonical(k): v for k, v in installed.items()}
-    protected = {canonical(name) for name in SLICER_PACKAGES}
-    wanted = [requirement for requirement in REQUIREMENTS
-              if canonical(split_requirement(requirement)[0]) not in installed
-              and canonical(split_requirement(requirement)[0]) not in protected]
+    wanted = wanted_requirements(installed)
+    if without_torch:
+        wanted = [r for r in wanted if split_requirement(r)[0] not in TORCH_PACKAGES]
     if not wanted:
         return []
     constraints = Path(constraints_file)
@@ -189,3 +249,41 @@ def install_missing(constraints_file: str | Path, pip_install: Callable[[list[st
         pip_install(arguments)
     importlib.invalidate_caches()
     return calls
+
+
+def pip_work(calls: Sequence[list[str]], python: str | None = None) -> Callable:
+    """Work for a `workflow.Job`: each `pip install` call in a subprocess of Slicer's Python (PythonSlicer, as
+    `slicer.util.pip_install` does), off the main thread so Slicer stays responsive. pip's output lines are the
+    progress text; a cancel stops pip; a failure raises with pip's last lines."""
+    from ..worker.client import worker_python
+
+    def work(job) -> None:
+        for index, arguments in enumerate(calls):
+            command = [python or worker_python(), "-m", "pip", "install", *arguments]
+            job.report(index / len(calls), "pip install " + " ".join(arguments)[:100])
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       errors="replace", creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            tail: collections.deque = collections.deque(maxlen=20)
+
+            def read(process=process, tail=tail, index=index) -> None:
+                for line in process.stdout:
+                    tail.append(line.rstrip())
+                    if line.strip():
+                        job.report(index / len(calls), line.strip()[:120])
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            while process.poll() is None:
+                if job.is_cancelled():
+                    process.terminate()
+                    process.wait()
+                    return
+                time.sleep(0.1)
+            reader.join(5)
+            if process.returncode != 0:
+                raise AACScoreError(f"pip install {' '.join(arguments)} failed (exit code {process.returncode}):\n"
+                                    + "\n".join(tail))
+        importlib.invalidate_caches()
+        job.report(1.0, "packages installed")
+
+    return work

@@ -46,14 +46,18 @@ PATIENT_ORIENTATION_ATTRIBUTE = "AACScore.PatientOrientation"  # DICOM style, e.
 
 RESULTS_TABLE_NAME = "AACScore results"
 MODEL_SOURCE = "model"
-NUMBER_COLUMNS: tuple[str, ...] = ("aac24",) + SUBSCORE_COLUMNS
-TABLE_COLUMNS: tuple[str, ...] = ("file", "source") + BASE_COLUMNS[1:] + SUBSCORE_COLUMNS
+QC_COLUMNS: tuple[str, ...] = ("qc", "qc_reasons", "aac24_low", "aac24_high")
+"""Quality control of a model result: verdict ok | review | error, its reasons and the score's interval."""
+NUMBER_COLUMNS: tuple[str, ...] = ("aac24", "aac24_low", "aac24_high") + SUBSCORE_COLUMNS
+TABLE_COLUMNS: tuple[str, ...] = ("file", "source") + BASE_COLUMNS[1:] + QC_COLUMNS + SUBSCORE_COLUMNS
 """One row per (file, source): source is "model" for AACScore's prediction, a rater's name for a person's score,
 so model, first and second rater share columns and `aacscore evaluate` reads any one of them."""
 
 BOUNDARY_NAMES: tuple[str, ...] = ("T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5")
 BOUNDARY_COLOR = (0.0, 0.9, 0.9)
 
+SLICER_INFERNO_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+"""Slicer's own Inferno colour table (Base/Logic/Resources/ColorFiles/Inferno.txt, in Slicer 5.6 to 5.12)."""
 HEATMAP_COLOR_NAME = "AACScore Inferno"
 HEATMAP_THRESHOLD = 1e-3
 """Heatmap values below this are transparent in the slice views, so an all-zero map shows the bare radiograph."""
@@ -206,7 +210,11 @@ def add_heatmap_volume(scene, volume_node, heatmap: np.ndarray, name: str | None
 
 
 def heatmap_color_node(scene) -> "slicer.vtkMRMLColorTableNode":
-    """The scene's inferno colour table (made once; Slicer's own colour files are not in slicer-core)."""
+    """Slicer's own Inferno colour table; where there is none (slicer-core ships no colour files), an equal one
+    made once in the scene."""
+    slicers = scene.GetNodeByID(SLICER_INFERNO_ID)
+    if slicers is not None:
+        return slicers
     node = scene.GetFirstNodeByName(HEATMAP_COLOR_NAME)
     if node is not None:
         return node
@@ -220,6 +228,54 @@ def heatmap_color_node(scene) -> "slicer.vtkMRMLColorTableNode":
         node.SetColor(index, f"{t:.3f}", *rgb, 1.0)
     node.SetAttribute(ROLE_ATTRIBUTE, "heatmap colors")
     return node
+
+
+def read_image_array(scene, path: str | Path) -> np.ndarray:
+    """The 2D array in an image file Slicer reads (the worker's NRRD outputs), read by Slicer's own volume
+    reader through a hidden scratch node, so Slicer's Python needs no NRRD package."""
+    node = _hidden_node(scene, slicer.vtkMRMLScalarVolumeNode(), "AACScore temporary image")
+    storage = _hidden_node(scene, slicer.vtkMRMLVolumeArchetypeStorageNode(), "AACScore temporary storage")
+    try:
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(True)
+        if not storage.ReadData(node):
+            raise AACScoreError(f"{path}: the worker's output could not be read")
+        return np.array(slicer.util.arrayFromVolume(node)[0])
+    finally:
+        scene.RemoveNode(storage)
+        scene.RemoveNode(node)
+
+
+def set_heatmap_opacity(scene, opacity: float) -> int:
+    """Set the foreground opacity of the slice views that show an AACScore heatmap, and only those (another
+    module's foreground keeps its own); returns how many views changed."""
+    changed = 0
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        foreground = scene.GetNodeByID(composite.GetForegroundVolumeID() or "")
+        if foreground is not None and foreground.GetAttribute(ROLE_ATTRIBUTE) == "heatmap":
+            composite.SetForegroundOpacity(float(opacity))
+            changed += 1
+    return changed
+
+
+RESULTS_LAYOUT_ID = 8301
+"""Slicer layout ID of the results view (a number no built-in layout uses)."""
+RESULTS_LAYOUT_XML = """<layout type="vertical" split="true">
+ <item splitSize="650">
+  <view class="vtkMRMLSliceNode" singletontag="Red">
+   <property name="orientation" action="default">Axial</property>
+   <property name="viewlabel" action="default">R</property>
+   <property name="viewcolor" action="default">#F34A33</property>
+  </view>
+ </item>
+ <item splitSize="350">
+  <view class="vtkMRMLTableViewNode" singletontag="TableView1">
+   <property name="viewlabel" action="default">T</property>
+  </view>
+ </item>
+</layout>"""
+"""The radiograph in the Red slice view alone (no 3D view: a radiograph is 2D) above the results table."""
 
 
 # ----------------------------------------------------------------------------------------------- segmentation
@@ -362,6 +418,7 @@ def results_table(scene, name: str = RESULTS_TABLE_NAME) -> "slicer.vtkMRMLTable
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLTableNode")):
         node = scene.GetNthNodeByClass(index, "vtkMRMLTableNode")
         if node.GetName() == name and node.GetAttribute(ROLE_ATTRIBUTE) == "results":
+            _add_missing_columns(node)  # a scene saved by an older AACScore
             return node
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table.SetAttribute(ROLE_ATTRIBUTE, "results")
@@ -372,6 +429,19 @@ def results_table(scene, name: str = RESULTS_TABLE_NAME) -> "slicer.vtkMRMLTable
     table.SetUseColumnTitleAsColumnHeader(True)
     table.SetLocked(True)  # rows are written by the module, not typed over by accident
     return table
+
+
+def _add_missing_columns(table) -> None:
+    data = table.GetTable()
+    for column in TABLE_COLUMNS:
+        if data.GetColumnByName(column) is None:
+            array = vtk.vtkDoubleArray() if column in NUMBER_COLUMNS else vtk.vtkStringArray()
+            array.SetName(column)
+            array.SetNumberOfTuples(data.GetNumberOfRows())
+            for row in range(data.GetNumberOfRows()):
+                array.SetValue(row, math.nan if column in NUMBER_COLUMNS else "")
+            data.AddColumn(array)
+    table.Modified()
 
 
 def upsert_result_row(table, record: Mapping[str, object]) -> int:
@@ -547,12 +617,21 @@ def _temporary_labelmap(scene) -> Iterator["slicer.vtkMRMLLabelMapVolumeNode"]:
     """A scratch label map node; it and whatever it brings along (display node, colour table) go afterwards."""
     before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
     try:
-        yield scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AACScore temporary labels")
+        yield _hidden_node(scene, slicer.vtkMRMLLabelMapVolumeNode(), "AACScore temporary labels")
     finally:
         added = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
         for node in added:
             if node.GetID() not in before and node.GetScene() is not None:  # may have gone with its owner
                 _remove_node(scene, node)
+
+
+def _hidden_node(scene, node, name: str):
+    """Add `node` hidden from the node selectors, so scratch nodes do not flicker through the panel's lists."""
+    node.SetName(name)
+    node.SetHideFromEditors(True)
+    node.SetSaveWithScene(False)
+    scene.AddNode(node)
+    return node
 
 
 def _remove_node(scene, node) -> None:

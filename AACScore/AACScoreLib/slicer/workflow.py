@@ -9,8 +9,10 @@ headless against slicer-core's scene. Long work is split in three so that Slicer
 - `apply_*` (main thread) writes the outcome into the scene: segmentation, results table row, heatmap volume,
   boundary lines.
 
-`Job` runs compute work on a Python thread that the main thread polls (a qt.QTimer in Slicer). `segment`,
-`score` and `score_volumes` chain the three steps on the calling thread, for scripts and tests.
+Inside Slicer the compute step runs in the worker process (`AACScoreLib.worker`): `start_*` send a job and
+return a `WorkerJob` that the panel polls (a qt.QTimer) through a `JobPoller`; torch and nnU-Net never load
+into Slicer's own process. Given a pipeline object instead (tests, scripts), the same steps run on a Python
+thread (`Job`) with the same interface. `segment`, `score` and `score_volumes` chain the three steps and wait.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -32,7 +35,9 @@ from . import scene as aac_scene
 from ..errors import AACScoreError, Cancelled, RadiographError
 from ..kauppila import SUBSCORE_COLUMNS, category, total_score
 from ..pipeline import AACResult
-from ..io.radiograph import Radiograph, read_or_error, read_radiograph
+from ..io.radiograph import Radiograph, read_or_error
+from ..worker.client import WorkerClient, WorkerJob
+from ..worker.protocol import VolumeImage, result_from_message
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -95,40 +100,6 @@ def radiograph_from_volume(volume_node) -> Radiograph:
     return capture_volume(volume_node).load()
 
 
-@dataclass
-class VolumeImage:
-    """A volume's image, captured on the main thread and read in full by `load` on any thread.
-
-    Capturing is cheap: the source file is only named, and the voxels are copied only when asked (one image)
-    or when there is no source file, so preparing a batch of many radiographs neither freezes Slicer nor
-    doubles its memory.
-    """
-
-    key: str
-    name: str
-    shape: tuple[int, int]
-    source: str | None
-    voxels: Radiograph | None
-
-    def load(self) -> Radiograph:
-        problem = "no source file"
-        if self.source:
-            try:
-                radiograph = read_radiograph(self.source)
-            except RadiographError as error:
-                radiograph, problem = None, str(error)
-            if radiograph is not None:
-                if radiograph.pixels.shape == self.shape:
-                    radiograph.path = self.key
-                    return radiograph
-                problem = (f"{self.source} is {radiograph.pixels.shape[1]}x{radiograph.pixels.shape[0]} pixels, "
-                           f"the volume {self.shape[1]}x{self.shape[0]}")
-        if self.voxels is None:
-            raise RadiographError(self.key, f"'{self.name}' cannot be read again from its file ({problem}); "
-                                  "score it on its own")
-        return self.voxels
-
-
 def capture_volume(volume_node, copy_voxels: bool = True) -> VolumeImage:
     """What `VolumeImage.load` needs, taken from the scene (main thread); raises for a 3D volume."""
     name = volume_node.GetName()
@@ -178,11 +149,20 @@ def _source_file(volume_node) -> str | None:
 class Request:
     """What compute needs, copied out of the scene on the main thread."""
 
-    volume_id: str
+    volume_id: str | None  # None: a file scored without a volume (Score folder), only its table row is written
     image: VolumeImage
     labels: np.ndarray | None = None  # the vertebrae as they are now; None: the segmenter makes them
     segmentation_id: str | None = None
     edited: bool = False  # the existing segmentation holds a person's edits
+
+
+@dataclass
+class SegmentedLabels:
+    """The segmenter's answer for a request: what `apply_segment` needs (a SegmentationResult has these too)."""
+
+    labels: np.ndarray
+    status: str
+    message: str
 
 
 @dataclass
@@ -243,12 +223,20 @@ def _number(value: float) -> str:
 
 
 class Workflow:
-    """The module's logic on one scene. The pipeline (models) is loaded on first use, on whichever thread."""
+    """The module's logic on one scene.
 
-    def __init__(self, scene, pipeline=None, *, scorer_model: str | None = None,
-                 segmenter_model: str | None = None, device: str = "auto", models_dir=None):
+    With `pipeline` (an object with the Pipeline's `run` and `segmenter`), compute runs in this process, for
+    tests and scripts; without, in the worker process of `worker` (a WorkerClient, made on first use), which
+    keeps the models loaded between jobs.
+    """
+
+    def __init__(self, scene, pipeline=None, *, worker: WorkerClient | None = None,
+                 scorer_model: str | None = None, segmenter_model: str | None = None, device: str = "auto",
+                 models_dir=None):
         self.scene = scene
         self._pipeline = pipeline
+        self._in_process = pipeline is not None
+        self._worker = worker
         self._settings = (scorer_model or None, segmenter_model or None, device, models_dir)
         self._lock = threading.Lock()
 
@@ -262,10 +250,10 @@ class Workflow:
         settings = (scorer_model or None, segmenter_model or None, device, models_dir)
         with self._lock:
             if settings != self._settings:
-                self._settings, self._pipeline = settings, None
+                self._settings, self._pipeline = settings, None  # in process: reloaded on next use
 
     def pipeline(self):
-        """The loaded pipeline (thread-safe; the first call loads the model packages, which takes seconds)."""
+        """The loaded in-process pipeline (thread-safe; the first call loads the model packages)."""
         with self._lock:
             if self._pipeline is None:
                 from ..devices import device_choice
@@ -275,6 +263,77 @@ class Workflow:
                 device, _ = device_choice(device)
                 self._pipeline = Pipeline.from_packages(scorer_model, segmenter_model, device, models_dir)
             return self._pipeline
+
+    @property
+    def worker(self) -> WorkerClient:
+        if self._worker is None:
+            self._worker = WorkerClient()
+        return self._worker
+
+    def _models(self) -> dict:
+        scorer_model, segmenter_model, device, models_dir = self._settings
+        return {"scorer": scorer_model, "segmenter": segmenter_model, "device": device,
+                "models_dir": None if models_dir is None else str(models_dir)}
+
+    # -- jobs: the worker process, or a thread for an in-process pipeline; both polled alike
+
+    def start_segment(self, request: Request) -> "Job | WorkerJob":
+        """A job whose result is the request's SegmentedLabels, for `apply_segment`."""
+        if self._in_process:
+            return Job(lambda job: self.compute_segment(request, job.report, job.is_cancelled)).start()
+
+        def prepare(folder: Path) -> dict:
+            return {"image": request.image.to_message(folder, "image"), "models": self._models()}
+
+        def read(answer: dict) -> SegmentedLabels:
+            return SegmentedLabels(aac_scene.read_image_array(self.scene, answer["labels"]), answer["status"],
+                                   answer["message"])
+
+        return self.worker.submit("segment", prepare=prepare, read_result=read)
+
+    def start_score(self, request: Request, heatmap: bool = True) -> "Job | WorkerJob":
+        """A job whose result is (AACResult, results-table record), for `apply_score(request, *result)`."""
+        if self._in_process:
+            return Job(lambda job: (self.compute_score(request, job.report, job.is_cancelled, heatmap), None)).start()
+
+        def prepare(folder: Path) -> dict:
+            labels = None
+            if request.labels is not None:
+                labels = str(folder / "labels.npy")
+                np.save(labels, np.asarray(request.labels, np.uint8))
+            return {"image": request.image.to_message(folder, "image"), "labels": labels, "heatmap": heatmap,
+                    "models": self._models()}
+
+        return self.worker.submit("score", prepare=prepare, read_result=self._read_result)
+
+    def start_batch(self, requests: Sequence[Request], heatmap: bool = True) -> "Job | WorkerJob":
+        """A job that delivers (request, AACResult, record) for each radiograph as it is scored; a cancel keeps
+        what was delivered. Requests without a volume (files) get only their table row."""
+        if self._in_process:
+            return Job(self.batch_work(requests, heatmap)).start()
+
+        def prepare(folder: Path) -> dict:
+            return {"images": [request.image.to_message(folder, f"image{index:05d}")
+                               for index, request in enumerate(requests)],
+                    "heatmap": heatmap, "models": self._models()}
+
+        def read(item: dict):
+            return (requests[item["index"]], *self._read_result(item["result"]))
+
+        return self.worker.submit("batch", prepare=prepare, read_item=read)
+
+    def start_install_model(self, path: str | Path) -> WorkerJob:
+        """Install a model package in the worker (the nnU-Net converter needs torch); the result is a dict
+        with kind, name, version and path."""
+        return self.worker.submit("install_model", {"path": str(path), "models_dir": self._models()["models_dir"]})
+
+    def start_probe(self) -> WorkerJob:
+        """Which device the worker would use, and why; a torch that cannot load is reported, not raised."""
+        return self.worker.submit("probe", {"device": self._settings[2]})
+
+    def _read_result(self, answer: dict):
+        result, record = result_from_message(answer, lambda path: aac_scene.read_image_array(self.scene, path))
+        return result, record
 
     # -- loading
 
@@ -338,7 +397,9 @@ class Workflow:
         if request.edited and not overwrite:
             existing = self.scene.GetNodeByID(request.segmentation_id)
             return SegmentOutcome("edited", _edited_message(existing), existing)
-        return self.apply_segment(request, self.compute_segment(request, progress, cancel), overwrite)
+        if self._in_process:
+            return self.apply_segment(request, self.compute_segment(request, progress, cancel), overwrite)
+        return self.apply_segment(request, _wait(self.start_segment(request), progress, cancel), overwrite)
 
     # -- scoring
 
@@ -348,6 +409,12 @@ class Workflow:
         Without a segmentation (given, or the one AACScore made for this volume) the segmenter runs first.
         """
         segmentation = segmentation_node or aac_scene.find_vertebra_segmentation(self.scene, volume_node)
+        owner_id = segmentation.GetNodeReferenceID(aac_scene.RADIOGRAPH_ROLE) if segmentation is not None else None
+        if owner_id and owner_id != volume_node.GetID():  # made for another radiograph: its vertebrae are not these
+            owner = self.scene.GetNodeByID(owner_id)
+            raise AACScoreError(f"segmentation '{segmentation.GetName()}' belongs to radiograph "
+                                f"'{owner.GetName() if owner is not None else owner_id}', not to "
+                                f"'{volume_node.GetName()}'; choose the segmentation of this radiograph")
         labels = None if segmentation is None else aac_scene.read_vertebra_labels(segmentation, volume_node)
         return Request(volume_node.GetID(), capture_volume(volume_node, copy_voxels), labels,
                        segmentation.GetID() if segmentation is not None else None)
@@ -361,12 +428,19 @@ class Workflow:
             raise Cancelled("scoring cancelled")
         return result
 
-    def apply_score(self, request: Request, result: AACResult) -> ScoreOutcome:
+    def apply_score(self, request: Request, result: AACResult, record: Mapping | None = None) -> ScoreOutcome:
         """Results table row (updated, never duplicated), heatmap volume, boundary lines and, when the
-        pipeline segmented, the vertebra segmentation."""
+        pipeline segmented, the vertebra segmentation. `record` is the row the worker made (with every column
+        its pipeline fills, QC included); by default the result's own. A file without a volume gets its row only.
+        """
+        record = {column: value for column, value in (result.record() if record is None else record).items()
+                  if column in aac_scene.TABLE_COLUMNS}
+        record["source"] = aac_scene.MODEL_SOURCE
+        if request.volume_id is None:
+            record["file"] = request.image.key
+            return ScoreOutcome(result, aac_scene.upsert_result_row(self.results_table(), record))
         volume = self._volume(request)
-        record = {column: value for column, value in result.record().items() if column in aac_scene.TABLE_COLUMNS}
-        record.update(file=radiograph_key(volume), source=aac_scene.MODEL_SOURCE)
+        record["file"] = radiograph_key(volume)
         outcome = ScoreOutcome(result, aac_scene.upsert_result_row(self.results_table(), record))
         if request.segmentation_id is not None:
             outcome.segmentation = self.scene.GetNodeByID(request.segmentation_id)
@@ -383,18 +457,29 @@ class Workflow:
     def score(self, volume_node, segmentation_node=None, progress: Progress = _no_progress,
               cancel: Cancel = _never, heatmap: bool = True) -> ScoreOutcome:
         request = self.prepare_score(volume_node, segmentation_node)
-        return self.apply_score(request, self.compute_score(request, progress, cancel, heatmap))
+        if self._in_process:
+            return self.apply_score(request, self.compute_score(request, progress, cancel, heatmap))
+        return self.apply_score(request, *_wait(self.start_score(request, heatmap), progress, cancel))
 
     def score_volumes(self, volume_nodes: Sequence, progress: Progress = _no_progress, cancel: Cancel = _never,
                       heatmap: bool = True) -> BatchOutcome:
         """Score several volumes one after another; cancelling keeps what is done and stops.
 
-        The widget runs the same `batch_work` on a worker thread and applies what it delivers as it comes.
+        In process `batch_work` runs here; otherwise the worker's batch job (`start_batch`, which the widget
+        polls and applies as results come).
         """
         requests, problems = self.prepare_batch(volume_nodes)
         outcomes = [self.record_problem(volume, message) for volume, message in problems]
-        job = Job(self.batch_work(requests, heatmap)).run_here(progress, cancel)
-        outcomes += [self.apply_score(request, result) for request, result in job.take()]
+        if self._in_process:
+            job = Job(self.batch_work(requests, heatmap)).run_here(progress, cancel)
+            outcomes += [self.apply_score(*item) for item in job.take()]
+        else:
+            job = self.start_batch(requests, heatmap)
+            poller = JobPoller(job, lambda item: outcomes.append(self.apply_score(*item)))
+            try:
+                _wait(job, progress, cancel, poller)
+            except Cancelled:  # what was delivered is kept
+                pass
         return BatchOutcome(outcomes, len(requests) + len(problems), job.cancelled)
 
     def batch_work(self, requests: Sequence[Request], heatmap: bool = True) -> Callable[["Job"], None]:
@@ -430,6 +515,23 @@ class Workflow:
             except AACScoreError as error:
                 problems.append((volume, str(error)))
         return requests, problems
+
+    def prepare_files(self, paths: Sequence[str | Path]) -> list[Request]:
+        """Requests that score radiograph files without loading them as volumes (Score folder: a cohort's
+        images and heatmaps would otherwise all stay in memory); each gets its table row only."""
+        return [Request(None, VolumeImage(str(path), Path(path).name, None, str(path), None))
+                for path in radiograph_files(paths)]
+
+    def volume_for_file(self, file: str):
+        """The scene's radiograph volume whose results-table key is `file`, or None."""
+        return next((volume for volume in radiograph_volumes(self.scene) if radiograph_key(volume) == file), None)
+
+    def next_to_review(self, current_file: str | None = None) -> dict[str, object] | None:
+        """The model's next flagged result after `current_file` in table order (wrapping round), or None.
+
+        Flagged: QC verdict `review` or `error`; a row without a QC verdict counts when its status is
+        `warning`, `review` or `error`."""
+        return next_flagged(aac_scene.result_rows(self.results_table(), aac_scene.MODEL_SOURCE), current_file)
 
     def record_problem(self, volume_node, message: str) -> ScoreOutcome:
         """An error row for a radiograph that could not be scored, so a batch's table lists every input."""
@@ -518,10 +620,96 @@ class Workflow:
     # -- helpers
 
     def _volume(self, request: Request):
+        """The request's volume, if it is still the same radiograph: after the scene was closed, another
+        volume may carry the same node ID."""
         volume = self.scene.GetNodeByID(request.volume_id)
-        if volume is None:
+        if volume is None or radiograph_key(volume) != request.image.key:
             raise AACScoreError(f"the radiograph '{request.image.name}' was removed from the scene meanwhile")
         return volume
+
+
+REVIEW_VERDICTS: tuple[str, ...] = ("review", "error")
+
+
+def is_flagged(row: Mapping[str, object]) -> bool:
+    """A result a person should look at: QC says review or error (or, without QC, the status warns)."""
+    verdict = str(row.get("qc") or "")
+    if verdict:
+        return verdict in REVIEW_VERDICTS
+    return row.get("status") in ("warning", "review", "error")
+
+
+def next_flagged(rows: Sequence[Mapping[str, object]], current_file: str | None) -> Mapping[str, object] | None:
+    """The first flagged row after the one of `current_file` (from the start when it is not there), wrapping."""
+    files = [row["file"] for row in rows]
+    start = files.index(current_file) + 1 if current_file in files else 0
+    for row in list(rows[start:]) + list(rows[:start]):
+        if is_flagged(row):
+            return row
+    return None
+
+
+def qc_text(row: Mapping[str, object] | None) -> tuple[str, str]:
+    """(verdict with the interval, reasons) for the panel, e.g. ("review  [6.1–11.8]", "levels disagree")."""
+    if not row:
+        return "", ""
+    verdict = str(row.get("qc") or "")
+    low, high = row.get("aac24_low"), row.get("aac24_high")
+    interval = f"[{low:.1f}–{high:.1f}]" if low is not None and high is not None else ""
+    return "  ".join(part for part in (verdict, interval) if part), str(row.get("qc_reasons") or "")
+
+
+class JobPoller:
+    """Drives a job from a timer on the main thread.
+
+    Every delivered item is applied even when one fails: failures are collected in `problems` for one message
+    at the end instead of raised (a raise would drop the items polled with it). A call made while items are
+    being applied returns at once: a dialog opened meanwhile runs the event loop, and with it the timer.
+    """
+
+    def __init__(self, job, apply_item: Callable[[object], object] | None = None):
+        self.job = job
+        self.apply_item = apply_item
+        self.problems: list[str] = []
+        self.fraction, self.text, self.done = 0.0, "", False
+        self._busy = False
+
+    def poll(self) -> bool:
+        """Take what the job delivered and apply it; True once the job has ended and everything is applied."""
+        if self._busy or self.done:
+            return self.done
+        self._busy = True
+        try:
+            self.fraction, self.text, items, done = self.job.poll()
+            for item in items:
+                try:
+                    if self.apply_item is not None:
+                        self.apply_item(item)
+                except Exception as error:  # noqa: BLE001 - reported with the others when the job ends
+                    self.problems.append(str(error) if isinstance(error, AACScoreError)
+                                         else f"{type(error).__name__}: {error}")
+            self.done = done
+        finally:
+            self._busy = False
+        return self.done
+
+
+def _wait(job, progress: Progress = _no_progress, cancel: Cancel = _never, poller: JobPoller | None = None):
+    """Poll a job until it ends (scripts), forwarding progress and cancelling when `cancel()` says so; its
+    result, or its error raised."""
+    poller = poller or JobPoller(job)
+    while not poller.poll():
+        progress(poller.fraction, poller.text)
+        if cancel():
+            job.cancel()
+        time.sleep(0.02)
+    if job.error is not None:
+        raise job.error
+    if poller.problems:
+        raise AACScoreError("; ".join(poller.problems))
+    if job.cancelled:
+        raise Cancelled(f"{getattr(job, 'kind', 'job')} cancelled")
+    return job.result
 
 
 def _edited_message(segmentation_node) -> str:
@@ -554,7 +742,8 @@ def read_work(files: Sequence[str | Path]) -> Callable[["Job"], None]:
 
 
 class Job:
-    """Compute work on a worker thread that the main thread polls: progress, delivered items, end, error.
+    """Work on a Python thread that the main thread polls: progress, delivered items, end, error. Used for what
+    is light enough for Slicer's own process (reading files, pip subprocesses) and for in-process pipelines.
 
     `work(job)` calls `job.report(fraction, text)`, checks `job.is_cancelled()`, and hands finished items to the
     main thread with `job.deliver(item)`; the main thread calls `poll()` (e.g. from a qt.QTimer) and applies

@@ -58,3 +58,18 @@ def test_readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_latter():
     demo_command, test_command = first_commands
     assert "demo" in demo_command and "test" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_what_runs_in_old_slicers_parses_as_python_39():
+    """Slicer 5.6 and 5.8 run Python 3.9: the module must load there to say why it cannot score."""
+    import ast
+
+    for path in (MODULE_DIR / "AACScore.py", MODULE_DIR / "AACScoreLib" / "slicer" / "dependencies.py",
+                 MODULE_DIR / "AACScoreLib" / "slicer" / "sample_data.py", MODULE_DIR / "AACScoreLib" / "errors.py"):
+        text = path.read_text()
+        assert text.count("from __future__ import annotations") == 1, path
+        ast.parse(text, str(path), feature_version=(3, 9))
+
+
+def test_extension_depends_on_the_pytorch_extension():
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', (ROOT / "CMakeLists.txt").read_text())

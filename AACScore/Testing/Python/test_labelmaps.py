@@ -63,7 +63,7 @@ def test_context_classes_read_as_background_unless_asked_for(tmp_path):
     nan = labels.astype(np.float32)
     nan[0, 0] = np.nan
     nrrd.write(str(tmp_path / "nan_labels.nrrd"), nan, index_order="C")
-    with pytest.raises(GeometryError, match="nan_labels.nrrd: label values must be whole numbers"):
+    with pytest.raises(GeometryError, match="nan_labels.nrrd: label map holds NaN or infinite values; label values must be whole numbers"):
         read_label_map(tmp_path / "nan_labels.nrrd")
 
 

@@ -144,7 +144,7 @@ def test_zip_install_checks_sha256_before_extracting(tmp_path, home):
     assert torch.equal(load_safetensors(from_zip, "model.safetensors")["fc.weight"], torch.ones(2, 3))
     installed = install_package(archive, sha256=sha256(archive).upper())
     assert installed.path == home / "demo-scorer-1.0.0" and verify_package(installed.path)
-    assert sorted(p.name for p in installed.path.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in installed.path.iterdir()) == ["manifest.json", "manifest.sha256", "model.safetensors"]
 
 
 def test_file_url_install_reports_progress(tmp_path, home):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from AACScoreLib.batch import merge_shards, output_names, score_cohort
-from AACScoreLib.io.cohort import WorkItem, collect
+from AACScoreLib.batch import merge_shards, score_cohort
+from AACScoreLib.io.cohort import WorkItem, collect, output_names
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS
 from AACScoreLib.phantoms.generator import write_phantoms
 from AACScoreLib.pipeline import Pipeline
@@ -95,7 +95,8 @@ def test_batch_writes_rows_outputs_and_error_rows_and_resumes(tiny_scorer, phant
         row = rows[path.name]
         assert row["status"] == "error" and path.name in row["message"], row
         assert "Traceback" not in row["message"]
-    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".results.lock"], "temporary files left"
+    locks = (".results.lock", ".run.lock")
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name not in locks], "temporary files left"
 
     calls = []
     original = pipeline.run

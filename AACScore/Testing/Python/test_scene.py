@@ -17,7 +17,7 @@ import vtk
 import vtk.util.numpy_support
 
 from AACScoreLib.slicer import scene as aac_scene
-from AACScoreLib.errors import GeometryError
+from AACScoreLib.errors import AACScoreError, GeometryError
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from AACScoreLib.io.radiograph import Radiograph
 
@@ -367,3 +367,80 @@ def test_loading_a_missing_or_broken_mrb_says_so(tmp_path):
     with pytest.raises(aac_scene.AACScoreError, match="broken.mrb"):
         aac_scene.load_scene_mrb(broken)
     assert os.getcwd() == working_directory, "a failed load must not leave the process in a deleted folder"
+
+
+# ----------------------------------------------------------------------------------------------- panel fixes
+
+
+def test_heatmap_uses_slicers_own_inferno_colour_table_when_the_scene_has_it(scene, volume):
+    slicers = slicer.vtkMRMLColorTableNode()
+    slicers.SetName("Inferno")
+    slicers.SetSingletonTag("FileInferno.txt")  # how Slicer's colour logic adds its colour files
+    scene.AddNode(slicers)
+    assert slicers.GetID() == aac_scene.SLICER_INFERNO_ID
+    node = aac_scene.add_heatmap_volume(scene, volume, np.zeros((ROWS, COLS), np.float32))
+    assert node.GetDisplayNode().GetColorNodeID() == aac_scene.SLICER_INFERNO_ID
+    assert scene.GetFirstNodeByName(aac_scene.HEATMAP_COLOR_NAME) is None  # no copy of it made
+
+
+def test_heatmap_opacity_changes_only_views_that_show_a_heatmap(scene, volume):
+    heatmap = aac_scene.add_heatmap_volume(scene, volume, np.zeros((ROWS, COLS), np.float32))
+    other = aac_scene.add_radiograph_volume(scene, _radiograph())  # e.g. another module's overlay
+    red, green = (scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(2))
+    red.SetForegroundVolumeID(heatmap.GetID())
+    green.SetForegroundVolumeID(other.GetID())
+    green.SetForegroundOpacity(0.9)
+    assert aac_scene.set_heatmap_opacity(scene, 0.25) == 1
+    assert red.GetForegroundOpacity() == pytest.approx(0.25) and green.GetForegroundOpacity() == pytest.approx(0.9)
+
+
+def test_scratch_nodes_are_hidden_from_the_node_selectors(scene, volume):
+    """Reading the segments adds a scratch label map: the panel's selectors must not list (and flicker) it."""
+    segmentation = aac_scene.add_vertebra_segmentation(scene, volume, _labels())
+    added = []
+    tag = scene.AddObserver(scene.NodeAddedEvent, lambda caller, event: added.append(
+        caller.GetNthNode(caller.GetNumberOfNodes() - 1)))
+    try:
+        aac_scene.read_vertebra_labels(segmentation, volume)
+    finally:
+        scene.RemoveObserver(tag)
+    volumes = [node for node in added if node.IsA("vtkMRMLVolumeNode")]
+    assert volumes and all(node.GetHideFromEditors() for node in volumes)
+
+
+def test_worker_outputs_are_read_by_slicers_own_reader(scene, tmp_path):
+    from AACScoreLib.worker.server import write_nrrd
+
+    heat = np.linspace(0, 1, ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS)
+    write_nrrd(tmp_path / "h.nrrd", heat)
+    before = scene.GetNumberOfNodes()
+    np.testing.assert_array_equal(aac_scene.read_image_array(scene, tmp_path / "h.nrrd"), heat)
+    assert scene.GetNumberOfNodes() == before
+    with pytest.raises(AACScoreError, match="missing.nrrd"):
+        aac_scene.read_image_array(scene, tmp_path / "missing.nrrd")
+
+
+def test_a_results_table_of_an_older_scene_gets_the_qc_columns(scene):
+    old = scene.AddNewNodeByClass("vtkMRMLTableNode", aac_scene.RESULTS_TABLE_NAME)
+    old.SetAttribute(aac_scene.ROLE_ATTRIBUTE, "results")
+    for column in ("file", "source", "aac24", "category", "status", "message", *SUBSCORE_COLUMNS):
+        array = vtk.vtkDoubleArray() if column in aac_scene.NUMBER_COLUMNS else vtk.vtkStringArray()
+        array.SetName(column)
+        old.AddColumn(array)
+    old.AddEmptyRow()
+    old.GetTable().GetColumnByName("file").SetValue(0, "a.dcm")
+    table = aac_scene.results_table(scene)
+    assert table is old
+    (row,) = aac_scene.result_rows(table)
+    assert row["file"] == "a.dcm" and row["qc"] == "" and row["aac24_low"] is None
+    aac_scene.upsert_result_row(table, {"file": "a.dcm", "qc": "review", "aac24_low": 3.5})
+    assert aac_scene.result_rows(table)[0]["qc"] == "review"
+
+
+def test_results_layout_is_the_red_slice_view_above_a_table_view():
+    import xml.etree.ElementTree as ET
+
+    views = [view.attrib for view in ET.fromstring(aac_scene.RESULTS_LAYOUT_XML).iter("view")]
+    assert views == [{"class": "vtkMRMLSliceNode", "singletontag": "Red"},
+                     {"class": "vtkMRMLTableViewNode", "singletontag": "TableView1"}]
+    assert aac_scene.RESULTS_LAYOUT_ID > 1000  # clear of Slicer's own layout numbers

@@ -29,8 +29,8 @@ from AACScoreLib.errors import AACScoreError, Cancelled, GeometryError, Radiogra
 from AACScoreLib.kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from AACScoreLib.pipeline import AACResult, Pipeline
 from AACScoreLib.io.radiograph import Radiograph
-from AACScoreLib.slicer.workflow import (Job, Workflow, capture_volume, find_heatmap, radiograph_from_volume,
-                                  radiograph_key, radiograph_volumes)
+from AACScoreLib.slicer.workflow import (Job, JobPoller, Workflow, capture_volume, find_heatmap, is_flagged,
+                                         qc_text, radiograph_from_volume, radiograph_key, radiograph_volumes)
 
 ROWS, COLS = 200, 160
 SPACING = (0.5, 0.4)
@@ -612,3 +612,63 @@ def test_add_to_training_set_stores_the_corrected_segments_and_the_raters_scores
     case, counts = workflow.add_to_training_set(volume, tmp_path / "set", rater="Ann")
     assert counts == {"cases": 1, "scored": 1} and sum(case.scores.values()) == 7
     assert TrainingSet(tmp_path / "set").cases()[0].scores == case.scores
+
+# ----------------------------------------------------------------------------------------------- panel fixes
+
+
+def test_a_segmentation_made_for_another_radiograph_is_refused(scene, workflow):
+    first, second = _volumes(scene, 2)
+    segmentation_of_first = workflow.segment(first).segmentation
+    with pytest.raises(AACScoreError, match="'case_0 vertebrae' belongs to radiograph 'case_0', not to 'case_1'"):
+        workflow.prepare_score(second, segmentation_of_first)
+    assert workflow.score(second).result.aac24 == pytest.approx(10.4)  # its own segmentation is fine
+
+
+def test_results_of_a_closed_scene_never_land_on_a_new_volume_with_the_same_id(scene, workflow, volume):
+    request = workflow.prepare_score(volume)
+    result = workflow.compute_score(request)
+    scene.Clear(0)  # the person closed the scene while the job ran
+    other = aac_scene.add_radiograph_volume(scene, _radiograph("another_patient"))
+    assert other.GetID() == request.volume_id
+    with pytest.raises(AACScoreError, match="removed from the scene meanwhile"):
+        workflow.apply_score(request, result)
+    assert aac_scene.results_table(scene).GetNumberOfRows() == 0 and find_heatmap(scene, other) is None
+
+
+def test_job_poller_applies_every_item_even_when_one_fails_and_is_not_reentered():
+    def work(job):
+        for item in range(4):
+            job.deliver(item)
+
+    job = Job(work).start()
+    assert job.wait(5)
+    applied = []
+    poller = None
+
+    def apply(item):
+        assert poller.poll() is False  # what a modal dialog's event loop would do: ignored while applying
+        if item == 1:
+            raise AACScoreError("case 1: cannot be placed")
+        applied.append(item)
+
+    poller = JobPoller(job, apply)
+    assert poller.poll() is True
+    assert applied == [0, 2, 3] and poller.problems == ["case 1: cannot be placed"]
+
+
+def test_next_to_review_steps_through_flagged_results_in_table_order(scene, workflow):
+    table = workflow.results_table()
+    for file, qc, status in (("a", "ok", "ok"), ("b", "review", "ok"), ("c", "", "error"), ("d", "ok", "warning"),
+                             ("e", "error", "error"), ("f", "", "ok")):
+        aac_scene.upsert_result_row(table, {"file": file, "qc": qc, "status": status, "qc_reasons": f"why {file}",
+                                            "aac24": 5.0, "aac24_low": 3.25, "aac24_high": 7.0})
+    aac_scene.upsert_result_row(table, {"file": "b", "source": "Ann", "status": "ok"})  # raters are not stepped
+    steps, current = [], None
+    for _ in range(4):
+        current = workflow.next_to_review(current)["file"]
+        steps.append(current)
+    assert steps == ["b", "c", "e", "b"]  # wraps round; "d" has QC ok, so its warning status does not count
+    assert workflow.next_to_review("d")["file"] == "e"
+    assert qc_text(workflow.rating("b", "model")) == ("review  [3.2–7.0]", "why b")
+    assert qc_text(None) == ("", "") and not is_flagged({"qc": "ok", "status": "error"})
+    assert Workflow(aac_scene.new_scene(), _LabelPipeline()).next_to_review() is None
