@@ -91,6 +91,7 @@ class AACScoreParameterNode:
     segmenterModel: str = ""
     raterName: str = ""
     workerPython: str = ""  # "" = Slicer's own PythonSlicer
+    trainingSetFolder: str = ""
 
 
 class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -153,6 +154,9 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveRatingButton.connect("clicked(bool)", self.onSaveRating)
         self.ui.agreementButton.connect("clicked(bool)", self.onAgreement)
         self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.trainingSetBrowseButton.connect("clicked(bool)", self.onBrowseTrainingSet)
+        self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.verifyModelsButton.connect("clicked(bool)", self.onVerifyModels)
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.checkDependencies)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
@@ -204,6 +208,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volumes = radiograph_volumes(slicer.mrmlScene)
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]
+        self._showTrainingSetCount()
 
     def setParameterNode(self, inputParameterNode):
         self._disconnectParameterNode()
@@ -331,7 +336,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [self.ui.loadFilesButton, self.ui.loadFolderButton, self.ui.dicomButton, self.ui.segmentButton,
                 self.ui.editButton, self.ui.scoreButton, self.ui.scoreAllButton, self.ui.scoreFolderButton,
                 self.ui.nextToReviewButton, self.ui.installModelButton, self.ui.verifyModelsButton,
-                self.ui.saveRatingButton, self.ui.agreementButton, self.ui.exportCsvButton]
+                self.ui.saveRatingButton, self.ui.agreementButton, self.ui.exportCsvButton,
+                self.ui.addToTrainingSetButton, self.ui.finetuneButton, self.ui.trainingSetBrowseButton]
 
     def _setBusy(self, busy):
         """While a job runs, nothing else can start and the choices it was started with cannot change."""
@@ -546,6 +552,72 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.agreementTextEdit.setPlainText(
                 "\n".join(agreement.text() for agreement in agreements)
                 or "Score radiographs and save ratings of at least two of them to compare.")
+
+    # -- training set and fine-tuning
+
+    def onBrowseTrainingSet(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Training set folder",
+                                                     self._parameterNode.trainingSetFolder)
+        if folder:
+            self._parameterNode.trainingSetFolder = folder
+            self._showTrainingSetCount()
+
+    def _trainingSetFolder(self):
+        folder = self._parameterNode.trainingSetFolder.strip()
+        if not folder:
+            raise ValueError("Choose a training set folder first.")
+        return folder
+
+    def _showTrainingSetCount(self):
+        from AACScoreLib.io.training_set import TrainingSet
+
+        folder = self._parameterNode.trainingSetFolder.strip()
+        if folder:
+            counts = TrainingSet(folder).counts()
+            self.ui.trainingSetCountLabel.text = (f"{counts['cases']} cases, {counts['scored']} with a rater's "
+                                                  "scores (de-identified copies: pixels and spacing only).")
+
+    def onAddToTrainingSet(self):
+        with slicer.util.tryWithErrorDisplay("Could not add the case to the training set.", waitCursor=True):
+            case, counts = self.logic.workflow(self._parameterNode).add_to_training_set(
+                self._volume(), self._trainingSetFolder(), self._parameterNode.raterName,
+                self._parameterNode.segmentation)
+            scored = "with" if case.scores else "without"
+            self.ui.statusLabel.text = f"Stored {case.case} {scored} scores ({counts['cases']} cases in the set)."
+            self._showTrainingSetCount()
+
+    def onFinetune(self):
+        if self._cancelRunningJob():
+            return
+        import time
+
+        kind = self.ui.finetuneKindComboBox.currentText
+        base = (self._parameterNode.scorerModel if kind == "scorer" else self._parameterNode.segmenterModel) or None
+
+        def done(job):
+            path = job.result["path"]
+            self.ui.statusLabel.text = f"Fine-tuned {kind} written to {path}."
+            if slicer.util.confirmYesNoDisplay(f"Fine-tuning finished: {path}\n\nInstall this {kind} and use it?"):
+                self._installAndUse(kind, path)
+
+        with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+            folder = self._trainingSetFolder()
+            out = os.path.join(folder, "models", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+            job = self.logic.workflow(self._parameterNode).start_finetune(kind, folder, out, base)
+            self._run(self.ui.finetuneButton, job, done)
+
+    def _installAndUse(self, kind, path):
+        def done(job):
+            package = job.result
+            if kind == "scorer":
+                self._parameterNode.scorerModel = package["path"]
+            else:
+                self._parameterNode.segmenterModel = package["path"]
+            self._refreshModels()
+            self.ui.statusLabel.text = f"Using {kind} {package['name']} {package['version']}."
+
+        job = self.logic.workflow(self._parameterNode).start_install_model(path)
+        self._run(self.ui.finetuneButton, job, done)
 
     # -- showing results
 

@@ -87,8 +87,9 @@ def _score_records(cases: Sequence[TrainingCase]):
 def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelPackage | None = None,
                     settings: ScorerFinetuneSettings | None = None, *, cases: Sequence[TrainingCase] | None = None,
                     name: str | None = None, version: str | None = None, work_dir: str | Path | None = None,
-                    log: Log = print) -> Path:
-    """Fine-tune a scorer package on the rated cases of a training set; returns the new package's folder."""
+                    log: Log = print, on_epoch_end: Callable[[int, dict], None] | None = None) -> Path:
+    """Fine-tune a scorer package on the rated cases of a training set; returns the new package's folder.
+    `on_epoch_end(epoch, entry)` reports progress; raising from it (Cancelled) stops the training."""
     from .packages import load_safetensors
     from .scoring.data import load_crop_set
     from .devices import resolve_device
@@ -120,7 +121,7 @@ def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelP
             raise AACScoreError(f"{dataset.folder}: cases could not be cropped ({skipped})")
         empty = crops.subset([])
         model, result = train(crops, empty, train_settings, work / "train", initial_weights=weights,
-                              freeze=s.freeze, log=log)
+                              freeze=s.freeze, log=log, on_epoch_end=on_epoch_end)
         fit = evaluate_model(model, crops, resolve_device(s.device), batch)
     finally:
         if owned:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -195,12 +194,25 @@ class TrainingSet:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise AACScoreError(f"{self.folder}: cannot create the training set folder ({error.strerror})") from None
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(self.folder / ".lock", "a+b") as lock:
+            _exclusive(lock, True)
             try:
                 yield
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                _exclusive(lock, False)
+
+
+def _exclusive(stream, take: bool) -> None:
+    """Take or release an exclusive lock on an open file: fcntl on POSIX, msvcrt on Windows (Slicer runs there)."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        stream.seek(0)
+        msvcrt.locking(stream.fileno(), msvcrt.LK_LOCK if take else msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(stream, fcntl.LOCK_EX if take else fcntl.LOCK_UN)
 
 
 def _storage_pixels(pixels: np.ndarray) -> np.ndarray:

@@ -327,6 +327,13 @@ class Workflow:
         with kind, name, version and path."""
         return self.worker.submit("install_model", {"path": str(path), "models_dir": self._models()["models_dir"]})
 
+    def start_finetune(self, kind: str, data: str | Path, out: str | Path, base: str | None = None,
+                       settings: dict | None = None) -> WorkerJob:
+        """Fine-tune the segmenter or scorer on a training set in the worker (finetune.py); the result is a dict
+        with kind and the new package's path, which `configure` can then use."""
+        return self.worker.submit("finetune", {"kind": kind, "data": str(data), "out": str(out), "base": base,
+                                               "settings": settings or {}})
+
     def start_probe(self) -> WorkerJob:
         """Which device the worker would use, and why; a torch that cannot load is reported, not raised."""
         return self.worker.submit("probe", {"device": self._settings[2]})

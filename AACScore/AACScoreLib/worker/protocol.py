@@ -22,7 +22,7 @@ from ..kauppila import SUBSCORE_COLUMNS
 from ..pipeline import AACResult
 
 PROTOCOL_VERSION = 1
-JOB_KINDS: tuple[str, ...] = ("probe", "segment", "score", "batch", "install_model")
+JOB_KINDS: tuple[str, ...] = ("probe", "segment", "score", "batch", "install_model", "finetune")
 END_EVENTS: tuple[str, ...] = ("done", "cancelled", "error")
 
 

@@ -192,6 +192,29 @@ class Server:
         package = install_model(params["path"], models_dir=params.get("models_dir"), progress=progress)
         return {"kind": package.kind, "name": package.name, "version": package.version, "path": str(package.path)}
 
+    def _finetune(self, params: dict, folder: Path, context: _Context) -> dict:
+        """Fine-tune a package on a training set (finetune.py); the scorer reports and checks cancel every epoch,
+        nnU-Net's loop does not, so a cancelled segmenter fine-tuning ends when the client kills the worker."""
+        from ..finetune import ScorerFinetuneSettings, SegmenterFinetuneSettings, finetune_scorer, finetune_segmenter
+
+        kind, options = params["kind"], params.get("settings") or {}
+        context.progress(0.0, f"fine-tuning the {kind}")
+        if kind == "scorer":
+            settings = ScorerFinetuneSettings(**options)
+
+            def epoch_done(epoch: int, entry: dict) -> None:
+                context.progress(epoch / settings.epochs, f"epoch {epoch}/{settings.epochs}, loss {entry['train_loss']:.3f}")
+                context.check()
+
+            package = finetune_scorer(params["data"], params["out"], params.get("base"), settings,
+                                      log=lambda text: print(text, file=sys.stderr), on_epoch_end=epoch_done)
+        elif kind == "segmenter":
+            package = finetune_segmenter(params["data"], params["out"], params.get("base"),
+                                         SegmenterFinetuneSettings(**options))
+        else:
+            raise AACScoreError(f"fine-tuning kind must be segmenter or scorer, got {kind!r}")
+        return {"kind": kind, "path": str(package)}
+
 
 def write_nrrd(path: Path, array: np.ndarray) -> None:
     """A 2D array (rows, columns) as a raw NRRD that Slicer reads as a one-slice volume."""

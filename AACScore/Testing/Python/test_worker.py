@@ -249,3 +249,27 @@ print("heavy:", heavy)
     assert run.returncode == 0, run.stderr[-2000:]
     torch_in_worker, heavy = run.stdout.strip().splitlines()[-2:]
     assert torch_in_worker.startswith("2.") and heavy == "heavy: []"
+
+
+def test_fine_tuning_runs_in_the_worker_and_can_be_cancelled(workflow, tiny_scorer_package, tmp_path):
+    from AACScoreLib.io.training_set import TrainingSet
+    from AACScoreLib.packages import read_package
+    from AACScoreLib.phantoms.generator import generate_phantom, read_back
+
+    dataset = TrainingSet(tmp_path / "set")
+    for index in range(3):
+        phantom = generate_phantom(8700, "alt", index, size_range=(300, 360))
+        dataset.add(read_back(phantom), phantom.labels, phantom.truth["subscores"])
+    settings = {"epochs": 2, "batch": 2, "device": "cpu"}
+    result = workflow.start_finetune("scorer", dataset.folder, tmp_path / "tuned", str(tiny_scorer_package.path),
+                                     settings).run(180)
+    assert result["kind"] == "scorer" and read_package(result["path"]).manifest["training_data"]["n_cases"] == 3
+    job = workflow.start_finetune("scorer", dataset.folder, tmp_path / "never", str(tiny_scorer_package.path),
+                                  {**settings, "epochs": 500})
+    deadline = time.monotonic() + 120
+    while "epoch" not in job.poll()[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled_at = time.monotonic()
+    job.cancel()
+    assert job.wait(10) and job.cancelled and time.monotonic() - cancelled_at < 2.5
+    assert not (tmp_path / "never").exists()
