@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import dicom_batch
 from .io.cohort import WorkItem, collect, output_names, parse_shard
 from .errors import AACScoreError, Cancelled, RadiographError
 from .io.labelmaps import write_label_png
@@ -44,8 +45,14 @@ def score_cohort(
     anterior: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    read: Callable[[object], object] = read_or_error,
+    dicom: Callable[[dict, object, str, object], None] | None = None,
 ) -> Path:
-    """Score `items` into `out_dir`; returns the results table's path. Already scored inputs are skipped."""
+    """Score `items` into `out_dir`; returns the results table's path. Already scored inputs are skipped.
+
+    `read` turns an item's image into a Radiograph or a RadiographError (a file reader, or a PACS retrieval);
+    `dicom(row, result, stem, overlay picture)` makes DICOM outputs beside the label map and overlay.
+    """
     out_dir = Path(out_dir)
     names = names or output_names(items)
     table_path = results_path(out_dir, shard)
@@ -64,14 +71,14 @@ def score_cohort(
                 progress(finished, len(todo), f"{Path(row['file']).name}: {row['status']} {row.get('aac24') or ''}")
 
         try:
-            for done, (item, radiograph) in enumerate(_read_ahead(todo), start=1):
+            for done, (item, radiograph) in enumerate(_read_ahead(todo, read), start=1):
                 if cancel is not None and cancel():
                     raise Cancelled(f"cancelled after {done - 1} of {len(todo)} radiographs")
                 row, result = _score_one(pipeline, item, radiograph, heatmaps, anterior)
                 if pending is not None:
                     finish(pending)
                     pending = None
-                pending = writer.submit(write_outputs, row, result, out_dir, names[item.image])
+                pending = writer.submit(write_outputs, row, result, out_dir, names[item.image], dicom)
         finally:  # also on a cancel or an interrupt: the last finished image keeps its row
             if pending is not None:
                 finish(pending)
@@ -94,14 +101,14 @@ def merge_shards(out_dir: str | Path) -> Path:
     return merged
 
 
-def _read_ahead(items: Sequence[WorkItem]) -> Iterable[tuple[WorkItem, object]]:
+def _read_ahead(items: Sequence[WorkItem], read=read_or_error) -> Iterable[tuple[WorkItem, object]]:
     """Yield (item, Radiograph or RadiographError) with the next file read on a worker thread."""
     with ThreadPoolExecutor(max_workers=1) as reader:
-        futures: list[Future] = [reader.submit(read_or_error, item.image) for item in items[:2]]
+        futures: list[Future] = [reader.submit(read, item.image) for item in items[:2]]
         for index, item in enumerate(items):
             radiograph = futures[index].result()
             if index + 2 < len(items):
-                futures.append(reader.submit(read_or_error, items[index + 2].image))
+                futures.append(reader.submit(read, items[index + 2].image))
             futures[index] = None  # free the pixels once used
             yield item, radiograph
 
@@ -126,11 +133,12 @@ def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -
     return row, result
 
 
-def write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
+def write_outputs(row: dict, result, out_dir: Path, stem: str, dicom=None) -> dict:
     """Write the label map and the overlay of a scored image (on the writer thread); returns the row."""
     if result is None:
         return row
     try:
+        picture = None
         if result.labels is not None:
             row["labels"] = str(write_label_png(out_dir / "labels" / f"{stem}_labels.png", result.labels))
         if result.status != "error":
@@ -140,6 +148,8 @@ def write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
             picture = render_overlay(result.radiograph.pixels, result.heatmap, result.labels, result.geometry,
                                      title, result.category)
             row["heatmap"] = str(save_overlay(out_dir / "overlays" / f"{stem}_heatmap.png", picture))
+        if dicom is not None:
+            dicom(row, result, stem, picture)
     except Exception as error:  # a full disk or a bad picture loses this image's files, not the cohort
         return {**_internal_error(Path(row["file"]), error), "seconds": row.get("seconds")}
     return row
@@ -188,6 +198,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--anterior", choices=("left", "right"), help="force the anterior side for every image")
     parser.add_argument("--no-heatmap", action="store_true", help="skip Grad-CAM (faster)")
     parser.add_argument("--retry-errors", action="store_true", help="rescore inputs whose row is an error")
+    dicom_batch.add_arguments(parser)
     parser.set_defaults(func=_run)
 
 
@@ -195,17 +206,19 @@ def _run(args) -> int:
     from .pipeline import Pipeline
 
     shard = parse_shard(args.shard)
-    everything = collect(args.paths)
+    pacs = dicom_batch.pacs_source(args)
+    everything = pacs.items() if pacs else collect(args.paths)
     if not everything:
         raise AACScoreError("no radiographs found in " + ", ".join(args.paths))
-    names = output_names(everything)
-    items = collect(args.paths, shard)
+    names = pacs.names() if pacs else output_names(everything)
+    items = pacs.items(shard) if pacs else collect(args.paths, shard)
     logging.basicConfig(filename=_log_file(args.out), level=logging.INFO, format="%(asctime)s %(message)s")
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
                                       need_segmenter=any(item.labels is None for item in items))
     print(f"Scoring {len(items)} radiograph(s) into {args.out}", file=sys.stderr)
     table = score_cohort(pipeline, items, args.out, names=names, shard=shard, heatmaps=not args.no_heatmap,
-                         retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar())
+                         retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar(),
+                         read=pacs.read if pacs else read_or_error, dicom=dicom_batch.dicom_outputs(args, pacs))
     print_summary(table)
     return 0
 

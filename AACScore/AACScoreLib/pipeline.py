@@ -167,7 +167,7 @@ class Pipeline:
             if not isinstance(labels, np.ndarray):
                 from .io.labelmaps import read_label_map
 
-                labels = read_label_map(labels, radiograph.pixels.shape)
+                labels = read_label_map(labels, radiograph.pixels.shape, radiograph.metadata.get("SOPInstanceUID"))
             if labels.shape != radiograph.pixels.shape:
                 raise AACScoreError(
                     f"{radiograph.path}: label map is {labels.shape[1]}x{labels.shape[0]} pixels, "

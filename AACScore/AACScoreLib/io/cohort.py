@@ -11,14 +11,14 @@ from typing import Sequence
 from ..errors import AACScoreError
 
 RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
-DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay")
+DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay", "_aac24_report")
 
 
 @dataclass(frozen=True)
 class WorkItem:
     """One radiograph to score, with the user's corrected label map when one is given."""
 
-    image: Path
+    image: Path | str  # a file, or (str) the WADO-RS address of a DICOMweb instance
     labels: Path | None = None
 
 

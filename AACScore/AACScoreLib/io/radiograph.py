@@ -145,10 +145,27 @@ def _valid_spacing(values) -> tuple[float, float] | None:
 
 def _read_dicom(path: Path) -> Radiograph:
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     # defer_size: the header checks below reject non-radiographs before the pixel data is even read.
-    ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
+    return _dicom_radiograph(path, pydicom.dcmread(path, force=True, defer_size="1 MB"))
+
+
+def radiograph_from_dataset(ds, name: str) -> Radiograph:
+    """A radiograph from a DICOM dataset already in memory (retrieved from a PACS); `name` stands for its path
+    in messages. Raises RadiographError and nothing else, as `read_radiograph` does."""
+    try:
+        radiograph = _dicom_radiograph(name, ds)
+        _check_pixels(name, radiograph.pixels)
+        return radiograph
+    except (RadiographError, *_NOT_DECODER_ERRORS):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
+        raise RadiographError(name, f"cannot be read: {_reason(exc)}") from exc
+
+
+def _dicom_radiograph(path: Path | str, ds) -> Radiograph:
+    from pydicom.pixels import apply_modality_lut
+
     _check_dicom_header(path, ds)
     _infer_missing_transfer_syntax(ds)
     try:
