@@ -92,7 +92,11 @@ def read_source_header(path: str | Path):
     """The radiograph's DICOM header without pixel data: what the outputs copy and reference."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    from .labelmaps import is_dicom_file
+
+    if not is_dicom_file(path):
+        raise RadiographError(path, not_dicom_message(Path(path).name))
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def make_results(source, row: Mapping[str, object], labels: np.ndarray | None, labels_by_model: bool,

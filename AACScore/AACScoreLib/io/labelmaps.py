@@ -120,7 +120,7 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None,
     segments are matched to L1..L5 by name, or a DICOM SEG (checked to reference `source_uid` when given);
     checked against the image's size when it is given."""
     path = Path(path)
-    if _is_dicom(path):
+    if is_dicom_file(path):
         return read_dicom_seg(path, image_shape, source_uid)
     if path.name.lower().endswith(".seg.nrrd"):
         if image_shape is None:
@@ -150,7 +150,7 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None,
     return labels.astype(np.uint8)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: str | Path) -> bool:
     """A DICOM Part 10 file, whatever its name: 'DICM' after the 128-byte preamble."""
     try:
         with open(path, "rb") as stream:
