@@ -153,3 +153,44 @@ def dicom_outputs(args, source: PacsSource | None) -> DicomOutputs | None:
     if args.dicom_out is None and not args.store:
         return None
     return DicomOutputs(args.dicom_out, source.server if source is not None and args.store else None, source)
+
+
+def verify_stored(server: DicomWebServer, table: Path) -> dict[str, object]:
+    """Query back what a `--store` run stored and compare it with its results table: every scored row's SEG
+    (labels pixel for pixel with its label map) and SR (scores to 3 decimals, category, QC, models).
+
+    Returns counts and the problems found, one line each; reading goes through highdicom, whose template and
+    IOD checks are the validation the objects get.
+    """
+    from PIL import Image
+
+    from .io.dicom_results import read_report
+    from .io.labelmaps import read_dicom_seg
+    from .io.results_file import ResultsFile, format_cell
+
+    counts = {"scored": 0, "stored": 0, "seg_equal": 0, "sr_equal": 0}
+    problems: list[str] = []
+    for row in ResultsFile(table).values():
+        if row["status"] == "error":
+            continue
+        counts["scored"] += 1
+        name = row["file"].rsplit("/", 1)[-1]
+        stored = dict(part.split("=", 1) for part in row.get("stored", "").split("; ") if "=" in part)
+        found = {kind: server.find([{"SOPInstanceUID": uid}]) for kind, uid in stored.items()}
+        if set(stored) < {"seg", "sr"} or any(len(instances) != 1 for instances in found.values()):
+            problems.append(f"{name}: stored {sorted(stored)}, found {[len(i) for i in found.values()]} on the server")
+            continue
+        counts["stored"] += 1
+        labels = read_dicom_seg(server.retrieve(found["seg"][0]), source_uid=name)
+        if np.array_equal(labels, np.asarray(Image.open(row["labels"]))):
+            counts["seg_equal"] += 1
+        else:
+            problems.append(f"{name}: the stored SEG differs from {row['labels']}")
+        values = read_report(server.retrieve(found["sr"][0]))
+        different = [column for column, value in values.items()
+                     if column in row and row[column] != (format_cell(value) if isinstance(value, float) else value)]
+        if different or values.get("source_uid") != name:
+            problems.append(f"{name}: the stored SR differs in {different or ['source image']}")
+        else:
+            counts["sr_equal"] += 1
+    return {**counts, "problems": problems}

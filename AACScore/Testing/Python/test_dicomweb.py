@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from AACScoreLib.cli import main
+from AACScoreLib.dicom_batch import verify_stored
 from AACScoreLib.errors import AACScoreError
 from AACScoreLib.io.dicom_results import read_report
 from AACScoreLib.io.dicomweb import PASSWORD_ENV, TOKEN_ENV, DicomWebServer, parse_filters
@@ -24,8 +25,9 @@ from orthanc_testing import PASSWORD, USER, free_port, running_orthanc
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def orthanc(tmp_path_factory):
+    """A fresh, empty Orthanc for each test (it starts in about a second)."""
     with running_orthanc(tmp_path_factory.mktemp("orthanc")) as url:
         yield url
 
@@ -76,6 +78,8 @@ def test_phantoms_go_through_orthanc_and_come_back_equal(orthanc, tmp_path, monk
         for column in ("aac24",) + SUBSCORE_COLUMNS:
             assert f"{values[column]:.3f}" == row[column]
         assert values["category"] == row["category"] and values["models"] == row["models"]
+    assert verify_stored(server, out / "results.csv") == {"scored": 3, "stored": 3, "seg_equal": 3, "sr_equal": 3,
+                                                          "problems": []}
     heatmaps = server.find([{"Modality": "OT"}])
     assert len(heatmaps) == 3 and all(server.retrieve(h).SeriesDescription == "AACScore Grad-CAM heatmap"
                                       for h in heatmaps)
@@ -89,6 +93,17 @@ def test_phantoms_go_through_orthanc_and_come_back_equal(orthanc, tmp_path, monk
     assert len(everything) == 4 + 9
     assert sum(row["status"] == "error" and "not a projection radiograph" in row["message"]
                for row in everything.values()) == 1 + 9
+
+
+def test_the_dicomweb_benchmark_runs_end_to_end(orthanc, tmp_path):
+    from AACScoreLib.evaluation.bench import run_dicomweb_benchmark
+    from AACScoreLib.pipeline import Pipeline
+
+    images = write_phantoms(tmp_path / "phantoms", 1, seed=1809, size_range=(500, 500))
+    figures = run_dicomweb_benchmark(Pipeline.from_packages(device="cpu"), images, _server(orthanc), tmp_path / "runs")
+    assert figures["found_on_server"] == 1 and figures["dicomweb_vs_disk"] > 0
+    assert set(figures["batch_s"]) == {"disk", "disk_dicom_files", "dicomweb_store"}
+    assert figures["round_trip"] == {"scored": 1, "stored": 1, "seg_equal": 1, "sr_equal": 1, "problems": []}
 
 
 def test_an_unreachable_server_is_one_line(tmp_path, capsys):
