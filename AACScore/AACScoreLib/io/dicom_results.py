@@ -159,13 +159,16 @@ def make_segmentation(source, labels: np.ndarray, models: str | None):
         for number, term in enumerate(vertebra_terms().values(), start=1)
     ]
     masks = np.stack([labels == value for value in range(1, len(VERTEBRAE) + 1)], axis=-1)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=masks[None], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name="AACScore", software_versions=__version__, device_serial_number="none",
         series_description=SERIES_DESCRIPTIONS[SEG_SERIES], omit_empty_frames=False,
     )
+    # without plane orientation, DICOM wants the image's orientation (Type 2C); the SEG shares the radiograph's grid
+    seg.PatientOrientation = source.get("PatientOrientation", "")
+    return seg
 
 
 def make_report(source, row: Mapping[str, object], also_derived: list | None = None):
@@ -205,6 +208,8 @@ def make_report(source, row: Mapping[str, object], also_derived: list | None = N
         evidence=[source] + list(also_derived or []), content=report[0], series_instance_uid=hd.UID(),
         series_number=SR_SERIES, sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, series_description=SERIES_DESCRIPTIONS[SR_SERIES],
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=SCHEME, name="AACScore codes for Kauppila AAC-24 scoring", responsible_organization="AACScore")],
     )
 
 
@@ -229,6 +234,8 @@ def make_heatmap_capture(source, picture: np.ndarray):
     )
     if orientation is None:  # highdicom needs one to build the image; DICOM allows it empty (Type 2): unknown
         capture.PatientOrientation = ""
+    if source.get("BodyPartExamined"):  # an unpaired body part: no Laterality needed
+        capture.BodyPartExamined = source.BodyPartExamined
     return capture
 
 

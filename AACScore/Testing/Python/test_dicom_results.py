@@ -4,7 +4,9 @@ DICOM SEG accepted as the user's label map."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,21 @@ def test_heatmap_is_a_secondary_capture_in_the_radiographs_study(written):
     assert capture.StudyInstanceUID == header.StudyInstanceUID
     assert capture.pixel_array.shape == (120, 100, 3)
     assert abs(int(capture.pixel_array[60, 10, 0]) - 250) < 20  # lossy, but the colour stays
+
+
+def test_dicom3tools_finds_no_error_in_the_outputs(written):
+    """dciodvfy (David Clunie's IOD checker, Debian dicom3tools) checks what highdicom's reader does not."""
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        message = "dciodvfy not found (Debian package dicom3tools)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run installs it", pytrace=False)
+        pytest.skip(message)
+    paths, _, _ = written
+    for path in paths.values():
+        checked = subprocess.run([binary, "-new", str(path)], capture_output=True, text=True)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
 
 
 def test_a_seg_is_matched_by_coded_concept_and_refused_for_another_image(written, labels, tmp_path):
