@@ -46,12 +46,13 @@ class PacsSource:
 
         key = str(key)
         instance = self.instances[key]
-        if instance.modality not in RADIOGRAPH_MODALITIES:
-            kind = _sop_class_name(instance.sop_class)
-            return RadiographError(key, f"Modality {instance.modality or 'unknown'}{kind} is not a projection "
-                                        f"radiograph (expected {', '.join(RADIOGRAPH_MODALITIES)})")
+        if instance.modality and instance.modality not in RADIOGRAPH_MODALITIES:  # known from the query already
+            return _not_a_radiograph(key, instance.modality, instance.sop_class)
         try:
             dataset = self.server.retrieve(instance)
+            modality = str(dataset.get("Modality", ""))
+            if modality not in RADIOGRAPH_MODALITIES:  # for servers whose query did not say
+                return _not_a_radiograph(key, modality, str(dataset.get("SOPClassUID", "")))
             radiograph = radiograph_from_dataset(dataset, key)
         except RadiographError as error:
             return error
@@ -114,11 +115,15 @@ def _without_pixels(dataset) -> object:
     return header
 
 
-def _sop_class_name(uid: str) -> str:
+def _not_a_radiograph(key: str, modality: str, sop_class: str) -> RadiographError:
     from pydicom.uid import UID
 
-    name = UID(uid).name if uid else ""
-    return f" ({name})" if name and name != uid else ""
+    from .io.dicom_results import RADIOGRAPH_MODALITIES
+
+    name = UID(sop_class).name if sop_class else ""
+    kind = f" ({name})" if name and name != sop_class else ""
+    return RadiographError(key, f"Modality {modality or 'unknown'}{kind} is not a projection radiograph "
+                                f"(expected {', '.join(RADIOGRAPH_MODALITIES)})")
 
 
 def add_arguments(parser) -> None:

@@ -17,11 +17,19 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
+import requests
+
 from ..errors import AACScoreError
 
 PREFIXES = ("dicomweb+http://", "dicomweb+https://")
 PASSWORD_ENV = "AACSCORE_DICOMWEB_PASSWORD"
 TOKEN_ENV = "AACSCORE_DICOMWEB_TOKEN"
+TIMEOUT = (10, 120)
+"""Seconds to connect and to wait for the server's next bytes (dicomweb-client's default of 20 s to answer can be
+too short for a busy PACS storing large objects)."""
+ATTEMPTS = 3
+"""Tries per request (dicomweb-client's retry, 2 s then 4 s apart): a busy PACS gets a second chance, an
+unreachable one costs seconds, not minutes."""
 _T = TypeVar("_T")
 
 
@@ -68,7 +76,6 @@ class DicomWebServer:
     """One DICOMweb service root; `call` turns every transport or HTTP failure into a one-line AACScoreError."""
 
     def __init__(self, url: str, user: str | None = None, password: str | None = None, token: str | None = None):
-        import requests
         from dicomweb_client.api import DICOMwebClient
 
         self.address = url
@@ -78,7 +85,8 @@ class DicomWebServer:
             self.session.auth = (user, password or "")
         if token is not None:
             self.session.headers["Authorization"] = f"Bearer {token}"
-        self.client = DICOMwebClient(url=self.url.rstrip("/"), session=self.session)
+        self.client = DICOMwebClient(url=self.url.rstrip("/"), session=self.session, timeout=TIMEOUT)
+        self.client.set_http_retry_params(retry=ATTEMPTS > 1, max_attempts=ATTEMPTS)
 
     @classmethod
     def from_options(cls, url: str, user: str | None = None, token: bool = False,
@@ -105,8 +113,6 @@ class DicomWebServer:
         return f"{self.url.rstrip('/')}/studies/{instance.study}/series/{instance.series}/instances/{instance.sop}"
 
     def call(self, what: str, function: Callable[..., _T], *args, **kwargs) -> _T:
-        import requests
-
         try:
             return function(*args, **kwargs)
         except requests.HTTPError as error:
@@ -114,8 +120,8 @@ class DicomWebServer:
             hint = " (check --user/--token and the credentials)" if status in (401, 403) else ""
             raise AACScoreError(f"{self.url}: {what} refused with HTTP {status}{hint}") from None
         except requests.RequestException as error:
-            reason = type(error).__name__ if isinstance(error, requests.ConnectionError) else str(error)
-            raise AACScoreError(f"{self.url}: cannot {what} ({reason}: server unreachable?)") from None
+            raise AACScoreError(f"{self.url}: cannot {what} ({type(error).__name__}: server unreachable or not "
+                                "answering?)") from None
 
     def find(self, filters: Sequence[Mapping[str, str]]) -> list[Instance]:
         """Every instance matching any of the queries (QIDO-RS, all pages), sorted by UIDs, without repeats."""

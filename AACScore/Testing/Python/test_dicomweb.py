@@ -113,6 +113,36 @@ def test_an_unreachable_server_is_one_line(tmp_path, capsys):
     assert error.count("\n") == 0 and url in error and "unreachable" in error, error
 
 
+def test_a_server_that_stops_answering_times_out_in_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from AACScoreLib.io import dicomweb
+
+    monkeypatch.setattr(dicomweb, "TIMEOUT", (1, 1))
+    monkeypatch.setattr(dicomweb, "ATTEMPTS", 1)
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        assert main(["score", f"dicomweb+{url}", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "ReadTimeout" in error and error.count("\n") == 0, error
+
+
+def test_an_instance_the_query_did_not_describe_is_checked_after_retrieval(orthanc):
+    from AACScoreLib.dicom_batch import PacsSource
+    from AACScoreLib.errors import RadiographError
+    from AACScoreLib.io.dicomweb import Instance
+
+    server = _server(orthanc)
+    ct = pydicom.dcmread(CORPUS / "CT_small.dcm")
+    server.store([ct])
+    undescribed = Instance(ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID, modality="", sop_class="")
+    source = PacsSource(server, [undescribed])
+    error = source.read(source.items()[0].image)
+    assert isinstance(error, RadiographError) and "Modality CT (CT Image Storage) is not a projection" in str(error)
+
+
 def test_refused_credentials_are_one_line(orthanc, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, "wrong")
     assert _score(orthanc, tmp_path) == 2
