@@ -82,7 +82,8 @@ class DicomOutputs:
         if result.status == "error":
             return
         if result.radiograph.format != "DICOM":
-            row["message"] = "; ".join(m for m in (row.get("message"), not_dicom_message(result.radiograph.format)) if m)
+            note = not_dicom_message(result.radiograph.format)
+            row["message"] = "; ".join(m for m in (row.get("message"), note) if m)
             return
         with_heatmap = picture is not None and result.heatmap is not None
         results = make_results(self.header(result), row, result.labels, result.labels_source == "segmenter",

@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import GeometryError, RadiographError
-from ..kauppila import CATEGORIES, SUBSCORE_COLUMNS, VERTEBRAE
+from ..kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from .atomic import atomic_path
 from .terminology import Code, vertebra_terms
 
@@ -68,7 +68,6 @@ ALGORITHM_PARAMETER = ("111002", "DCM")  # TID 4019 "Algorithm Parameters": one 
 SCORE_UNIT = Code("{score}", "UCUM", "score")
 _TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                      "ReferringPhysicianName", "StudyID", "AccessionNumber")
-assert set(CATEGORY_CODES) == set(CATEGORIES)
 
 
 @dataclass
@@ -227,10 +226,10 @@ def make_heatmap_capture(source, picture: np.ndarray):
     picture = np.ascontiguousarray(picture, dtype=np.uint8)
     orientation = _biped_orientation(source.get("PatientOrientation"))
     capture = hd.sc.SCImage.from_ref_dataset(
-        source, pixel_array=picture, photometric_interpretation="YBR_FULL_422", bits_allocated=8, coordinate_system="PATIENT",
-        patient_orientation=orientation or ("A", "F"), series_instance_uid=hd.UID(), series_number=HEATMAP_SERIES,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, transfer_syntax_uid=JPEGBaseline8Bit,
-        series_description=SERIES_DESCRIPTIONS[HEATMAP_SERIES],
+        source, pixel_array=picture, photometric_interpretation="YBR_FULL_422", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=orientation or ("A", "F"), series_instance_uid=hd.UID(),
+        series_number=HEATMAP_SERIES, sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+        transfer_syntax_uid=JPEGBaseline8Bit, series_description=SERIES_DESCRIPTIONS[HEATMAP_SERIES],
     )
     if orientation is None:  # highdicom needs one to build the image; DICOM allows it empty (Type 2): unknown
         capture.PatientOrientation = ""

@@ -67,7 +67,8 @@ def running_orthanc(folder: Path) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {process.returncode}: {(folder / 'orthanc.log').read_text()[-2000:]}")
+                log_tail = (folder / "orthanc.log").read_text()[-2000:]
+                raise RuntimeError(f"Orthanc exited with {process.returncode}: {log_tail}")
             try:
                 if requests.get(f"{base}/system", auth=(USER, PASSWORD), timeout=2).ok:
                     break
