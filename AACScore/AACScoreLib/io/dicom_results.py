@@ -62,12 +62,15 @@ CATEGORY_CODES: dict[str, Code] = {
     "moderate": Code("AACMODERATE", SCHEME, "moderate (AAC-24 5-15)"),
     "severe": Code("AACSEVERE", SCHEME, "severe (AAC-24 16-24)"),
 }
-QC_CODES: dict[str, Code] = {verdict: Code(f"AACQC{verdict.upper()}", SCHEME, verdict)
-                             for verdict in ("ok", "review", "error")}
 ALGORITHM_PARAMETER = ("111002", "DCM")  # TID 4019 "Algorithm Parameters": one per model package
 SCORE_UNIT = Code("{score}", "UCUM", "score")
 _TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                      "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def qc_code(verdict: str) -> Code:
+    """The coded QC verdict (ok, review, error: AACQCOK, AACQCREVIEW, AACQCERROR); its meaning is the verdict."""
+    return Code(f"AACQC{verdict.upper()}"[:16], SCHEME, verdict)
 
 
 @dataclass
@@ -190,7 +193,7 @@ def make_report(source, row: Mapping[str, object], also_derived: list | None = N
     ]
     evaluations = [hd.sr.QualitativeEvaluation(_coded(CODES["category"]), _coded(CATEGORY_CODES[str(row["category"])]))]
     if _filled(row.get("qc")):
-        evaluations.append(hd.sr.QualitativeEvaluation(_coded(CODES["qc"]), _coded(QC_CODES[str(row["qc"])])))
+        evaluations.append(hd.sr.QualitativeEvaluation(_coded(CODES["qc"]), _coded(qc_code(str(row["qc"])))))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="AAC-24"),
         finding_type=_coded(CODES["finding"]), finding_sites=[hd.sr.FindingSite(codes.SCT.AbdominalAorta)],
@@ -285,12 +288,12 @@ def read_report(source: str | Path | object) -> dict[str, object]:
         key = by_code.get(measurement.name.value)
         if key is not None:
             values[key] = float(measurement.value)
-    meanings = {code.value: verdict for verdict, code in {**CATEGORY_CODES, **QC_CODES}.items()}
+    categories = {code.value: category for category, code in CATEGORY_CODES.items()}
     for evaluation in group.get_qualitative_evaluations():
         if evaluation.name.value == CODES["category"].value:
-            values["category"] = meanings[evaluation.value.value]
+            values["category"] = categories.get(evaluation.value.value, evaluation.value.meaning)
         elif evaluation.name.value == CODES["qc"].value:
-            values["qc"] = meanings[evaluation.value.value]
+            values["qc"] = evaluation.value.meaning
     packages = []
     for item in group[0].ContentSequence:
         concept = item.ConceptNameCodeSequence[0]
