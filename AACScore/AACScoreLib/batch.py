@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from . import dicom_batch
 from .cli import say
 from .io.checksums import sha256_or_empty
 from .io.cohort import WorkItem, collect, parse_shard, real_path, unique_output_names
@@ -101,9 +102,13 @@ def score_cohort(
     anterior: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    read: Callable[[object], object] = read_or_error,
+    dicom: Callable[[dict, object, str, object], None] | None = None,
 ) -> Path:
     """Score `items` into `out_dir`; returns the results table's path. Already scored inputs are skipped.
 
+    `read` turns an item's image into a Radiograph or a RadiographError (a file reader, or a PACS retrieval);
+    `dicom(row, result, stem, overlay picture)` makes DICOM outputs beside the label map and overlay.
     Raises OutputBusy when another run is scoring into `out_dir` (shards of one job array run side by side)."""
     out_dir = Path(out_dir)
     names = names or unique_output_names(items)
@@ -111,13 +116,15 @@ def score_cohort(
     with run_lock(out_dir, shard):
         if shard is None:
             merge_shards(out_dir, None)  # rows of earlier sharded runs join results.csv before this run adds its own
-        _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, anterior, progress, cancel)
+        _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, anterior, progress, cancel,
+                    read, dicom)
         if shard is not None:
             merge_shards(out_dir, shard[1])
     return table_path
 
 
-def _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, anterior, progress, cancel) -> None:
+def _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, anterior, progress, cancel,
+                read, dicom) -> None:
     merged = ResultsFile(out_dir / "results.csv") if shard is not None else None
     with ResultsFile(results_path(out_dir, shard)) as results, ThreadPoolExecutor(max_workers=1) as writer:
         _recognise_moved(items, results, merged)
@@ -137,7 +144,7 @@ def _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, 
                 progress(finished, len(todo), f"{Path(row['file']).name}: {row['status']} {row.get('aac24') or ''}")
 
         try:
-            for done, (item, radiograph, digest) in enumerate(_read_ahead(todo), start=1):
+            for done, (item, radiograph, digest) in enumerate(_read_ahead(todo, read), start=1):
                 if cancel is not None and cancel():
                     raise Cancelled(f"cancelled after {done - 1} of {len(todo)} radiographs")
                 row, result = _score_one(pipeline, item, radiograph, heatmaps, anterior)
@@ -145,7 +152,7 @@ def _score_into(pipeline, items, out_dir, names, shard, heatmaps, retry_errors, 
                 if pending is not None:
                     finish(pending)
                     pending = None
-                pending = writer.submit(write_outputs, row, result, out_dir, names[item.image])
+                pending = writer.submit(write_outputs, row, result, out_dir, names[item.image], dicom)
         finally:  # also on a cancel or an interrupt: the last finished image keeps its row
             if pending is not None:
                 finish(pending)
@@ -205,20 +212,21 @@ def merge_shards(out_dir: str | Path, shard_count: int | None = None) -> Path:
     return merged
 
 
-def _read_ahead(items: Sequence[WorkItem]) -> Iterable[tuple[WorkItem, object, str]]:
-    """Yield (item, Radiograph or RadiographError, file sha256) with the next file read on a worker thread."""
+def _read_ahead(items: Sequence[WorkItem], read=read_or_error) -> Iterable[tuple[WorkItem, object, str]]:
+    """Yield (item, Radiograph or RadiographError, file sha256) with the next input read on a worker thread."""
     with ThreadPoolExecutor(max_workers=1) as reader:
-        futures: list[Future] = [reader.submit(_read_and_hash, item.image) for item in items[:2]]
+        futures: list[Future] = [reader.submit(_read_and_hash, read, item.image) for item in items[:2]]
         for index, item in enumerate(items):
             radiograph, digest = futures[index].result()
             if index + 2 < len(items):
-                futures.append(reader.submit(_read_and_hash, items[index + 2].image))
+                futures.append(reader.submit(_read_and_hash, read, items[index + 2].image))
             futures[index] = None  # free the pixels once used
             yield item, radiograph, digest
 
 
-def _read_and_hash(path: Path) -> tuple[object, str]:
-    return read_or_error(path), sha256_or_empty(path)
+def _read_and_hash(read, image: Path | str) -> tuple[object, str]:
+    """An input read, with the sha256 of its file (none for an instance on a PACS: its address is its key)."""
+    return read(image), "" if isinstance(image, str) and "://" in image else sha256_or_empty(image)
 
 
 def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -> tuple[dict, object]:
@@ -241,11 +249,12 @@ def _score_one(pipeline, item: WorkItem, radiograph, heatmaps: bool, anterior) -
     return row, result
 
 
-def write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
+def write_outputs(row: dict, result, out_dir: Path, stem: str, dicom=None) -> dict:
     """Write the label map and the overlay of a scored image (on the writer thread); returns the row."""
     if result is None:
         return row
     try:
+        picture = None
         if result.labels is not None:
             row["labels"] = str(write_label_png(out_dir / "labels" / f"{stem}_labels.png", result.labels))
         if result.status != "error":
@@ -255,6 +264,8 @@ def write_outputs(row: dict, result, out_dir: Path, stem: str) -> dict:
             picture = render_overlay(result.radiograph.pixels, result.heatmap, result.labels, result.geometry,
                                      title, result.category)
             row["heatmap"] = str(save_overlay(out_dir / "overlays" / f"{stem}_heatmap.png", picture))
+        if dicom is not None:
+            dicom(row, result, stem, picture)
     except Exception as error:  # a full disk or a bad picture loses this image's files, not the cohort
         return {**_internal_error(Path(row["file"]), error), "seconds": row.get("seconds"),
                 "file_sha256": row.get("file_sha256")}
@@ -304,6 +315,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--anterior", choices=("left", "right"), help="force the anterior side for every image")
     parser.add_argument("--no-heatmap", action="store_true", help="skip Grad-CAM (faster)")
     parser.add_argument("--retry-errors", action="store_true", help="rescore inputs whose row is an error")
+    dicom_batch.add_arguments(parser)
     parser.set_defaults(func=_run)
 
 
@@ -312,11 +324,12 @@ def _run(args) -> int:
 
     shard = parse_shard(args.shard)
     check_out_dir(args.out)
-    everything = collect(args.paths)
+    pacs = dicom_batch.pacs_source(args)
+    everything = pacs.items() if pacs else collect(args.paths)
     if not everything:
         raise AACScoreError("no radiographs found in " + ", ".join(args.paths))
-    names = unique_output_names(everything)
-    items = collect(args.paths, shard)
+    names = pacs.names() if pacs else unique_output_names(everything)
+    items = pacs.items(shard) if pacs else collect(args.paths, shard)
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
                                       need_segmenter=any(item.labels is None for item in items))
     make_out_dir(args.out)  # only now: a refused run leaves no folder behind
@@ -327,7 +340,8 @@ def _run(args) -> int:
     logging.captureWarnings(True)  # library warnings go to the log, not between the progress lines
     say(f"Scoring {len(items)} radiograph(s) into {args.out}")
     table = score_cohort(pipeline, items, args.out, names=names, shard=shard, heatmaps=not args.no_heatmap,
-                         retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar())
+                         retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar(),
+                         read=pacs.read if pacs else read_or_error, dicom=dicom_batch.dicom_outputs(args, pacs))
     print_summary(table)
     return 0
 

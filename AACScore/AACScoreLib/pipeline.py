@@ -175,7 +175,8 @@ class Pipeline:
             if isinstance(labels, np.ndarray):
                 labels = vertebra_labels(labels)  # context classes (6 = T12, 7 = S1) are not scored
             else:
-                labels = read_label_map(labels, radiograph.pixels.shape)
+                labels = read_label_map(labels, radiograph.pixels.shape,
+                                        source_uid=radiograph.metadata.get("SOPInstanceUID"))
             if labels.shape != radiograph.pixels.shape:
                 raise AACScoreError(
                     f"{radiograph.path}: label map is {labels.shape[1]}x{labels.shape[0]} pixels, "

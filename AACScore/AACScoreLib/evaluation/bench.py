@@ -75,6 +75,43 @@ def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Pat
     }
 
 
+def run_dicomweb_benchmark(pipeline, images: list[Path], server, work: Path) -> dict:
+    """The same radiographs scored from disk, from disk with DICOM files written, and from a DICOMweb server with
+    the SEG, SR and heatmap stored back; then what was stored is queried back and compared with results.csv.
+
+    The images are uploaded first (not timed). Each run is a fresh batch (score_cohort) with heatmaps.
+    """
+    import pydicom
+
+    from ..batch import score_cohort
+    from ..dicom_batch import DicomOutputs, PacsSource, verify_stored
+    from ..io.cohort import WorkItem
+
+    pipeline.run(images[0])  # warm-up: lazy initialisation, allocator, kernels
+    seconds = {}
+    for name, dicom in (("disk", None), ("disk_dicom_files", DicomOutputs(work / "disk_dicom_files" / "dicom"))):
+        start = time.perf_counter()
+        score_cohort(pipeline, [WorkItem(p) for p in images], work / name, dicom=dicom)
+        seconds[name] = time.perf_counter() - start
+    for index in range(0, len(images), 10):
+        server.store([pydicom.dcmread(p) for p in images[index:index + 10]])
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in images}
+    source = PacsSource(server, [i for i in server.find([{"Modality": "DX"}]) if i.sop in uids])
+    start = time.perf_counter()
+    table = score_cohort(pipeline, source.items(), work / "dicomweb", names=source.names(), read=source.read,
+                         dicom=DicomOutputs(None, server, source))
+    seconds["dicomweb_store"] = time.perf_counter() - start
+    return {
+        "images": len(images),
+        "found_on_server": len(source.instances),
+        "batch_s": {name: round(value, 2) for name, value in seconds.items()},
+        "s_per_image": {name: round(value / len(images), 3) for name, value in seconds.items()},
+        "dicomweb_vs_disk": round(seconds["dicomweb_store"] / seconds["disk"], 3),
+        "dicomweb_vs_disk_dicom_files": round(seconds["dicomweb_store"] / seconds["disk_dicom_files"], 3),
+        "round_trip": verify_stored(server, table),
+    }
+
+
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="time each stage, end to end and in a batch")
     parser.add_argument("--n", type=int, default=100, help="batch size (phantoms made for the run)")
@@ -86,6 +123,11 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--scorer")
     parser.add_argument("--segmenter")
     parser.add_argument("--out", type=Path, help="folder for bench.json (default: a temporary folder)")
+    parser.add_argument("--dicomweb", metavar="URL",
+                        help="instead: score the phantoms from disk and from this DICOMweb server (uploaded first, "
+                             "results stored back and checked), e.g. dicomweb+http://localhost:8042/dicom-web")
+    parser.add_argument("--user", help="DICOMweb user (password from $AACSCORE_DICOMWEB_PASSWORD)")
+    parser.add_argument("--token", action="store_true", help="DICOMweb bearer token from $AACSCORE_DICOMWEB_TOKEN")
     parser.set_defaults(func=_run)
 
 
@@ -103,12 +145,19 @@ def _run(args) -> int:
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # a batch left from an earlier run would resume instead of running
     pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
-    figures = run_benchmark(pipeline, images, min(args.single or len(images), len(images)), runs)
+    if args.dicomweb:
+        from ..io.dicomweb import DicomWebServer
+
+        server = DicomWebServer.from_options(args.dicomweb, args.user, args.token)
+        figures = run_dicomweb_benchmark(pipeline, images, server, runs)
+    else:
+        figures = run_benchmark(pipeline, images, min(args.single or len(images), len(images)), runs)
     if torch.cuda.is_available() and args.device != "cpu":
         figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     figures["machine"] = {"device": args.device, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(), "size": f"{args.size}x{args.size}"}
-    write_text_atomic(work / "bench.json", json.dumps(figures, indent=2))
+    written = work / ("bench-dicomweb.json" if args.dicomweb else "bench.json")
+    write_text_atomic(written, json.dumps(figures, indent=2))
     json.dump(figures, sys.stdout, indent=2)
-    print(f"\nwritten: {work / 'bench.json'}")
+    print(f"\nwritten: {written}")
     return 0

@@ -13,7 +13,7 @@ from typing import Sequence
 from ..errors import AACScoreError
 
 RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
-DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay")
+DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay", "_aac24_report")
 OUTPUT_HASH_DIGITS = 8
 
 
@@ -21,7 +21,7 @@ OUTPUT_HASH_DIGITS = 8
 class WorkItem:
     """One radiograph to score, with the user's corrected label map when one is given."""
 
-    image: Path
+    image: Path | str  # a file, or (str) the WADO-RS address of a DICOMweb instance
     labels: Path | None = None
 
 
@@ -68,7 +68,9 @@ def collect(paths: Sequence[str | Path], shard: tuple[int, int] | None = None) -
 
 def real_path(path: str | Path) -> str:
     """The absolute path with symlinks resolved, the key of an input; a symlink loop keeps its own absolute path
-    (reading it then reports the loop) instead of raising."""
+    (reading it then reports the loop) instead of raising. A URL (an instance on a PACS) is its own key."""
+    if "://" in str(path):
+        return str(path)
     try:
         return str(Path(path).resolve())
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13

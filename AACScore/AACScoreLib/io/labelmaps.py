@@ -1,8 +1,8 @@
 """Vertebra label maps from files: 0 background, 1..5 = L1..L5, whatever tool wrote them; optionally the context
 classes 6 = T12 and 7 = S1 (kauppila.CONTEXT_LABELS), which readers that want only L1..L5 see as background.
 
-Slicer segmentations are matched by segment name, never by label value, because values and segment IDs change
-when people edit.
+Slicer segmentations are matched by segment name (DICOM SEGs by coded concept, else by name), never by label
+value, because values and segment IDs change when people edit.
 """
 
 from __future__ import annotations
@@ -87,11 +87,64 @@ def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int], context: bool 
     return labels
 
 
-def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None, context: bool = False) -> np.ndarray:
+def read_dicom_seg(source: str | Path | object, image_shape: tuple[int, int] | None = None,
+                      source_uid: str | None = None) -> np.ndarray:
+    """A DICOM SEG of L1–L5 as a uint8 label map (1..5 = L1..L5), from a file or a dataset.
+
+    Segments are matched by their coded type (the SNOMED CT concept of each vertebra), else by their label
+    ('L3', 'L3 vertebra'); a SEG made for another image (`source_uid`) or of another size is refused. Where
+    segments overlap, the lower vertebra wins, as in the Slicer module.
+    """
+    import highdicom as hd
+
+    from .terminology import vertebra_terms
+
+    name = str(source) if isinstance(source, (str, Path)) else "DICOM SEG"
+    try:
+        seg = hd.seg.segread(source) if isinstance(source, (str, Path)) else \
+            hd.seg.Segmentation.from_dataset(source, copy=False)
+    except Exception as error:  # noqa: BLE001 - pydicom and highdicom raise many types for a bad file
+        raise RadiographError(name, f"cannot be read as a DICOM SEG ({type(error).__name__}: {error})") from error
+    references = seg.get_source_image_uids()
+    if len(references) != 1:
+        raise GeometryError(f"{name}: the SEG references {len(references)} images; expected one radiograph")
+    referenced_uid = references[0][2]
+    if source_uid and referenced_uid != source_uid:
+        raise GeometryError(f"{name}: the SEG was made for image {referenced_uid}, not this radiograph ({source_uid})")
+    by_code = {(term.type.value, term.type.scheme): term.name for term in vertebra_terms().values()}
+    numbers: dict[str, int] = {}
+    for description in seg.SegmentSequence:
+        kind = description.SegmentedPropertyTypeCodeSequence[0]
+        level = by_code.get((kind.CodeValue, kind.CodingSchemeDesignator)) or \
+            vertebra_of_segment(str(description.get("SegmentLabel", "")))
+        if level is None:
+            continue
+        if level in numbers:
+            raise GeometryError(f"{name}: segments {numbers[level]} and {description.SegmentNumber} are both {level}")
+        numbers[level] = int(description.SegmentNumber)
+    missing = [level for level in VERTEBRAE if level not in numbers]
+    if missing:
+        labels = ", ".join(repr(str(d.get("SegmentLabel", ""))) for d in seg.SegmentSequence) or "none"
+        raise GeometryError(f"{name}: no segment for {', '.join(missing)} (segments: {labels})")
+    masks = seg.get_pixels_by_source_instance([referenced_uid], segment_numbers=[numbers[v] for v in VERTEBRAE],
+                                              skip_overlap_checks=True)[0]
+    if image_shape is not None and masks.shape[:2] != tuple(image_shape):
+        raise GeometryError(f"{name}: the SEG is {masks.shape[:2]}, its radiograph {tuple(image_shape)}")
+    labels = np.zeros(masks.shape[:2], np.uint8)
+    for value in range(1, len(VERTEBRAE) + 1):
+        labels[masks[..., value - 1] > 0] = value
+    return labels
+
+
+def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None, context: bool = False,
+                   source_uid: str | None = None) -> np.ndarray:
     """A label map file as uint8 0..5 (0..7 with `context`: 6 = T12, 7 = S1): PNG/TIFF (grey, or grey saved as
-    RGB), NRRD, or a Slicer .seg.nrrd whose segments are matched by name; checked against the image's size when
-    it is given. Without `context`, values 6 and 7 read as background, so maps with context serve every reader."""
+    RGB), NRRD, a Slicer .seg.nrrd whose segments are matched by name, or a DICOM SEG of L1..L5 (checked to
+    reference `source_uid` when given); checked against the image's size when it is given. Without `context`,
+    values 6 and 7 read as background, so maps with context serve every reader."""
     path = Path(path)
+    if is_dicom_file(path):
+        return read_dicom_seg(path, image_shape, source_uid)
     if path.name.lower().endswith(".seg.nrrd"):
         if image_shape is None:
             raise GeometryError(f"{path}: a .seg.nrrd is placed by its radiograph; give the radiograph too")
@@ -127,6 +180,15 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None,
                             f"{MAX_LABEL} (T12, S1), found {labels.min()}..{labels.max()}")
     labels = labels.astype(np.uint8)
     return labels if context else vertebra_labels(labels)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM Part 10 file, whatever its name: 'DICM' after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def write_label_png(path: str | Path, labels: np.ndarray) -> Path:

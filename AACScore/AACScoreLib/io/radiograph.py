@@ -15,6 +15,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -226,16 +227,33 @@ def _read_dicom(path: Path, caught: _DecoderWarnings) -> Radiograph:
     import pydicom
 
     # defer_size: the header checks below reject non-radiographs before the pixel data is even read.
-    ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
-    _check_dicom_header(path, ds, caught.ended_early())
+    return _dicom_radiograph(path, pydicom.dcmread(path, force=True, defer_size="1 MB"), caught.ended_early)
+
+
+def radiograph_from_dataset(ds, name: str) -> Radiograph:
+    """A radiograph from a DICOM dataset already in memory (retrieved from a PACS); `name` stands for its path
+    in messages. Raises RadiographError and nothing else, as `read_radiograph` does."""
+    try:
+        radiograph = _dicom_radiograph(name, ds)
+        _check_pixels(name, radiograph.pixels)
+        return radiograph
+    except (RadiographError, *_NOT_DECODER_ERRORS):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
+        raise RadiographError(name, f"cannot be read: {_reason(exc)}") from exc
+
+
+def _dicom_radiograph(path: Path | str, ds, ended_early: Callable[[], bool] = lambda: False) -> Radiograph:
+    """`path` is the file (truncation is then checked against its size) or, for a dataset in memory, a name."""
+    _check_dicom_header(path, ds, ended_early())
     _infer_missing_transfer_syntax(ds)
-    cut = _pixel_data_cut(path, ds)  # before decoding, which replaces the raw element
+    cut = isinstance(path, Path) and _pixel_data_cut(path, ds)  # before decoding, which replaces the raw element
     try:
         stored = ds.pixel_array
     except _NOT_DECODER_ERRORS:
         raise
     except BaseException as exc:  # noqa: BLE001 - any decoder plugin's failure
-        if cut or caught.ended_early():
+        if cut or ended_early():
             raise RadiographError(path, f"DICOM file is truncated: it ends after {path.stat().st_size:,} bytes, "
                                         "inside its pixel data (an interrupted copy or download?)") from exc
         syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
@@ -265,11 +283,11 @@ def _read_dicom(path: Path, caught: _DecoderWarnings) -> Radiograph:
     )
 
 
-def _check_dicom_header(path: Path, ds, ended_early: bool = False) -> None:
+def _check_dicom_header(path: Path | str, ds, ended_early: bool = False) -> None:
     """Reject what is not a single grayscale image before decoding, with the reason a user can act on."""
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
-        if ended_early or "Image Storage" in kind or "Rows" in ds:
+        if isinstance(path, Path) and (ended_early or "Image Storage" in kind or "Rows" in ds):
             size = path.stat().st_size
             raise RadiographError(path, f"DICOM file is truncated: it ends after {size:,} bytes, before its "
                                         "pixel data is complete (an interrupted copy or download?)")

@@ -14,7 +14,8 @@ from ..errors import AACScoreError, OutputError
 from ..kauppila import SUBSCORE_COLUMNS
 
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
-EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models", "file_sha256")
+EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models", "file_sha256",
+                                  "dicom", "stored")
 COLUMNS: tuple[str, ...] = BASE_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
 
 

@@ -46,6 +46,8 @@ REQUIREMENTS: tuple[str, ...] = (
     "grad-cam==1.5.7",
     "safetensors==0.8.0",
     "pydicom==3.0.2",
+    "highdicom==0.28.2",
+    "dicomweb-client==0.61.2",
     "pylibjpeg==2.1.0",
     "pylibjpeg-libjpeg==2.5.0",
     "pylibjpeg-openjpeg==2.6.0",

@@ -31,10 +31,7 @@ from ..errors import AACScoreError, GeometryError
 from ..kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from ..io.results_file import BASE_COLUMNS
 from ..io.results_file import format_cell as _csv_value  # the cell format of results.csv
-
-TERMINOLOGY_FILE = Path(__file__).resolve().parents[2] / "Resources" / "AACScore.term.json"
-"""Slicer terminology context of L1–L5 (SNOMED CT codes of DICOM CID 7603); load it into Slicer's Terminologies
-module (`LoadContextFromFile`) so that the segment editor lists the same entries."""
+from ..io.terminology import TERMINOLOGY_FILE  # the L1–L5 terms, shared with the DICOM SEG
 
 ROLE_ATTRIBUTE = "AACScore.Role"
 RADIOGRAPH_ROLE = "AACScoreRadiograph"
