@@ -63,6 +63,10 @@ REQUIREMENTS: tuple[str, ...] = (
 )
 """The core's pinned dependencies, equal to pyproject.toml's [project] dependencies."""
 
+NEED_PYDICOM_3: tuple[str, ...] = ("highdicom", "dicomweb-client")
+"""DICOM results and PACS access (highdicom 0.28 needs pydicom >= 3.0.1): skipped where Slicer bundles pydicom 2
+(5.10), which AACScore never replaces; everything else works there, and the panel says what is missing."""
+
 SLICER_PACKAGES: dict[str, str] = {"numpy": "numpy", "SimpleITK": "SimpleITK", "vtk": "vtk"}
 """Packages Slicer builds or bundles itself (distribution name: import name); never installed by AACScore."""
 
@@ -147,14 +151,23 @@ def slicer_release_packages(release: str) -> tuple[str, dict[str, str]]:
     return python, packages
 
 
+def applicable_requirements(installed: Mapping[str, str]) -> tuple[str, ...]:
+    """REQUIREMENTS less those that cannot install beside the pydicom this Python holds (NEED_PYDICOM_3)."""
+    pydicom = {canonical(k): v for k, v in installed.items()}.get("pydicom")
+    if pydicom is None or not pydicom.split(".")[0].isdigit() or int(pydicom.split(".")[0]) >= 3:
+        return REQUIREMENTS
+    return tuple(r for r in REQUIREMENTS if split_requirement(r)[0] not in NEED_PYDICOM_3)
+
+
 def wanted_requirements(installed: Mapping[str, str], torch_ranges: bool = False) -> list[str]:
     """The requirements to ask pip for in a Python that holds `installed`: each one not installed in any version
     (a different version is reported, never replaced) and none of Slicer's own. With `torch_ranges`, torch and
     torchvision as `TORCH_RANGES` (what PyTorchUtils is given)."""
+    applicable = applicable_requirements(installed)
     installed = {canonical(name) for name in installed}
     protected = {canonical(name) for name in SLICER_PACKAGES}
     wanted = []
-    for requirement in REQUIREMENTS:
+    for requirement in applicable:
         name = split_requirement(requirement)[0]
         if canonical(name) in installed or canonical(name) in protected:
             continue
@@ -169,7 +182,7 @@ def missing_requirements(installed: Mapping[str, str] | None = None) -> list[str
     """
     installed = installed_versions() if installed is None else {canonical(k): v for k, v in installed.items()}
     problems = []
-    for requirement in REQUIREMENTS:
+    for requirement in applicable_requirements(installed):
         name, version = split_requirement(requirement)
         have = installed.get(canonical(name))
         if have is None:

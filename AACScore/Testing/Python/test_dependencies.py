@@ -164,3 +164,15 @@ def test_sample_data_registration_uses_sha256_checksums(monkeypatch, tmp_path):
     assert source["checksums"] == "SHA256:" + "ab" * 32 and source["category"] == "AACScore"
     assert source["uris"] == (tmp_path / "phantom_s7_0000.dcm").as_uri()
     assert source["fileNames"] == "phantom_s7_0000.dcm" and source["nodeNames"] == "AACScore phantom_s7_0000"
+
+
+def test_dicom_results_wait_for_pydicom_3_where_slicer_bundles_pydicom_2(tmp_path):
+    _, slicer_510 = dependencies.slicer_release_packages("5.10")
+    assert slicer_510["pydicom"].startswith("2.")
+    calls = pip_install_arguments(tmp_path / "c.txt", installed=slicer_510, cuda=False, system="Linux")
+    requested = {canonical(dependencies.split_requirement(r)[0]) for r in _requested(calls)}
+    assert "nnunetv2" in requested and not requested & {"highdicom", "dicomweb-client", "pydicom"}
+    everything_but_dicom = {name: version for name, version in map(dependencies.split_requirement, REQUIREMENTS)
+                            if name not in dependencies.NEED_PYDICOM_3}
+    assert missing_requirements({**everything_but_dicom, "pydicom": "2.4.4"}) == ["pydicom==3.0.2 (version 2.4.4 installed)"]
+    assert "highdicom==0.28.2 (not installed)" in missing_requirements(everything_but_dicom)
