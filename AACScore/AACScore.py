@@ -151,6 +151,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scoreFolderButton.connect("clicked(bool)", self.onScoreFolder)
         self.ui.nextToReviewButton.connect("clicked(bool)", self.onNextToReview)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
+        self.ui.loadDicomSegButton.connect("clicked(bool)", self.onLoadDicomSeg)
         self.ui.saveRatingButton.connect("clicked(bool)", self.onSaveRating)
         self.ui.agreementButton.connect("clicked(bool)", self.onAgreement)
         self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
@@ -337,6 +339,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.editButton, self.ui.scoreButton, self.ui.scoreAllButton, self.ui.scoreFolderButton,
                 self.ui.nextToReviewButton, self.ui.installModelButton, self.ui.verifyModelsButton,
                 self.ui.saveRatingButton, self.ui.agreementButton, self.ui.exportCsvButton,
+                self.ui.exportDicomButton, self.ui.loadDicomSegButton,
                 self.ui.addToTrainingSetButton, self.ui.finetuneButton, self.ui.trainingSetBrowseButton]
 
     def _setBusy(self, busy):
@@ -519,6 +522,35 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not write the CSV file.", waitCursor=True):
                 self.logic.workflow().export_csv(path)
                 self.ui.statusLabel.text = f"Results written to {path}"
+
+    def onExportDicom(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Write DICOM SEG, SR and heatmap to")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("Could not export DICOM.", waitCursor=True):
+                from AACScoreLib.slicer.dicom import export_dicom
+
+                written = export_dicom(self.logic.workflow(self._parameterNode), self._volume(), folder)
+                self.ui.statusLabel.text = "Written: " + ", ".join(os.path.basename(str(p)) for p in written.values())
+
+    def onLoadDicomSeg(self):
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "A DICOM SEG of L1-L5", "",
+                                              "DICOM (*.dcm);;All files (*)")
+        if not path:
+            return
+        from AACScoreLib.errors import AACScoreError
+        from AACScoreLib.slicer.dicom import load_dicom_seg
+
+        with slicer.util.tryWithErrorDisplay("Could not load the DICOM SEG.", waitCursor=True):
+            workflow, volume = self.logic.workflow(self._parameterNode), self._volume()
+            try:
+                segmentation = load_dicom_seg(workflow, volume, path)
+            except AACScoreError as error:  # a person's edits: ask before replacing them
+                if "was edited" not in str(error) or not slicer.util.confirmYesNoDisplay(
+                        f"{error}\n\nReplace the edited segments with the DICOM SEG?"):
+                    raise
+                segmentation = load_dicom_seg(workflow, volume, path, overwrite=True)
+            self._parameterNode.segmentation = segmentation
+            self.ui.statusLabel.text = f"Segments L1-L5 loaded from {os.path.basename(path)}."
 
     # -- raters
 
