@@ -201,8 +201,8 @@ def _run(args) -> int:
     names = output_names(everything)
     items = collect(args.paths, shard)
     logging.basicConfig(filename=_log_file(args.out), level=logging.INFO, format="%(asctime)s %(message)s")
-    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
-                                      need_segmenter=any(item.labels is None for item in items))
+    # the segmenter is loaded even when every input brings its label map: QC compares those maps with its view
+    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
     print(f"Scoring {len(items)} radiograph(s) into {args.out}", file=sys.stderr)
     table = score_cohort(pipeline, items, args.out, names=names, shard=shard, heatmaps=not args.no_heatmap,
                          retry_errors=args.retry_errors, anterior=args.anterior, progress=_ProgressBar())

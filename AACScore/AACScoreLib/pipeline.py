@@ -19,6 +19,7 @@ from .geometry import spine
 from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
+from .qc.verdict import Reason, format_reasons
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -26,7 +27,11 @@ Cancel = Callable[[], bool]
 
 @dataclass
 class AACResult:
-    """Everything one radiograph gave; `status` is "ok", "warning" (scored, but check) or "error"."""
+    """Everything one radiograph gave.
+
+    `qc` is the verdict: "ok", "review" (scored, but look at it: `qc_reasons` say why) or "error" (no score).
+    `status` is the same verdict in the older words that existing readers know: ok, warning (= review), error.
+    """
 
     file: str
     status: str
@@ -40,6 +45,11 @@ class AACResult:
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
+    qc: str = "error"
+    qc_reasons: tuple[Reason, ...] = ()
+    aac24_low: float | None = None  # the 80% prediction interval (empty without a calibrated scorer package)
+    aac24_high: float | None = None
+    qc_measurements: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, object]:
@@ -50,6 +60,10 @@ class AACResult:
             "category": self.category,
             "status": self.status,
             "message": self.message,
+            "qc": self.qc,
+            "qc_reasons": format_reasons(self.qc_reasons),
+            "aac24_low": None if self.aac24_low is None else round(float(self.aac24_low), 3),
+            "aac24_high": None if self.aac24_high is None else round(float(self.aac24_high), 3),
         }
         for column in kauppila.SUBSCORE_COLUMNS:
             row[column] = None if self.subscores is None else round(float(self.subscores[column]), 3)
@@ -65,8 +79,11 @@ class Pipeline:
     """Holds the loaded models so that a batch loads them once."""
 
     def __init__(self, scorer, segmenter=None):
+        from .qc.check import QualityControl
+
         self.scorer = scorer
         self.segmenter = segmenter
+        self.quality = QualityControl(scorer, segmenter)
 
     @property
     def models(self) -> str:
@@ -115,15 +132,16 @@ class Pipeline:
             raise
         except AACScoreError as error:
             result.status, result.message = "error", str(error)
+            result.qc, result.qc_reasons = "error", (Reason("not_scored", str(error)),)
         return result
 
     def _run(self, result, source, labels, anterior, heatmap, report, cancel) -> None:
-        warnings: list[str] = []
+        warnings: list[Reason] = []
         with _timed(result, "read"):
             radiograph = source if isinstance(source, Radiograph) else read_radiograph(source)
         result.radiograph = radiograph
         if radiograph.spacing is None:
-            warnings.append("pixel spacing unknown: geometry in pixels")
+            warnings.append(Reason("spacing_unknown", "pixel spacing unknown: geometry in pixels"))
         _check_cancel(cancel)
 
         report(0.1, "segmenting vertebrae")
@@ -142,7 +160,8 @@ class Pipeline:
             )
             crop = self.scorer.crop(radiograph.pixels, result.geometry)
         if result.geometry.anterior_source == "default":
-            warnings.append("anterior side not evident from the image: check the boundaries or set it")
+            warnings.append(Reason("anterior_guessed",
+                                   "anterior side not evident from the image: check the boundaries or set it"))
         _check_cancel(cancel)
 
         report(0.7, "scoring")
@@ -158,9 +177,17 @@ class Pipeline:
                 grad_cam = self.scorer.heatmap(crop)
                 result.heatmap = grad_cam.on_image(result.geometry.crop, radiograph.pixels.shape)
                 result.heatmap_all_zero = grad_cam.all_zero
+        _check_cancel(cancel)
+
+        report(0.95, "quality control")
+        with _timed(result, "qc"):
+            verdict = self.quality.assess(radiograph, result.labels, result.labels_source, result.geometry, crop,
+                                          result.aac24, getattr(result, "levels", None), warnings)
         report(1.0, "done")
-        result.status = "warning" if warnings else "ok"
-        result.message = "; ".join(warnings)
+        result.qc, result.qc_reasons, result.qc_measurements = verdict.qc, verdict.reasons, verdict.measurements
+        result.aac24_low, result.aac24_high = verdict.aac24_low, verdict.aac24_high
+        result.status = verdict.status
+        result.message = "; ".join(reason.text for reason in verdict.reasons)
 
     def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
@@ -180,7 +207,7 @@ class Pipeline:
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:
-            warnings.append(segmentation.message)
+            warnings.append(Reason("segmenter_note", segmentation.message))
         return segmentation.labels, "segmenter"
 
 

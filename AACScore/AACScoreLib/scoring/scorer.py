@@ -25,10 +25,11 @@ class ScoreResult:
 class Scorer:
     """A scorer package loaded for inference on one device."""
 
-    def __init__(self, model, manifest: dict, device):
+    def __init__(self, model, manifest: dict, device, package=None):
         self.model = model
         self.manifest = manifest
         self.device = device
+        self.package = package  # the ModelPackage it came from: QC reads its calibration file from there
         self.input_size: tuple[int, int] = tuple(int(v) for v in manifest["input"]["size"])
 
     @classmethod
@@ -54,7 +55,7 @@ class Scorer:
                                                        "subscores_head", "in_channels") if k in architecture}
         model = model_from_state(model_settings, load_safetensors(package, weights))
         device = resolve_device(device)
-        return cls(model.to(device), manifest, device)
+        return cls(model.to(device), manifest, device, package)
 
     @property
     def has_subscores(self) -> bool:
