@@ -354,7 +354,7 @@ def _qc_report(quality: dict) -> list[str]:
     wrong, right, interval = quality["wrong"], quality["right"], quality["interval"]
 
     def share(entry: dict) -> str:
-        return f"{entry['flagged']}/{entry['n']} ({_fmt(100 * entry['share'], 1)}%)"
+        return f"{entry['flagged']}/{entry['n']}" + (f" ({100 * entry['share']:.1f}%)" if entry["n"] else "")
 
     definition = ("|error| > 4, a vertebra at the wrong level (Dice < 0.5 against the truth map), or not scored"
                   if quality["levels_checked"] else "|error| > 4 or not scored (give label maps to check levels)")
@@ -367,7 +367,7 @@ def _qc_report(quality: dict) -> list[str]:
         lines.append("Reasons of the flagged: " + ", ".join(f"{k} {v}" for k, v in quality["reason_codes"].items())
                      + ".  ")
     lines.append(f"Prediction interval held the truth in {interval['covered']}/{interval['n']} "
-                 f"({_fmt(100 * interval['coverage'], 1)}%) of the results that have one.")
+                 + (f"({100 * interval['coverage']:.1f}%) " if interval["n"] else "") + "of the results that have one.")
     if quality["without_qc"]:
         lines[-1] += "  "
         lines.append(f"{quality['without_qc']} row(s) carry no QC verdict or no truth and are not counted.")

@@ -26,7 +26,7 @@ class QualityControl:
         reasons: list[Reason] = list(notes or ())
         measured: dict[str, float] = {}
         reasons += levels.level_counting_reasons(level_assignment)
-        if self.segmenter is not None:
+        if hasattr(self.segmenter, "predict_logits"):  # an nnU-Net segmenter (not a stand-in without a network)
             dice = levels.flip_dice(self.segmenter, radiograph, labels)
             reasons += levels.flip_reasons(dice, labels_source)
             measured["flip_dice_min"] = min(dice.values())
