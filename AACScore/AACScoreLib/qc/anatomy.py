@@ -130,7 +130,7 @@ def room_to_border(start: np.ndarray, direction: np.ndarray, shape: tuple[int, i
 def crop_reasons(geometry, image_shape: tuple[int, int]) -> tuple[list[Reason], dict[str, float]]:
     """The paper's crop and the four aortic segments against the image's borders. How much of the spine beyond
     L1 and L5 is in view (in body heights) is measured but raises no reason by itself: with the sacrum cut away
-    the demo segmenter still counted right on 61 of 61 phantoms, so whether such levels hold is left to the
+    the demo segmenter still counted right on all 65 phantoms it scored, so whether such levels hold is left to the
     level counting's own account (`levels.level_counting_reasons`)."""
     rows, cols = geometry.crop.shape
     frame = np.array([[0, 0, 1], [0, cols - 1, 1], [rows - 1, cols - 1, 1], [rows - 1, 0, 1]], float)
