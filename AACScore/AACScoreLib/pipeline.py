@@ -19,6 +19,7 @@ from .geometry import spine
 from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
+from .qc.check import QualityControl
 from .qc.verdict import Reason, format_reasons
 
 Progress = Callable[[float, str], None]
@@ -79,8 +80,6 @@ class Pipeline:
     """Holds the loaded models so that a batch loads them once."""
 
     def __init__(self, scorer, segmenter=None):
-        from .qc.check import QualityControl
-
         self.scorer = scorer
         self.segmenter = segmenter
         self.quality = QualityControl(scorer, segmenter)
