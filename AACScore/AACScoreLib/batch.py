@@ -330,8 +330,8 @@ def _run(args) -> int:
         raise AACScoreError("no radiographs found in " + ", ".join(args.paths))
     names = pacs.names() if pacs else unique_output_names(everything)
     items = pacs.items(shard) if pacs else collect(args.paths, shard)
-    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device,
-                                      need_segmenter=any(item.labels is None for item in items))
+    # the segmenter is loaded even when every input brings its label map: QC compares those maps with its view
+    pipeline = Pipeline.from_packages(args.scorer, args.segmenter, args.device)
     make_out_dir(args.out)  # only now: a refused run leaves no folder behind
     try:
         logging.basicConfig(filename=args.out / "aacscore.log", level=logging.INFO, format="%(asctime)s %(message)s")

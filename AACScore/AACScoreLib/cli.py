@@ -24,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "scoring.training",
     "evaluation.evaluate",
     "evaluation.bench",
+    "qc.calibrate",
+    "evaluation.stress",
     "models",
     "finetune",
 )

@@ -20,6 +20,8 @@ from .geometry.orientation import check_numbering
 from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
+from .qc.check import QualityControl
+from .qc.verdict import Reason, format_reasons
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -27,7 +29,11 @@ Cancel = Callable[[], bool]
 
 @dataclass
 class AACResult:
-    """Everything one radiograph gave; `status` is "ok", "warning" (scored, but check) or "error"."""
+    """Everything one radiograph gave.
+
+    `qc` is the verdict: "ok", "review" (scored, but look at it: `qc_reasons` say why) or "error" (no score).
+    `status` is the same verdict in the older words that existing readers know: ok, warning (= review), error.
+    """
 
     file: str
     status: str
@@ -41,6 +47,11 @@ class AACResult:
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
+    qc: str = "error"
+    qc_reasons: tuple[Reason, ...] = ()
+    aac24_low: float | None = None  # the 80% prediction interval (empty without a calibrated scorer package)
+    aac24_high: float | None = None
+    qc_measurements: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, object]:
@@ -51,6 +62,10 @@ class AACResult:
             "category": self.category,
             "status": self.status,
             "message": self.message,
+            "qc": self.qc,
+            "qc_reasons": format_reasons(self.qc_reasons),
+            "aac24_low": None if self.aac24_low is None else round(float(self.aac24_low), 3),
+            "aac24_high": None if self.aac24_high is None else round(float(self.aac24_high), 3),
         }
         for column in kauppila.SUBSCORE_COLUMNS:
             row[column] = None if self.subscores is None else round(float(self.subscores[column]), 3)
@@ -68,6 +83,7 @@ class Pipeline:
     def __init__(self, scorer, segmenter=None):
         self.scorer = scorer
         self.segmenter = segmenter
+        self.quality = QualityControl(scorer, segmenter)
 
     @property
     def models(self) -> str:
@@ -118,23 +134,25 @@ class Pipeline:
             raise
         except AACScoreError as error:
             result.status, result.message = "error", str(error)
+            result.qc, result.qc_reasons = "error", (Reason("not_scored", str(error)),)
         return result
 
     def _run(self, result, source, labels, anterior, heatmap, report, cancel) -> None:
-        warnings: list[str] = []
+        warnings: list[Reason] = []
         with _timed(result, "read"):
             radiograph = source if isinstance(source, Radiograph) else read_radiograph(source)
         result.radiograph = radiograph
-        warnings += radiograph.read_warnings
+        warnings += [Reason("decoder_warning", text) for text in radiograph.read_warnings]
         _check_cancel(cancel)
 
         report(0.1, "segmenting vertebrae")
         with _timed(result, "segment"):
             labels, result.labels_source = self._labels(radiograph, labels, warnings, cancel)
             result.labels, notes = check_numbering(labels, radiograph.patient_orientation)
-            warnings += notes
-        if radiograph.spacing is None and not any("pixel spacing unknown" in warning for warning in warnings):
-            warnings.append("pixel spacing unknown: geometry in pixels")  # said once, the segmenter may have said it
+            warnings += [Reason("label_order", note) for note in notes]
+        if radiograph.spacing is None and not any("pixel spacing unknown" in warning.text for warning in warnings):
+            # said once: the segmenter may have said it already
+            warnings.append(Reason("spacing_unknown", "pixel spacing unknown: geometry in pixels"))
         _check_cancel(cancel)
 
         report(0.5, "Kauppila geometry")
@@ -148,7 +166,8 @@ class Pipeline:
             )
             crop = self.scorer.crop(radiograph.pixels, result.geometry)
         if result.geometry.anterior_source == "default":
-            warnings.append("anterior side not evident from the image: check the boundaries or set it")
+            warnings.append(Reason("anterior_guessed",
+                                   "anterior side not evident from the image: check the boundaries or set it"))
         _check_cancel(cancel)
 
         report(0.7, "scoring")
@@ -164,9 +183,17 @@ class Pipeline:
                 grad_cam = self.scorer.heatmap(crop)
                 result.heatmap = grad_cam.on_image(result.geometry.crop, radiograph.pixels.shape)
                 result.heatmap_all_zero = grad_cam.all_zero
+        _check_cancel(cancel)
+
+        report(0.95, "quality control")
+        with _timed(result, "qc"):
+            verdict = self.quality.assess(radiograph, result.labels, result.labels_source, result.geometry, crop,
+                                          result.aac24, getattr(result, "levels", None), warnings)
         report(1.0, "done")
-        result.status = "warning" if warnings else "ok"
-        result.message = "; ".join(warnings)
+        result.qc, result.qc_reasons, result.qc_measurements = verdict.qc, verdict.reasons, verdict.measurements
+        result.aac24_low, result.aac24_high = verdict.aac24_low, verdict.aac24_high
+        result.status = verdict.status
+        result.message = "; ".join(reason.text for reason in verdict.reasons)
 
     def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
@@ -189,7 +216,7 @@ class Pipeline:
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:
-            warnings.append(segmentation.message)
+            warnings.append(Reason("segmenter_note", segmentation.message))
         return segmentation.labels, "segmenter"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..io.atomic import write_text_atomic
 
 BENCH_SEED = 31337
-STAGES = ("read", "segment", "crop", "score", "heatmap", "write")  # write: label map and overlay files
+STAGES = ("read", "segment", "crop", "score", "heatmap", "qc", "write")  # write: label map and overlay files
 
 
 def run_benchmark(pipeline, images: list[Path], single_runs: int, batch_out: Path) -> dict:

@@ -1,7 +1,10 @@
 """`aacscore evaluate`: compare predicted AAC-24 scores (and label maps) with truth; print and save the report.
 
 Reads the CSVs that `aacscore score` and `aacscore phantoms` write, pairs rows by file name, and hands the
-numbers to `metrics`. Rows a run could not score are listed as excluded, never dropped silently.
+numbers to `metrics`. Rows a run could not score are listed as excluded, never dropped silently; rows scored but
+flagged for review count in the statistics. When the predictions carry QC columns, the report also says how
+many wrong results QC flagged (wrong: |error| > 4, or a vertebra whose level is wrong, i.e. Dice < 0.5 against
+the truth label map) and how many right ones, and how often the prediction interval held the truth.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ METRIC_NAMES: dict[str, str] = {
     "kappa_quadratic": "Weighted κ (quadratic)", "within_4": "Share with abs. error < 4",
 }
 PLOT_FILES = ("scatter.png", "bland_altman.png", "confusion_matrix.png")
+WRONG_ERROR = 4.0  # |prediction - truth| above this makes a result wrong
+WRONG_LEVEL_DICE = 0.5  # a vertebra below this Dice against the truth map is at the wrong level (or missing)
+FLAGGED = ("review", "error")
 
 
 @dataclass
@@ -263,6 +269,54 @@ def dice_by_vertebra(truth_folder: str | Path, pred_folder: str | Path) -> dict:
             "unmatched_pred": sorted(set(pred_maps) - set(truth_maps))}
 
 
+# ---------------------------------------------------------------- quality control
+
+def _fraction(part: int, whole: int) -> dict:
+    return {"flagged": part, "n": whole, "share": part / whole if whole else math.nan}
+
+
+def qc_figures(truth_csv: str | Path, pred_csv: str | Path, dice: dict | None = None) -> dict | None:
+    """Which results were wrong, which QC flagged, and the interval's coverage; None without a `qc` column.
+
+    A row QC could not score (qc "error") counts as a wrong result, flagged. With label maps (`dice` from
+    dice_by_vertebra) a result is also wrong when any vertebra's Dice is below WRONG_LEVEL_DICE."""
+    truth_path, pred_path = Path(truth_csv), Path(pred_csv)
+    truth_rows, pred_rows = read_scores_csv(truth_path), read_scores_csv(pred_path)
+    if not pred_rows or "qc" not in pred_rows[0] or not any(row["qc"] for row in pred_rows):
+        return None
+    cases = (dice or {}).get("cases", {})
+    counts = {"wrong": [0, 0], "right": [0, 0]}
+    why = Counter()
+    covered = with_interval = unchecked = 0
+    flagged_codes = Counter()
+    for truth_row, pred_row in _pair_rows(truth_rows, pred_rows, truth_path, pred_path):
+        qc, truth, pred = pred_row["qc"].lower(), _number(truth_row["aac24"]), _number(pred_row["aac24"])
+        if truth is None or not qc:
+            unchecked += 1
+            continue
+        scores = cases.get(Path(_basename(truth_row["file"])).stem)
+        level_wrong = scores is not None and any(not (v >= WRONG_LEVEL_DICE) for v in scores.values())
+        score_wrong = pred is None or abs(pred - truth) > WRONG_ERROR
+        kind = "wrong" if (qc == "error" or level_wrong or score_wrong) else "right"
+        counts[kind][0] += qc in FLAGGED
+        counts[kind][1] += 1
+        if kind == "wrong":
+            why.update(["not scored" if qc == "error" else "level wrong" if level_wrong else "|error| > 4"])
+        if qc in FLAGGED:
+            from ..qc.verdict import reason_codes
+
+            flagged_codes.update(reason_codes(pred_row.get("qc_reasons", "")) or ["(none given)"])
+        low, high = _number(pred_row.get("aac24_low", "")), _number(pred_row.get("aac24_high", ""))
+        if low is not None and high is not None:
+            with_interval += 1
+            covered += low <= truth <= high
+    return {"wrong": _fraction(*counts["wrong"]), "right": _fraction(*counts["right"]),
+            "wrong_because": dict(why), "levels_checked": bool(cases), "reason_codes": dict(flagged_codes.most_common()),
+            "interval": {"covered": covered, "n": with_interval,
+                         "coverage": covered / with_interval if with_interval else math.nan},
+            "without_qc": unchecked}
+
+
 # ---------------------------------------------------------------- the whole evaluation
 
 def evaluate(truth_csv: str | Path, pred_csv: str | Path, out_dir: str | Path | None = None,
@@ -294,6 +348,9 @@ def evaluate(truth_csv: str | Path, pred_csv: str | Path, out_dir: str | Path | 
         results["subscores_note"] = paired.subscore_note
     if labels_truth is not None:
         results["dice"] = dice_by_vertebra(labels_truth, labels_pred)
+    quality = qc_figures(truth_csv, pred_csv, results.get("dice"))
+    if quality is not None:
+        results["qc"] = quality
     if out_dir is not None:
         out = Path(out_dir)
         results["outputs"] = [str(out / name) for name in ("metrics.json", "report.md", *PLOT_FILES)]
@@ -357,6 +414,29 @@ def _status_counts(results: dict) -> str:
     return ", ".join(f"{status} {entry['n']}, MAE {_fmt(entry['mae'], 2)}"
                      for status, entry in results.get("by_status", {}).items()) or "none"
 
+def _qc_report(quality: dict) -> list[str]:
+    wrong, right, interval = quality["wrong"], quality["right"], quality["interval"]
+
+    def share(entry: dict) -> str:
+        return f"{entry['flagged']}/{entry['n']}" + (f" ({100 * entry['share']:.1f}%)" if entry["n"] else "")
+
+    definition = ("|error| > 4, a vertebra at the wrong level (Dice < 0.5 against the truth map), or not scored"
+                  if quality["levels_checked"] else "|error| > 4 or not scored (give label maps to check levels)")
+    lines = ["## Quality control", "", f"Wrong result: {definition}.", "",
+             "| Results | Flagged review/error |", "|---|---|",
+             f"| wrong | {share(wrong)} |", f"| right | {share(right)} |", ""]
+    if quality["wrong_because"]:
+        lines.append("Wrong because: " + ", ".join(f"{k} {v}" for k, v in quality["wrong_because"].items()) + ".  ")
+    if quality["reason_codes"]:
+        lines.append("Reasons of the flagged: " + ", ".join(f"{k} {v}" for k, v in quality["reason_codes"].items())
+                     + ".  ")
+    lines.append(f"Prediction interval held the truth in {interval['covered']}/{interval['n']} "
+                 + (f"({100 * interval['coverage']:.1f}%) " if interval["n"] else "") + "of the results that have one.")
+    if quality["without_qc"]:
+        lines[-1] += "  "
+        lines.append(f"{quality['without_qc']} row(s) carry no QC verdict or no truth and are not counted.")
+    return lines + [""]
+
 
 def format_report(results: dict) -> str:
     """The Markdown report (also what the command prints): tables readable as plain text too."""
@@ -409,6 +489,8 @@ def format_report(results: dict) -> str:
             if dice[f"unmatched_{side}"]:
                 lines.append(f"\nLabel maps only in the {side} folder: {_listing(dice[f'unmatched_{side}'])}")
         lines.append("")
+    if "qc" in results:
+        lines += _qc_report(results["qc"])
     if results["excluded"]:
         lines += ["## Excluded cases", "", "| File | Reason |", "|---|---|"]
         lines += [f"| {row['file']} | {row['reason'].replace('|', '/')} |" for row in results["excluded"]]

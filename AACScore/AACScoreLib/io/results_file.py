@@ -14,9 +14,11 @@ from ..errors import AACScoreError, OutputError
 from ..kauppila import SUBSCORE_COLUMNS
 
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
+# the QC verdict (ok / review / error; status says the same as ok / warning / error), its reasons, the 80% interval
+QC_COLUMNS: tuple[str, ...] = ("qc", "qc_reasons", "aac24_low", "aac24_high")
 EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models", "file_sha256",
                                   "dicom", "stored")
-COLUMNS: tuple[str, ...] = BASE_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
+COLUMNS: tuple[str, ...] = BASE_COLUMNS + QC_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
 
 
 class ResultsFile:
@@ -63,7 +65,10 @@ class ResultsFile:
             self._dirty = True
 
     def add(self, row: dict[str, object]) -> None:
-        self.rows[real_path(str(row["file"]))] = {column: format_cell(row.get(column)) for column in COLUMNS}
+        cells = {column: format_cell(row.get(column)) for column in COLUMNS}
+        if cells["status"] == "error" and not cells["qc"]:  # error rows made before any check ran
+            cells["qc"] = "error"
+        self.rows[real_path(str(row["file"]))] = cells
         self._dirty = True
         if time.monotonic() - self._last_save >= self.min_interval:
             self.save()

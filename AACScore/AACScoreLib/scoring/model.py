@@ -121,8 +121,12 @@ class ScorerNet(nn.Module):
         """The last residual stage including its scSE modules: Grad-CAM's layer."""
         return self.backbone.layer4
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (batch, 512): what the heads read, and what QC compares with training."""
+        return self.backbone((x - INPUT_MEAN) / INPUT_STD)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone((x - INPUT_MEAN) / INPUT_STD)
+        features = self.features(x)
         total = self.head(features) * self.target_std + self.target_mean
         if self.subscore_head is None:
             return total

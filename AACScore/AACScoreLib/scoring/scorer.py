@@ -25,11 +25,13 @@ class ScoreResult:
 class Scorer:
     """A scorer package loaded for inference on one device."""
 
-    def __init__(self, model, manifest: dict, device, identity: str = ""):
+    def __init__(self, model, manifest: dict, device, package=None):
         self.model = model
         self.manifest = manifest
         self.device = device
-        self.identity = identity  # the package's sha256 identity (manifest and weights); "" when not from a package
+        self.package = package  # the ModelPackage it came from: QC reads its calibration file from there
+        # the package's sha256 identity (manifest and weights); "" when not from a package
+        self.identity = package.identity if package is not None else ""
         self.input_size: tuple[int, int] = tuple(int(v) for v in manifest["input"]["size"])
 
     @classmethod
@@ -57,7 +59,7 @@ class Scorer:
                                                        "subscores_head", "in_channels") if k in architecture}
         model = model_from_state(model_settings, load_safetensors(package, weights))
         device = resolve_device(device)
-        return cls(model.to(device), manifest, device, package.identity)
+        return cls(model.to(device), manifest, device, package)
 
     @property
     def has_subscores(self) -> bool:

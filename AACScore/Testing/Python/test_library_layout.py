@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 LIBRARY = Path(__file__).resolve().parents[2] / "AACScoreLib"
-STAGES = ("io", "segmentation", "geometry", "scoring", "phantoms", "evaluation", "slicer", "worker")
+STAGES = ("io", "segmentation", "geometry", "scoring", "qc", "phantoms", "evaluation", "slicer", "worker")
 
 
 def _module_name(path: Path) -> str:

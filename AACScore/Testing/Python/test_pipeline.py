@@ -39,7 +39,7 @@ def test_pipeline_scores_a_radiograph_from_a_user_label_map(tiny_scorer, phantom
     assert result.labels_source == "user"
     assert result.heatmap.shape == result.radiograph.pixels.shape
     assert result.heatmap_all_zero == (not result.heatmap.any())
-    assert set(result.seconds) == {"read", "segment", "crop", "score", "heatmap"}
+    assert set(result.seconds) == {"read", "segment", "crop", "score", "heatmap", "qc"}
     record = result.record()
     assert record["file"] == str(phantoms[0]) and record["status"] == result.status
 
@@ -205,3 +205,22 @@ def test_the_demo_command_scores_every_bundled_radiograph(tmp_path, capsys):
     assert len(rows) == 3 and all(row["status"] in ("ok", "warning") for row in rows), rows
     printed = capsys.readouterr().out
     assert "not for clinical use" in printed and all(Path(row["file"]).name in printed for row in rows)
+
+
+def test_a_level_shifted_label_map_gets_review_and_the_true_one_does_not(demo_pipeline, phantoms):
+    """The segmenter's second look (QC) sees that the user's map calls every body one level off."""
+    import json
+
+    from AACScoreLib.evaluation.stress import shifted_labels
+    from AACScoreLib.io.labelmaps import read_label_map
+
+    truth = json.loads(phantoms[0].with_name(phantoms[0].stem + "_truth.json").read_text())
+    labels = read_label_map(_labels_of(phantoms[0]))
+    honest = demo_pipeline.run(phantoms[0], labels, heatmap=False)
+    assert "levels_differ_from_segmenter" not in [r.code for r in honest.qc_reasons], honest.qc_reasons
+    for direction in ("up", "down"):
+        result = demo_pipeline.run(phantoms[0], shifted_labels(labels, truth, direction), heatmap=False)
+        assert result.qc == "review" and result.status == "warning", (direction, result.qc_reasons)
+        assert "levels_differ_from_segmenter" in [r.code for r in result.qc_reasons]
+        row = result.record()
+        assert row["qc"] == "review" and "levels_differ_from_segmenter:" in row["qc_reasons"]

@@ -1,0 +1,110 @@
+"""`aacscore calibrate-qc`: measure a scorer on held-out cases with known scores and store its QC calibration.
+
+For every case of the truth CSVs (a phantom folder's truth.csv: image, true label map, AAC-24) it scores the
+crop of the true label map, as `aacscore score truth.csv` does, and records the MC-dropout spread and the
+backbone features. From these it fits the interval (see `interval.choose_interval`) and the feature reference,
+and with `--write` stores them as `qc.json` in the scorer package, pinned by sha256 in its manifest (weights and
+other files unchanged). Use cases the scorer never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AACScoreError
+from .domain import FeatureReference
+from .interval import choose_interval, score_uncertainty
+from .reference import FORMAT, QC_FILE
+
+
+def measure(pipeline, records, progress=None) -> dict[str, np.ndarray]:
+    """truth, score, spread and features of every case the pipeline scores from its true label map."""
+    columns: dict[str, list] = {"truth": [], "score": [], "spread": [], "features": []}
+    for index, record in enumerate(records):
+        result = pipeline.run(record.image, record.labels, heatmap=False)
+        if result.aac24 is None:
+            raise AACScoreError(f"{record.image}: cannot be scored from its label map: {result.message}")
+        uncertainty = score_uncertainty(pipeline.scorer, pipeline.scorer.crop(result.radiograph.pixels,
+                                                                                result.geometry))
+        columns["truth"].append(record.aac24)
+        columns["score"].append(result.aac24)
+        columns["spread"].append(uncertainty.spread)
+        columns["features"].append(uncertainty.features)
+        if progress is not None:
+            progress(index + 1, len(records))
+    return {key: np.array(values, dtype=float) for key, values in columns.items()}
+
+
+def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: str, scorer_manifest: dict) -> dict:
+    interval, figures = choose_interval(measured["truth"], measured["score"], measured["spread"], coverage)
+    residual = np.abs(measured["truth"] - measured["score"])
+    return {
+        "format": FORMAT,
+        "scorer": f"{scorer_manifest.get('name')}=={scorer_manifest.get('version')}",
+        "calibration_set": {"source": source, "n": int(len(residual)), "mae": round(float(residual.mean()), 4),
+                            "spread_residual_spearman": round(_spearman(measured["spread"], residual), 4)},
+        "interval": interval.to_json(),
+        "interval_selection": figures,
+        "features": FeatureReference.fit(measured["features"]).to_json(),
+    }
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def write_calibration(package, data: dict) -> None:
+    """Store qc.json in a package folder, the manifest pinning it; every other file stays as it is."""
+    from ..packages import write_package
+
+    if not package.path.is_dir():
+        raise AACScoreError(f"{package.path}: QC calibration is written into a package folder, not a zip")
+    files: dict[str, Path | bytes] = {relpath: package.path / relpath for relpath in package.files
+                                      if relpath != QC_FILE}
+    files[QC_FILE] = (json.dumps(data, indent=1) + "\n").encode()
+    manifest = {key: value for key, value in package.manifest.items() if key != "files"}
+    write_package(package.path, manifest, files)
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-qc", help="fit a scorer's prediction interval and feature reference on held-out truth",
+        description="Score held-out cases from their true label maps and fit the QC calibration (qc.json).")
+    parser.add_argument("truth", nargs="+", help="truth CSVs with file, labels and aac24 (e.g. a phantom folder's "
+                        "truth.csv, from seeds the scorer never trained on)")
+    parser.add_argument("--scorer", help="scorer package name, name==version or path (default: newest installed, "
+                        "else the bundled demo)")
+    parser.add_argument("--coverage", type=float, default=0.8, help="nominal interval coverage (default 0.8)")
+    parser.add_argument("--write", action="store_true", help="store qc.json in the scorer package (else print)")
+    parser.add_argument("--describe", help="how the cases were made, recorded in qc.json (default: the CSV paths)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ..packages import find_package
+    from ..pipeline import Pipeline
+    from ..scoring.data import read_score_csv
+    from ..scoring.scorer import Scorer
+
+    if not 0.5 <= args.coverage < 1.0:
+        raise AACScoreError(f"--coverage must be in [0.5, 1), got {args.coverage}")
+    package = find_package(args.scorer, "scorer")
+    records = [record for path in args.truth for record in read_score_csv(path)]
+    pipeline = Pipeline(Scorer.from_package(package, device="cpu"))
+    started = time.perf_counter()
+    measured = measure(pipeline, records, lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr))
+    print(f"\nmeasured {len(records)} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    data = calibration_file(measured, args.coverage, args.describe or " ".join(args.truth), package.manifest)
+    summary = {key: value for key, value in data.items() if key != "features"}
+    print(json.dumps(summary, indent=2))
+    if args.write:
+        write_calibration(package, data)
+        print(f"written: {package.path / QC_FILE}")
+    return 0

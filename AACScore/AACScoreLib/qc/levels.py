@@ -1,0 +1,83 @@
+"""Are the levels right? How the segmenter fixed them, and whether a second look at the image agrees.
+
+Two checks: (1) the segmenter's own account of its level counting (`LevelAssignment`: counts from above and from
+below, whether they agree, how sure it is), flagged when the counts disagree or only the order of the bodies was
+available; (2) one more network pass on the left-right mirrored working image, whose per-pixel levels are compared
+with the result's label map (Dice per vertebra on the working grid). A level shift or a body the network is unsure
+of gives a low Dice; a user's label map whose levels differ from what the segmenter sees gets the same flag.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kauppila import VERTEBRAE
+from .verdict import Reason
+
+MIN_FLIP_DICE = 0.6  # below this for any vertebra, the second look disagrees with the label map
+MIN_LEVEL_CONFIDENCE = 0.5
+# methods that fix levels from the bodies' order alone, with no anchor (sacrum, T12, ribs) seen
+ORDER_ONLY_METHODS = ("order", "ordering", "order_only")
+
+
+def level_counting_reasons(levels) -> list[Reason]:
+    """Reasons from a `LevelAssignment(method, from_above, from_below, agree, confidence, reasons)`; none without."""
+    if levels is None:
+        return []
+    method = str(getattr(levels, "method", "") or "")
+    from_above, from_below = getattr(levels, "from_above", None), getattr(levels, "from_below", None)
+    found: list[Reason] = []
+    if getattr(levels, "agree", None) is False:
+        found.append(Reason("levels_disagree", f"counting from above ({from_above}) and from below ({from_below}) "
+                                               "give different levels"))
+    if method.lower() in ORDER_ONLY_METHODS or (from_above is None and from_below is None):
+        found.append(Reason("levels_order_only", "levels fixed only by the order of the bodies: neither the sacrum "
+                                                 "nor T12 anchored the count"))
+    confidence = getattr(levels, "confidence", None)
+    if confidence is not None and float(confidence) < MIN_LEVEL_CONFIDENCE:
+        notes = "; ".join(str(r) for r in getattr(levels, "reasons", ()) or ())
+        found.append(Reason("levels_uncertain", f"level counting confidence {float(confidence):.2f}"
+                                                + (f" ({notes})" if notes else "")))
+    return found
+
+
+def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:
+    """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image."""
+    import torch
+
+    from ..segmentation.dataset import to_working_image, working_shape
+
+    shape, _ = working_shape(radiograph.pixels.shape, radiograph.spacing, segmenter.working_spacing,
+                             segmenter.default_long_side)
+    image = to_working_image(radiograph, shape, segmenter.window)
+    logits = segmenter.predict_logits(np.ascontiguousarray(image[:, ::-1]))
+    channels = torch.stack([logits[0]] + [logits[c] for c in segmenter.channel_of_level])
+    second = channels.argmax(0).numpy()[:, ::-1]
+    return dice_per_vertebra(nearest_resample(labels, second.shape), second)
+
+
+def nearest_resample(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The label at each target pixel's centre (cheap; enough for a Dice on a coarse grid)."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(int), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(int), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
+
+
+def dice_per_vertebra(first: np.ndarray, second: np.ndarray) -> dict[str, float]:
+    out = {}
+    for value, name in enumerate(VERTEBRAE, start=1):
+        a, b = first == value, second == value
+        total = int(a.sum()) + int(b.sum())
+        out[name] = 2.0 * int((a & b).sum()) / total if total else 1.0
+    return out
+
+
+def flip_reasons(dice: dict[str, float], labels_source: str) -> list[Reason]:
+    worst = min(dice, key=dice.get)
+    if dice[worst] >= MIN_FLIP_DICE:
+        return []
+    listing = ", ".join(f"{name} {value:.2f}" for name, value in dice.items() if value < MIN_FLIP_DICE)
+    if labels_source == "user":
+        return [Reason("levels_differ_from_segmenter", f"the segmenter sees other levels than the label map given "
+                                                       f"(Dice {listing})")]
+    return [Reason("segmenter_unstable", f"the segmentation changes when the image is mirrored (Dice {listing})")]

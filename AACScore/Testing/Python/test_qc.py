@@ -1,0 +1,272 @@
+"""Quality control: every check on its own, the interval's calibration, the calibration file, the QC report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from AACScoreLib.errors import ModelPackageError
+from AACScoreLib.geometry.spine import analyze_spine
+from AACScoreLib.io.results_file import COLUMNS, QC_COLUMNS, ResultsFile
+from AACScoreLib.phantoms.generator import generate_phantom
+from AACScoreLib.qc import anatomy, domain, interval, levels
+from AACScoreLib.qc.verdict import Reason, format_reasons, reason_codes, verdict_of, STATUS_OF_QC
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_phantom(11, index=2, size_range=(700, 800))
+
+
+@pytest.fixture(scope="module")
+def geometry(phantom):
+    return analyze_spine(phantom.labels, phantom.truth["spacing"], image=phantom.pixels)
+
+
+# ------------------------------------------------------------------------------------------------ verdict
+
+
+def test_verdict_and_status_never_say_ok_for_a_result_to_review():
+    reason = Reason("levels_disagree", "counts differ; by one")
+    assert verdict_of([], scored=True) == "ok" and verdict_of([reason], scored=True) == "review"
+    assert verdict_of([], scored=False) == "error"
+    assert STATUS_OF_QC == {"ok": "ok", "review": "warning", "error": "error"}
+    cell = format_reasons([reason, Reason("body_area", "L3 0.5")])
+    assert cell == "levels_disagree: counts differ, by one; body_area: L3 0.5"
+    assert reason_codes(cell) == ["levels_disagree", "body_area"] and reason_codes("") == []
+
+
+# ------------------------------------------------------------------------------------------------ levels
+
+
+@dataclass
+class LevelAssignment:  # the segmenter's account of its counting, as the level-counting stage gives it
+    method: str
+    from_above: object
+    from_below: object
+    agree: bool | None
+    confidence: float
+    reasons: tuple = ()
+
+
+def test_level_counting_is_flagged_when_counts_disagree_or_only_order_was_available():
+    assert levels.level_counting_reasons(None) == []
+    sure = LevelAssignment("sacrum", ("L1", "L5"), ("L1", "L5"), True, 0.95)
+    assert levels.level_counting_reasons(sure) == []
+    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("sacrum", 0, 1, False, 0.9))]
+    assert codes == ["levels_disagree"]
+    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("order", None, None, None, 0.3, ("x",)))]
+    assert codes == ["levels_order_only", "levels_uncertain"]
+
+
+def test_flip_dice_sees_a_level_shift_and_names_it_by_where_the_labels_came_from(phantom):
+    labels = levels.nearest_resample(phantom.labels, (90, 80))
+    assert labels.shape == (90, 80) and set(np.unique(labels)) == set(range(6))
+    same = levels.dice_per_vertebra(labels, labels)
+    assert same == {name: 1.0 for name in same} and levels.flip_reasons(same, "segmenter") == []
+    shifted = np.where((labels > 0) & (labels < 5), labels + 1, 0)  # every body called one level lower
+    dice = levels.dice_per_vertebra(labels, shifted)
+    assert max(dice.values()) < levels.MIN_FLIP_DICE
+    assert [r.code for r in levels.flip_reasons(dice, "user")] == ["levels_differ_from_segmenter"]
+    assert [r.code for r in levels.flip_reasons(dice, "segmenter")] == ["segmenter_unstable"]
+
+
+# ------------------------------------------------------------------------------------------------ anatomy
+
+
+def test_phantom_spine_passes_the_shape_and_crop_checks(phantom, geometry):
+    reasons, measured = anatomy.shape_reasons(phantom.labels, geometry)
+    assert reasons == [], reasons
+    assert measured["min_solidity"] > anatomy.MIN_SOLIDITY and 0.8 < measured["l5_to_l1_depth"] < 1.6
+    reasons, measured = anatomy.crop_reasons(geometry, phantom.labels.shape)
+    assert reasons == [] and measured["band_inside_min"] == 1.0
+
+
+def test_malformed_bodies_are_flagged(phantom, geometry):
+    labels = phantom.labels.copy()
+    rows, cols = np.nonzero(labels == 3)
+    notch = (rows > np.median(rows)) & (cols > np.percentile(cols, 30)) & (cols < np.percentile(cols, 70))
+    labels[rows[notch], cols[notch]] = 0  # a deep bite out of L3
+    assert [r.code for r in anatomy.shape_reasons(labels, geometry)[0]] == ["body_outline"]
+    labels = phantom.labels.copy()
+    lower = rows > np.percentile(rows, 45)
+    labels[rows[lower], cols[lower]] = 0  # half of L3 lost: far smaller than its neighbours
+    assert "body_area" in [r.code for r in anatomy.shape_reasons(labels, geometry)[0]]
+
+
+def test_implausible_sizes_are_flagged(phantom):
+    tiny_spacing = [s / 4 for s in phantom.truth["spacing"]]  # the same bodies at a quarter of their size in mm
+    geometry = analyze_spine(phantom.labels, tiny_spacing)
+    codes = [r.code for r in anatomy.shape_reasons(phantom.labels, geometry)[0]]
+    assert codes == ["body_size"]
+
+
+def test_band_outside_the_image_is_flagged(phantom, geometry):
+    square = np.array([[-100.0, -100.0], [-100.0, 100.0], [100.0, 100.0], [100.0, -100.0]])
+    assert anatomy.inside_fraction(square, (100, 100)) == pytest.approx(0.25, abs=0.03)
+    shape = phantom.labels.shape
+    cut = geometry.segments[0].polygon[:, 0].max()
+    shifted = _shift_geometry(geometry, -(cut - 5))  # the image now starts inside the L1 segment
+    assert [r.code for r in anatomy.crop_reasons(shifted, shape)[0]] == ["band_outside_image"]
+    cut = geometry.segments[2].polygon[:, 0].max()
+    shifted = _shift_geometry(geometry, -(cut - 5))  # ... inside the L3 segment
+    assert [r.code for r in anatomy.crop_reasons(shifted, shape)[0]] == ["band_outside_image", "crop_outside_image"]
+
+
+def test_the_room_beyond_l1_and_l5_is_measured(phantom, geometry):
+    assert anatomy.room_to_border(np.array([10.0, 50.0]), np.array([1.0, 0.0]), (100, 100)) == pytest.approx(89.5)
+    assert anatomy.room_to_border(np.array([10.0, 50.0]), np.array([-0.6, 0.8]), (100, 100)) == pytest.approx(17.5)
+    lowest = max(point[0] for point in geometry.vertebrae[-1].corners.values())
+    measured = anatomy.crop_reasons(geometry, phantom.labels.shape)[1]
+    assert measured["room_below_l5"] > 1.0 and measured["room_above_l1"] > 1.0
+    reasons, measured = anatomy.crop_reasons(geometry, (int(lowest) + 3, phantom.labels.shape[1]))
+    assert reasons == [] and measured["room_below_l5"] < 0.8
+
+
+def _shift_geometry(geometry, rows: float):
+    import copy
+
+    moved = copy.deepcopy(geometry)
+    for segment in moved.segments:
+        segment.polygon[:, 0] += rows
+    moved.crop.affine[0, 2] += rows
+    return moved
+
+
+# ------------------------------------------------------------------------------------------------ interval
+
+
+def test_conformal_quantile_is_the_finite_sample_rank():
+    scores = np.arange(1, 11, dtype=float)  # 10 cases: ceil(11 * 0.8) = 9th smallest
+    assert interval.conformal_quantile(scores, 0.8) == 9.0
+    assert interval.conformal_quantile(scores, 0.95) == 10.0
+    with pytest.raises(ValueError):
+        interval.conformal_quantile(np.array([]), 0.8)
+
+
+def _heteroscedastic(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    spread = rng.uniform(0.2, 3.0, n)
+    truth = rng.uniform(2, 22, n)
+    return truth, truth + rng.normal(0, 1, n) * spread, spread
+
+
+def test_intervals_cover_new_cases_at_the_nominal_rate_and_the_spread_helps_when_it_tracks_the_error():
+    truth, score, spread = _heteroscedastic(2000, 0)
+    chosen, figures = interval.choose_interval(truth, score, spread, 0.8)
+    assert chosen.method == figures["chosen"] == "mc_dropout_conformal"
+    assert figures["mc_dropout_conformal"]["held_out_mean_width"] < figures["constant_conformal"]["held_out_mean_width"]
+    new = _heteroscedastic(4000, 1)
+    assert interval.evaluate_interval(chosen, *new)["coverage"] == pytest.approx(0.8, abs=0.03)
+    flat = interval.fit_interval("constant_conformal", *_heteroscedastic(2000, 2), 0.8)
+    assert interval.evaluate_interval(flat, *new)["coverage"] == pytest.approx(0.8, abs=0.03)
+    same = interval.choose_interval(truth, score, np.ones_like(spread), 0.8)[0]  # a spread that says nothing
+    assert same.method == "constant_conformal"
+
+
+def test_interval_stays_on_the_scale_and_round_trips_through_json():
+    calibration = interval.IntervalCalibration("mc_dropout_conformal", 0.8, 2.0, 0.5)
+    assert calibration.interval(1.0, 1.0) == (0.0, 4.0) and calibration.interval(23.0, 1.0) == (20.0, 24.0)
+    assert interval.IntervalCalibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration
+    with pytest.raises(ValueError):
+        interval.IntervalCalibration.from_json({"method": "guess", "coverage": 0.8, "quantile": 1})
+
+
+def test_mc_dropout_spread_is_deterministic_and_centred_on_the_score(tiny_scorer):
+    crop = np.random.default_rng(0).random((80, 40)).astype(np.float32)
+    first, second = (interval.score_uncertainty(tiny_scorer, crop) for _ in range(2))
+    assert first.spread > 0 and first.spread == second.spread and first.features.shape == (512,)
+    scored = tiny_scorer.score(crop).aac24
+    assert scored == pytest.approx(float(np.clip(first.total, 0, 24)), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ domain
+
+
+def test_feature_distance_flags_an_image_unlike_the_reference():
+    rng = np.random.default_rng(0)
+    reference = domain.FeatureReference.fit(rng.normal(0, 1, (400, 16)))
+    assert domain.domain_reasons(reference, rng.normal(0, 1, 16))[0] == []
+    reasons, measured = domain.domain_reasons(reference, rng.normal(0, 1, 16) + 4.0)
+    assert [r.code for r in reasons] == ["unfamiliar_image"] and measured["feature_distance"] > 3
+    assert domain.domain_reasons(None, np.zeros(16)) == ([], {})
+    again = domain.FeatureReference.from_json(json.loads(json.dumps(reference.to_json())))
+    assert again.max_distance == reference.max_distance and np.allclose(again.mean, reference.mean, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ calibration file
+
+
+def test_calibration_file_is_pinned_in_the_package_and_read_back(tiny_scorer, tmp_path):
+    import shutil
+
+    from AACScoreLib.packages import read_package, verify_package
+    from AACScoreLib.qc.calibrate import calibration_file, write_calibration
+    from AACScoreLib.qc.reference import QC_FILE, load_reference
+
+    folder = tmp_path / "scorer"
+    shutil.copytree(tiny_scorer.package.path, folder)
+    package = read_package(folder)
+    assert load_reference(package) == (None, None)
+    truth, score, spread = _heteroscedastic(60, 3)
+    measured = {"truth": truth, "score": score, "spread": spread,
+                "features": np.random.default_rng(0).normal(size=(60, 512))}
+    write_calibration(package, calibration_file(measured, 0.8, "test cases", package.manifest))
+    package = verify_package(folder)
+    assert QC_FILE in package.files and package.files["weights.safetensors"] == tiny_scorer.package.files[
+        "weights.safetensors"]
+    calibration, reference = load_reference(package)
+    assert calibration.coverage == 0.8 and reference.mean.shape == (512,)
+    (folder / QC_FILE).write_text((folder / QC_FILE).read_text().replace('"format": 1', '"format": 1 '))
+    with pytest.raises(ModelPackageError, match="checksum"):
+        load_reference(package)
+
+
+# ------------------------------------------------------------------------------------------------ results and report
+
+
+def test_results_file_has_the_qc_columns_and_error_rows_say_error(tmp_path):
+    assert set(QC_COLUMNS) <= set(COLUMNS) and COLUMNS[:5] == ("file", "aac24", "category", "status", "message")
+    with ResultsFile(tmp_path / "results.csv") as results:
+        results.add({"file": "bad.dcm", "status": "error", "message": "empty file"})
+    assert next(iter(ResultsFile(tmp_path / "results.csv").values()))["qc"] == "error"
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_evaluate_reports_flagged_wrong_and_right_results_and_coverage(tmp_path):
+    from AACScoreLib.evaluation.evaluate import evaluate
+
+    truth = [{"file": f"c{i}.dcm", "aac24": 10} for i in range(6)]
+    pred = [  # (score, qc, interval): right & ok covered, right & flagged, wrong & flagged, wrong & missed, error
+        {"file": "c0.dcm", "aac24": 10.5, "status": "ok", "qc": "ok", "qc_reasons": "", "aac24_low": 9, "aac24_high": 12},
+        {"file": "c1.dcm", "aac24": 11, "status": "warning", "qc": "review", "qc_reasons": "body_area: L3",
+         "aac24_low": 8, "aac24_high": 13},
+        {"file": "c2.dcm", "aac24": 16, "status": "warning", "qc": "review", "qc_reasons": "unfamiliar_image: far",
+         "aac24_low": 12, "aac24_high": 20},
+        {"file": "c3.dcm", "aac24": 3, "status": "ok", "qc": "ok", "qc_reasons": "", "aac24_low": 1, "aac24_high": 5},
+        {"file": "c4.dcm", "aac24": 9, "status": "ok", "qc": "ok", "qc_reasons": "", "aac24_low": 8, "aac24_high": 9.5},
+        {"file": "c5.dcm", "aac24": "", "status": "error", "qc": "error", "qc_reasons": "not_scored: x",
+         "aac24_low": "", "aac24_high": ""},
+    ]
+    results = evaluate(_write(tmp_path / "truth.csv", truth), _write(tmp_path / "pred.csv", pred), bootstrap=0)
+    quality = results["qc"]
+    assert (quality["wrong"]["flagged"], quality["wrong"]["n"]) == (2, 3)
+    assert (quality["right"]["flagged"], quality["right"]["n"]) == (1, 3)
+    assert quality["interval"] == {"covered": 2, "n": 5, "coverage": 0.4}
+    assert quality["reason_codes"] == {"body_area": 1, "unfamiliar_image": 1, "not_scored": 1}
+    assert results["n"] == 5  # rows to review are scored results: they count in the statistics
+    assert "## Quality control" in results["report"] and "| wrong | 2/3 (66.7%) |" in results["report"]
+    no_qc = [{k: v for k, v in row.items() if k not in QC_COLUMNS} for row in pred]
+    assert "qc" not in evaluate(tmp_path / "truth.csv", _write(tmp_path / "old.csv", no_qc), bootstrap=0)
