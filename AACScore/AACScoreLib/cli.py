@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "scoring.training",
     "evaluation.evaluate",
     "evaluation.bench",
+    "evaluation.gradcam_report",
+    "evaluation.generalisation",
     "models",
 )
 
