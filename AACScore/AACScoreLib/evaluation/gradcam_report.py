@@ -34,12 +34,12 @@ def phantom_heat_row(scorer, family: str, seed: int, index: int, tolerance_mm: f
     geometry = analyze_spine(phantom.labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,
                              image=radiograph.pixels)
     crop = scorer.crop(radiograph.pixels, geometry)
-    heat = scorer.heatmap(crop)
+    scored, heat = scorer.score_and_heatmap(crop)
     size = heat.crop_map.shape
     regions = {"band": crop_mask(band_mask(geometry, radiograph.pixels.shape), geometry, size),
                "plaque": crop_mask(plaque_mask(phantom, tolerance_mm), geometry, size)}
     row = {"file": f"{phantom.name}.dcm", "family": family, "aac24_true": float(phantom.truth["aac24"]),
-           "aac24_pred": round(scorer.score(crop).aac24, 3), "all_zero": heat.all_zero}
+           "aac24_pred": round(scored.aac24, 3), "all_zero": heat.all_zero}
     row.update({k: None if v is None else round(v, 4) for k, v in heat_shares(heat.crop_map, regions).items()})
     return row
 

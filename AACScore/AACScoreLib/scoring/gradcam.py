@@ -18,6 +18,7 @@ class Heatmap:
 
     crop_map: np.ndarray
     all_zero: bool
+    outputs: np.ndarray | None = None  # the network's outputs for this input (the same forward pass), float32
 
     def on_image(self, crop, image_shape: tuple[int, int]) -> np.ndarray:
         """The map on the radiograph grid (0 outside the crop), via geometry.crop_to_image."""
@@ -44,13 +45,14 @@ def grad_cam(model, image) -> Heatmap:
     try:
         with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
             maps = cam(input_tensor=image, targets=[ClassifierOutputTarget(0)])
+            outputs = cam.outputs[0].detach().float().cpu().numpy()
     finally:
         model.train(was_training)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(needs_grad[name])
     crop_map = np.nan_to_num(np.asarray(maps[0], dtype=np.float32), nan=0.0)
     all_zero = not float(crop_map.max()) > 0.0
-    return Heatmap(np.zeros_like(crop_map) if all_zero else np.clip(crop_map, 0.0, 1.0), all_zero)
+    return Heatmap(np.zeros_like(crop_map) if all_zero else np.clip(crop_map, 0.0, 1.0), all_zero, outputs)
 
 
 def band_mask(geometry, image_shape: tuple[int, int]) -> np.ndarray:
@@ -94,15 +96,14 @@ def heat_shares(crop_map: np.ndarray, regions: dict[str, np.ndarray]) -> dict[st
 
 
 def plaque_mask(phantom, tolerance_mm: float = PLAQUE_TOLERANCE_MM) -> np.ndarray:
-    """Pixels of a phantom within `tolerance_mm` of its drawn calcified plaque: the generator's own plaque mask when
-    it has one, else the centre lines of the deposits in its truth."""
+    """Pixels of a phantom within `tolerance_mm` of its calcified plaque on the L1-L4 walls (the plaque that
+    counts): the family's own plaque mask when it has one, else the centre lines of the deposits in its truth."""
     from scipy import ndimage
     from skimage.draw import line
 
     shape = phantom.pixels.shape
-    drawn = getattr(phantom, "plaque_mask", None)
-    if drawn is not None:
-        mask = np.asarray(drawn, dtype=bool)
+    if phantom.plaque_mask is not None:
+        mask = np.asarray(phantom.plaque_mask, dtype=bool)
     else:
         mask = np.zeros(shape, dtype=bool)
         for deposit in phantom.truth["deposits"]:

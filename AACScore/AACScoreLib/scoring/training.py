@@ -29,6 +29,7 @@ import numpy as np
 from ..devices import resolve_device
 from ..errors import AACScoreError
 from ..kauppila import SUBSCORE_COLUMNS
+from ..phantoms.families import FAMILIES, HELD_OUT_FAMILY
 from ..phantoms.generator import parse_styles
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -37,9 +38,6 @@ BEST_WEIGHTS = "best.safetensors"
 PACKAGE_WEIGHTS = "weights.safetensors"
 AUGMENT_MODES = ("paper", "robust", "none")
 PRECISIONS = ("bf16", "fp16", "fp32")  # on CUDA; the CPU always trains in float32
-# Phantom families kept out of every shipped model's training, for held-out reports (train-scorer refuses them
-# unless --allow-held-out-family).
-HELD_OUT_FAMILIES: tuple[str, ...] = ("varied",)
 
 
 @dataclass
@@ -487,8 +485,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--phantom-styles", default="default,alt",
                    help="with --synthetic: phantom families, taken in turn (e.g. default,alt,projected)")
     p.add_argument("--allow-held-out-family", action="store_true",
-                   help=f"train on {', '.join(HELD_OUT_FAMILIES)} too, the family kept out of the shipped models' "
-                        "training for held-out reports")
+                   help=f"train on the held-out family ({HELD_OUT_FAMILY or 'none registered'}) too, which is kept "
+                        "out of the shipped models' training for held-out reports")
     p.add_argument("--workers", type=int, default=2,
                    help="processes generating phantoms (--synthetic, --holdout-synthetic) before training starts")
     p.add_argument("--out", required=True, help="model package folder to write")
@@ -496,7 +494,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--holdout-synthetic", type=int, metavar="N",
                    help="a held-out test set of N phantoms made in memory (families --holdout-styles), scored from "
                         "their drawn labels after training")
-    p.add_argument("--holdout-styles", default=",".join(HELD_OUT_FAMILIES), help="families of --holdout-synthetic")
+    p.add_argument("--holdout-styles", default=HELD_OUT_FAMILY,
+                   help=f"families of --holdout-synthetic (default: the held-out family, {HELD_OUT_FAMILY})")
     p.add_argument("--holdout-seed", type=int, default=9500)
     p.add_argument("--work-dir", help="checkpoints (default: <out>.training)")
     p.add_argument("--cache-dir", help="crop cache, shareable between runs (default: the work dir)")
@@ -544,7 +543,7 @@ def add_cli(subparsers) -> None:
 def training_families(text: str, allow_held_out: bool) -> tuple[str, ...]:
     """The phantom families to train on; a held-out family is refused unless explicitly allowed."""
     families = parse_styles(text)
-    held_out = [family for family in families if family in HELD_OUT_FAMILIES]
+    held_out = [family for family in families if FAMILIES[family].held_out]
     if held_out and not allow_held_out:
         raise AACScoreError(f"--phantom-styles {text}: {', '.join(held_out)} is the held-out family of the shipped "
                             "models (kept out of their training for held-out reports); add --allow-held-out-family "
@@ -589,6 +588,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".training")
     cache_dir = Path(args.cache_dir) if args.cache_dir else work_dir
+    if args.holdout_synthetic and not args.holdout_styles:
+        raise AACScoreError("--holdout-synthetic: no held-out phantom family is registered; name --holdout-styles")
     holdout_styles = parse_styles(args.holdout_styles) if args.holdout_synthetic else ()
     if args.synthetic:
         styles = training_families(args.phantom_styles, args.allow_held_out_family)
