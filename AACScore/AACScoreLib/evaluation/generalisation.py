@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import AACScoreError
 from ..io.atomic import write_text_atomic
+from ..phantoms.truth import DEFAULT_SIZE_RANGE
 
 MODES = ("true-labels", "end-to-end")
 # Shao et al. (2025), Table 3 and its text: the seed's figures to set ours beside.
@@ -23,7 +24,8 @@ PAPER = {"internal validation (n=471)": {"mae": 1.686, "icc_2_1": 0.913, "spearm
          "external validation (n=733)": {"mae": 1.920, "icc_2_1": 0.874, "spearman_rho": 0.888, "within_4": 0.876}}
 
 
-def family_phantoms(folder: Path, family: str, n: int, seed: int) -> Path:
+def family_phantoms(folder: Path, family: str, n: int, seed: int,
+                    size_range: tuple[int, int] = DEFAULT_SIZE_RANGE) -> Path:
     """`folder/truth.csv` of phantoms 0..n-1 of `seed` in `family`, written unless all of them are there."""
     from ..phantoms.generator import phantom_name, write_phantoms
 
@@ -34,7 +36,7 @@ def family_phantoms(folder: Path, family: str, n: int, seed: int) -> Path:
         with open(truth, newline="") as stream:
             listed = {row["file"] for row in csv.DictReader(stream)}
     if not all(f"{name}.dcm" in listed and (folder / f"{name}.dcm").is_file() for name in names):
-        write_phantoms(folder, n, seed, style=family)
+        write_phantoms(folder, n, seed, style=family, size_range=size_range)
     return truth
 
 
@@ -54,7 +56,7 @@ def summary_row(results: dict) -> dict:
 
 
 def run_generalisation(pipeline, families: list[str], n: int, seed: int, out_dir: Path, modes: list[str],
-                       bootstrap: int = 1000) -> dict:
+                       bootstrap: int = 1000, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE) -> dict:
     """Write, score and evaluate every family in every mode; returns {family: {mode: summary row}}."""
     from ..batch import score_cohort
     from ..io.cohort import WorkItem, collect
@@ -63,7 +65,7 @@ def run_generalisation(pipeline, families: list[str], n: int, seed: int, out_dir
     table: dict[str, dict[str, dict]] = {}
     for family in families:
         folder = out_dir / family
-        truth = family_phantoms(folder / "phantoms", family, n, seed)
+        truth = family_phantoms(folder / "phantoms", family, n, seed, size_range)
         with_labels = collect([truth])  # truth.csv lists each phantom with its drawn label map
         table[family] = {}
         for mode in modes:

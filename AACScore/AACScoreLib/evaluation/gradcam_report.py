@@ -17,19 +17,21 @@ import numpy as np
 
 from ..errors import AACScoreError
 from ..io.atomic import write_atomic, write_text_atomic
+from ..phantoms.truth import DEFAULT_SIZE_RANGE
 
 CASE_COLUMNS = ("file", "family", "aac24_true", "aac24_pred", "all_zero", "band_heat", "band_area", "plaque_heat",
                 "plaque_area")
 MODERATE_OR_MORE = 5.0  # cases with at least this much plaque are summarised on their own
 
 
-def phantom_heat_row(scorer, family: str, seed: int, index: int, tolerance_mm: float) -> dict:
+def phantom_heat_row(scorer, family: str, seed: int, index: int, tolerance_mm: float,
+                     size_range: tuple[int, int] = DEFAULT_SIZE_RANGE) -> dict:
     """Score one phantom from its drawn labels and measure where its Grad-CAM heat lies (one CSV row)."""
     from ..geometry.spine import analyze_spine
     from ..phantoms.generator import generate_phantom, read_back
     from ..scoring.gradcam import band_mask, crop_mask, heat_shares, plaque_mask
 
-    phantom = generate_phantom(seed, family, index)
+    phantom = generate_phantom(seed, family, index, size_range=size_range)
     radiograph = read_back(phantom)
     geometry = analyze_spine(phantom.labels, radiograph.spacing, patient_orientation=radiograph.patient_orientation,
                              image=radiograph.pixels)
@@ -74,7 +76,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def gradcam_report(scorer, families: list[str], n: int, seed: int, out_dir: Path | None,
-                   tolerance_mm: float, progress=None) -> dict:
+                   tolerance_mm: float, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE, progress=None) -> dict:
     """Rows and summaries of `n` phantoms (indices 0..n-1 of `seed`) per family; written to out_dir when given."""
     report = {"scorer": scorer.manifest.get("name"), "scorer_version": scorer.manifest.get("version"),
               "input_size": list(scorer.input_size), "seed": seed, "plaque_tolerance_mm": tolerance_mm,
@@ -83,7 +85,7 @@ def gradcam_report(scorer, families: list[str], n: int, seed: int, out_dir: Path
     for family in families:
         rows = []
         for index in range(n):
-            rows.append(phantom_heat_row(scorer, family, seed, index, tolerance_mm))
+            rows.append(phantom_heat_row(scorer, family, seed, index, tolerance_mm, size_range))
             if progress is not None:
                 progress(family, index + 1, n)
         report["families"][family] = summarise(rows)
@@ -131,6 +133,6 @@ def _run(args) -> int:
             print(f"  {family}: {done}/{total}", file=sys.stderr, flush=True)
 
     tolerance = PLAQUE_TOLERANCE_MM if args.tolerance_mm is None else args.tolerance_mm
-    report = gradcam_report(scorer, families, args.n, args.seed, args.out, tolerance, progress)
+    report = gradcam_report(scorer, families, args.n, args.seed, args.out, tolerance, progress=progress)
     print(json.dumps(report, indent=1))
     return 0
