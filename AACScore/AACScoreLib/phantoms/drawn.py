@@ -220,20 +220,25 @@ def burn_in_markers(rng: np.random.Generator, pixels: np.ndarray, place: Placeme
     return drawn
 
 
-def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Generator, bits: int,
-             shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
-    """Quantum noise, normalisation, multi-scale equalisation and a contrast curve: uint16 display pixels."""
-    if look["blur_px"]:  # detector and focal spot blur
-        att = ndimage.gaussian_filter(att, look["blur_px"], truncate=2.0)
-    step = max(1, min(att.shape) // 400)
-    sample = att[::step, ::step]
+def _exposed_sample(shape: tuple[int, int], spacing: float, field_: tuple[float, float, float, float]):
+    """Subsampling step and the mask of sampled pixels inside the collimated field (penumbra excluded)."""
+    step = max(1, min(shape) // 400)
     top, bottom, left, right = field_
-    penumbra = 3.0 / place.spacing
-    r = np.arange(0, att.shape[0], step)
-    c = np.arange(0, att.shape[1], step)
+    penumbra = 3.0 / spacing
+    r = np.arange(0, shape[0], step)
+    c = np.arange(0, shape[1], step)
     exposed = (((r > top + penumbra) & (r < bottom - penumbra))[:, None]
                & ((c > left + penumbra) & (c < right - penumbra))[None, :])
-    ref = float(np.median(sample[exposed]))
+    return step, exposed
+
+
+def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Generator, bits: int,
+            shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
+    """Quantum noise, then the display processing: uint16 display pixels."""
+    if look["blur_px"]:  # detector and focal spot blur
+        att = ndimage.gaussian_filter(att, look["blur_px"], truncate=2.0)
+    step, exposed = _exposed_sample(att.shape, place.spacing, field_)
+    ref = float(np.median(att[::step, ::step][exposed]))
     sigma = np.exp(np.minimum((att - ref) * 0.5, 3.0))
     sigma *= look["noise"]
     noise = rng.random(att.shape, dtype=np.float32)
@@ -242,16 +247,26 @@ def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Genera
     noise *= np.float32(np.sqrt(6.0))
     signal = att + sigma * noise
     del sigma, noise
+    return display_pixels(signal, place.spacing, place.factor, look, rng, bits, shutter, field_)
+
+
+def display_pixels(signal: np.ndarray, spacing: float, factor: int, look: dict, rng: np.random.Generator, bits: int,
+                   shutter: str, field_: tuple[float, float, float, float]) -> np.ndarray:
+    """Normalisation, grid lines, multi-scale equalisation, optional unsharp masking and histogram equalisation,
+    and a contrast curve of a log-domain image (bone high), in place: uint16 display pixels. `factor` is the
+    coarse grid on which the equalisation runs."""
+    step, exposed = _exposed_sample(signal.shape, spacing, field_)
+    top, bottom, left, right = field_
     lo, hi = np.percentile(signal[::step, ::step][exposed], [0.5, 99.5])
     signal -= lo
     signal *= 1.0 / max(hi - lo, 1e-6)
     if look["grid_lines"]:  # a stationary anti-scatter grid leaves fine stripes
         period = rng.uniform(2.2, 4.0)
-        stripes = (look["grid_lines"] * np.sin(2 * np.pi * np.arange(att.shape[1]) / period)).astype(np.float32)
+        stripes = (look["grid_lines"] * np.sin(2 * np.pi * np.arange(signal.shape[1]) / period)).astype(np.float32)
         signal += stripes[None, :]
-    f = place.factor
+    f = factor
     coarse = np.clip(signal[(f - 1) // 2::f, (f - 1) // 2::f], -0.2, 1.2)
-    mean = upsample(blur(coarse, look["eq_sigma_mm"] / (place.spacing * f)), f, att.shape)
+    mean = upsample(blur(coarse, look["eq_sigma_mm"] / (spacing * f)), f, signal.shape)
     # Multi-scale processing: y = latitude * (mean - 0.5) + 0.5 + detail * (signal - mean), in place.
     signal -= mean
     signal *= look["detail"]
@@ -261,7 +276,7 @@ def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Genera
     signal += 0.5
     del mean
     if look.get("unsharp"):  # unsharp masking: edge halos of vendor processing
-        sigma_px = look["unsharp_mm"] / place.spacing
+        sigma_px = look["unsharp_mm"] / spacing
         signal += look["unsharp"] * (signal - blur(signal, sigma_px))
     if look.get("equalise"):  # histogram equalisation blended in: flat, high-contrast "auto" looks
         levels = np.linspace(0.0, 1.0, 257)
@@ -278,9 +293,9 @@ def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Genera
     signal *= levels - 1
     pixels = lut[signal.astype(np.uint16)]
     if shutter == "black":  # processing blanks everything outside the field, penumbra included
-        penumbra = 2.0 / place.spacing
-        r = np.arange(att.shape[0])
-        c = np.arange(att.shape[1])
+        penumbra = 2.0 / spacing
+        r = np.arange(signal.shape[0])
+        c = np.arange(signal.shape[1])
         pixels[(r < top + penumbra) | (r > bottom - penumbra), :] = 0
         pixels[:, (c < left + penumbra) | (c > right - penumbra)] = 0
     return pixels

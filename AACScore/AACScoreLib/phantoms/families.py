@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .drawn import generate_drawn
+from .projected import generate_projected
 from .truth import Phantom
 from .varied import generate_varied
 
@@ -32,6 +33,8 @@ FAMILIES: dict[str, Family] = {
                   "2D drawn, wider ranges of densities, discs, noise and processing (training, robustness tests)"),
     "varied": Family(generate_varied, "2D, other anatomy and image models: transitional vertebrae, fractures, "
                      "sacrum out of view, DXA-like, implants, inverted looks, varied plaque", held_out=True),
+    "projected": Family(generate_projected, "3D anatomy projected through a cone beam with Beer-Lambert attenuation "
+                        "(obliquity, double endplates, overlap and transitional anatomy from geometry)"),
 }
 # The family kept out of all training of the shipped models (tests and reports only).
 HELD_OUT_FAMILY: str | None = next((name for name, family in FAMILIES.items() if family.held_out), None)

@@ -111,6 +111,14 @@ def sample_subscores(u: float, rng: np.random.Generator, severity: Sequence[floa
     return dict(zip(kauppila.SUBSCORE_COLUMNS, (int(s) for s in scores)))
 
 
+def target_subscores(seed: int, index: int, code: int, rng: np.random.Generator,
+                     severity: Sequence[float]) -> dict[str, int]:
+    """The wall subscores phantom `index` of `seed` realises: categories spread evenly over consecutive indices
+    (golden-ratio steps from a per-seed offset) in the `severity` proportions; `code` tells families apart."""
+    offset = np.random.default_rng([seed, 7919, code]).random()
+    return sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
+
+
 def place_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int) -> list[tuple[float, float]]:
     """Plaque intervals (arc positions) inside one wall segment whose union realises `subscore` (1 to 3 pieces)."""
     if subscore == 0:
