@@ -19,7 +19,7 @@ from .. import kauppila
 from .anatomy import (CORNER_NAMES, Anatomy, Placement, blur, build_anatomy, curve_normals, disc_boundaries,
                       draw_bodies, draw_plaque, render_coarse, upsample)
 from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom, arc_length, band_clearance,
-                    measure_truth, phantom_name, place_plaques, sample_subscores, wall_segment_spans)
+                    measure_truth, phantom_name, place_plaques, target_subscores, wall_segment_spans)
 
 COLLIMATOR = 30.0  # attenuation added outside the collimated field (unexposed detector)
 LABEL_VALUES: dict[str, int] = {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5}
@@ -306,8 +306,7 @@ def generate_drawn(seed: int, style: str, index: int, severity: Sequence[float] 
     """One phantom of the "default" or "alt" family, fully determined by its arguments."""
     alt = style == "alt"
     rng = np.random.default_rng([seed, index, _STYLE_CODE[style]])
-    offset = np.random.default_rng([seed, 7919, _STYLE_CODE[style]]).random()
-    targets = sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
+    targets = target_subscores(seed, index, _STYLE_CODE[style], rng, severity)
 
     for _ in range(20):  # redraw the rare anatomy whose aorta leaves the Kauppila band
         anatomy = build_anatomy(rng, alt)

@@ -36,7 +36,7 @@ from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom
 from .volume import Convex, ConeBeam, Projector, ellipsoid, elliptic_prism, intersect, rotation_matrix, tube
 
 FAMILY = "projected"
-_CODE = 2  # tells this family's random streams apart from the generator's styles
+_CODE = 2  # tells this family's random streams apart from the drawn families' (0 and 1)
 _SPACING_MM = (0.1, 0.25)
 _RENDER_MM = 0.45  # pixel of the grid the smooth anatomy is projected on before upsampling
 _MU_SOFT = 0.020  # soft tissue attenuation per mm (about 60 keV); everything else is excess over it
@@ -109,10 +109,10 @@ def _body(centre: np.ndarray, frame: np.ndarray, h_ant: float, h_post: float, ap
     def solid(inset: float, endplate: float) -> Convex:
         prism = elliptic_prism(centre + frame @ [0.0, 0.0, v_c], frame, [width / 2 - inset, half, a_v - inset])
         shape = Convex(prism.quadrics, [], prism.bounds)
-        for sign, (ha, hp) in ((-1.0, (h_ant, h_post)), (1.0, (h_ant, h_post))):
-            # plane through (u = sign*ha/2, v = ap/2) and (u = sign*hp/2, v = -ap/2); outward normal along sign*u
-            normal = np.array([0.0, sign * ap, -(ha - hp) / 2.0])
-            point = np.array([0.0, sign * (ha / 2.0 - endplate), ap / 2.0])
+        for sign in (-1.0, 1.0):
+            # plane through (u = sign*h_ant/2, v = ap/2) and (u = sign*h_post/2, v = -ap/2); outward normal ~ sign*u
+            normal = np.array([0.0, sign * ap, -(h_ant - h_post) / 2.0])
+            point = np.array([0.0, sign * (h_ant / 2.0 - endplate), ap / 2.0])
             shape = shape.cut(frame @ normal, centre + frame @ point)
         return shape.cut(frame @ [0.0, 0.0, -1.0], centre + frame @ [0.0, 0.0, -ap / 2.0 + inset])
 
@@ -147,13 +147,12 @@ def _posterior_elements(v: Vertebra3D, kind: str, mu: dict, rng: np.random.Gener
     up = v.frame[:, 1]
     terms = []
     for side in (-1.0, 1.0):
-        terms.append((tube(v.local(side * pedicle_w, pedicle_u, -ap / 2 + 3), v.local(side * pedicle_w, pedicle_u, back),
-                           (0.28 * h, rng.uniform(3.5, 5.5)), up), weight))
+        pedicle = v.local(side * pedicle_w, pedicle_u, -ap / 2 + 3), v.local(side * pedicle_w, pedicle_u, back)
+        terms.append((tube(*pedicle, (0.28 * h, rng.uniform(3.5, 5.5)), up), weight))
         terms.append((ellipsoid(v.local(side * pedicle_w * 0.95, pedicle_u + 0.12 * h, back - 4.0), v.frame,
                                 [rng.uniform(3.0, 5.0), 0.7 * h, rng.uniform(4.0, 6.0)]), weight * 0.7))
-        terms.append((tube(v.local(side * pedicle_w, pedicle_u + 0.15 * h, back - 2), v.local(0.0, pedicle_u + 0.25 * h,
-                                                                                                  back - 12),
-                           (0.33 * h, rng.uniform(2.5, 3.5)), up), weight))
+        lamina = v.local(side * pedicle_w, pedicle_u + 0.15 * h, back - 2), v.local(0.0, pedicle_u + 0.25 * h, back - 12)
+        terms.append((tube(*lamina, (0.33 * h, rng.uniform(2.5, 3.5)), up), weight))
         length = _TRANSVERSE_MM.get(v.name, 20.0) * rng.uniform(0.8, 1.2)
         thick = 1.6 if kind == "sacralised" or v.name in ("L5", "L6") else 1.0
         aim = v.local(side * (w / 2 + length), pedicle_u + 2.0, -ap / 2 - pedicle_len * (1.2 if thoracic else 0.5) - 5)
@@ -267,8 +266,9 @@ def _spine(rng: np.random.Generator, scale: float, lumbar_count: int, mu: dict) 
     return vertebrae
 
 
-def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso: tuple[float, float]) -> list:
-    """Ribs of T9..T12: head at the body, then posterolaterally to the angle and around the torso, sloping down."""
+def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso_radius: float) -> list:
+    """Ribs of T9..T12: head at the body, then posterolaterally to the angle and around the torso (of AP radius
+    `torso_radius`), sloping down."""
     lengths = dict(T9=(250.0, 320.0), T10=(220.0, 300.0), T11=(120.0, 210.0), T12=(25.0, 140.0))
     terms = []
     for v in vertebrae:
@@ -280,7 +280,7 @@ def _ribs(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, torso
             corner = v.local(side * (v.width / 2 + rng.uniform(22.0, 32.0)), -0.3 * v.height, -v.ap / 2 - 22.0)
             theta1 = np.radians(rng.uniform(22.0, 35.0))
             rx = abs(corner[0]) / np.sin(theta1) * rng.uniform(0.9, 1.1)
-            rz = torso[1] * rng.uniform(0.85, 1.1)
+            rz = torso_radius * rng.uniform(0.85, 1.1)
             zc = corner[2] + rz * np.cos(theta1)
             points = [head, corner]
             theta, walked = theta1, np.linalg.norm(corner - head)
@@ -306,8 +306,8 @@ def _pelvis(vertebrae: list[Vertebra3D], mu: dict, rng: np.random.Generator, cre
     s1, s2 = (next(v for v in vertebrae if v.name == n) for n in ("S1", "S2"))
     for v in vertebrae:
         if v.name.startswith("S"):
-            terms.append((ellipsoid(v.local(0.0, 0.0, -v.ap / 2 - 16.0), v.frame, [0.55 * v.width, 0.6 * v.height, 5.0]),
-                          mu["posterior"] * 0.8))
+            plate = ellipsoid(v.local(0.0, 0.0, -v.ap / 2 - 16.0), v.frame, [0.55 * v.width, 0.6 * v.height, 5.0])
+            terms.append((plate, mu["posterior"] * 0.8))
     for v, size in ((s1, 1.0), (s2, 0.8)):
         for side in (-1.0, 1.0):
             terms.append((ellipsoid(v.local(side * (v.width / 2 + 14.0 * size), 0.15 * v.height, -0.08 * v.ap), v.frame,
@@ -448,8 +448,8 @@ def build_anatomy_3d(rng: np.random.Generator) -> Anatomy3D:
     names = [v.name for v in vertebrae]
     right_side = 1.0 if rng.random() < 0.5 else -1.0
     outline, soft = _soft_tissue(vertebrae, rng, mu, right_side)
-    torso = (float(np.mean(outline["muscle"][0])) * 0.85, float(np.mean(outline["muscle"][2] - outline["muscle"][1])) * 0.4)
-    terms = _ribs(vertebrae, mu, rng, torso)
+    _, back, front = outline["muscle"]
+    terms = _ribs(vertebrae, mu, rng, float(np.mean(front - back)) * 0.4)
     l5 = vertebrae[names.index("L5")]
     crest_y = l5.centre[1] + rng.uniform(-0.9, 0.4) * l5.height
     terms += _pelvis(vertebrae, mu, rng, crest_y)
@@ -776,14 +776,17 @@ def _render(beam: ConeBeam, anatomy: Anatomy3D, plaques: list, factor: int, coll
 
 
 def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, spine: np.ndarray, rng: np.random.Generator):
-    """Beer–Lambert primary intensity with heel effect, scatter, quantum and electronic noise, detector blur and
-    the log transform: the log-domain image (bone high), in place of `integral`.
+    """Beer–Lambert primary intensity with beam hardening, heel effect, scatter, quantum and electronic noise,
+    detector blur and the log transform: the log-domain image (bone high), in place of `integral`.
 
     Exposure is set by the photons reaching the detector behind the spine (`spine`: a mask of its pixels). Scatter
     follows scatter-kernel superposition: each pixel's primary times its path (in attenuation lengths) spread by a
     broad kernel, scaled to a scatter-to-primary ratio behind the spine; air scatters nothing.
     """
     step = max(1, min(beam.shape) // 300)
+    # beam hardening of a polyenergetic spectrum: thick paths attenuate less per mm than thin ones
+    hardening = np.float32(rng.uniform(0.0, 0.05))
+    integral /= 1.0 + hardening * integral
     reference = float(np.median(integral[::step, ::step][spine[::step, ::step]]))
     photons = float(np.exp(rng.uniform(np.log(40.0), np.log(4000.0))))  # behind the spine, per pixel
     angle = rng.uniform(0.0, 2 * np.pi)

@@ -30,7 +30,7 @@ from .anatomy import (CORNER_NAMES, Anatomy, Body, Placement, aorta, curve_norma
 from .drawn import (CONTEXT_VALUES, LABEL_VALUES, burn_in_markers, clear_context_outside, collimate,
                     dicom_settings, draw_deposits, drawn_look, process)
 from .truth import (END_MARGIN_MM, FRACTION_RANGES, GAP_MM, Phantom, arc_length, band_clearance, lay_out_pieces,
-                    measure_truth, phantom_name, sample_subscores, wall_segment_spans)
+                    measure_truth, phantom_name, target_subscores, wall_segment_spans)
 
 FAMILY = "varied"
 _FAMILY_CODE = 2  # seeds the family's random stream apart from default (0) and alt (1)
@@ -50,8 +50,7 @@ INVERTED_SHARE = 0.15  # bone dark in the stored display values (besides MONOCHR
 def generate_varied(seed: int, index: int, severity: Sequence[float], size_range: tuple[int, int]) -> Phantom:
     """One phantom of the varied family, fully determined by its arguments."""
     rng = np.random.default_rng([seed, index, _FAMILY_CODE])
-    offset = np.random.default_rng([seed, 7919, _FAMILY_CODE]).random()
-    targets = sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
+    targets = target_subscores(seed, index, _FAMILY_CODE, rng, severity)
     for _ in range(30):  # redraw the rare anatomy whose aorta does not cross the segment boundaries in order
         anatomy, info = build_varied_anatomy(rng)
         bounds_mm, dirs_mm = disc_boundaries({n: dict(zip(CORNER_NAMES, b.corners)) for n, b in anatomy.bodies.items()})
