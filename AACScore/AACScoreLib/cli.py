@@ -26,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.bench",
     "qc.calibrate",
     "evaluation.stress",
+    "evaluation.gradcam_report",
+    "evaluation.generalisation",
     "models",
     "finetune",
 )

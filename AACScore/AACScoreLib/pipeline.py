@@ -171,16 +171,15 @@ class Pipeline:
         _check_cancel(cancel)
 
         report(0.7, "scoring")
-        with _timed(result, "score"):
-            scored = self.scorer.score(crop)
+        with _timed(result, "score"):  # with a heatmap, one pass gives the score and Grad-CAM's crop map
+            scored, grad_cam = self.scorer.score_and_heatmap(crop) if heatmap else (self.scorer.score(crop), None)
         result.aac24 = float(scored.aac24)
         result.subscores = scored.subscores
         result.category = kauppila.category(result.aac24)
 
-        if heatmap:
+        if grad_cam is not None:
             report(0.85, "Grad-CAM heatmap")
             with _timed(result, "heatmap"):
-                grad_cam = self.scorer.heatmap(crop)
                 result.heatmap = grad_cam.on_image(result.geometry.crop, radiograph.pixels.shape)
                 result.heatmap_all_zero = grad_cam.all_zero
         _check_cancel(cancel)

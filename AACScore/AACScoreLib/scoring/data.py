@@ -272,6 +272,47 @@ def _phantom_crop_set(arrays: dict, n: int) -> CropSet:
                    [str(name) for name in arrays["names"][keep]], skipped)
 
 
+class TrainingCrops:
+    """The training crops as a map-style torch dataset whose keys are (index, draw): crop `index`, SynthSeg-style
+    randomised with probability `probability` by a generator seeded from (seed, draw) (phantoms.randomise).
+
+    The training loop numbers the draws by iteration and batch position, so a run (and a resumed run) sees the same
+    randomisation whatever process prepares it; a torch DataLoader's worker processes can then prepare the next
+    batches on the CPU cores while the accelerator trains. A randomised crop is normalised again (percentiles
+    1..99), exactly as the scorer normalises any crop it meets.
+    """
+
+    def __init__(self, crops: torch.Tensor, probability: float = 0.0, strength: float = 1.0, seed: int = 0):
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"randomisation probability must lie in [0, 1], got {probability}")
+        self.crops, self.probability, self.strength, self.seed = crops, probability, strength, seed
+        if probability > 0:
+            randomiser()  # fail at once, not in a worker process
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        index, draw = key
+        crop = self.crops[index].float()
+        if self.probability > 0:
+            rng = np.random.default_rng([self.seed, draw])
+            if rng.random() < self.probability:
+                image = randomiser()(crop[0].numpy(), rng, strength=self.strength)
+                crop = torch.from_numpy(normalise_crop(image))[None]
+        return crop
+
+
+def randomiser() -> Callable:
+    """phantoms.randomise.randomise(image, rng, labels=None, strength=1.0): random tissue intensities, bias field,
+    gamma, blur, resolution and noise."""
+    try:
+        from ..phantoms.randomise import randomise
+    except ImportError as error:
+        raise AACScoreError(f"training-time randomisation needs phantoms/randomise.py ({error})") from None
+    return randomise
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded random split into training and validation indices (at least one of each when n >= 2)."""
     if not 0.0 <= val_fraction < 1.0:
@@ -289,7 +330,8 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator, robust: bool 
                   rotation: float = PAPER_AUGMENTATION["rotation"]) -> torch.Tensor:
     """Randomly augment a training batch (B, 1, H, W) in 0..1 with the paper's transforms (+ robust ones).
 
-    Parameters are drawn per image from `generator`, so the same generator state gives the same batch.
+    Parameters are drawn per image from `generator` (a CPU generator), so the same generator state gives the same
+    batch; the batch may lie on the accelerator, where the transforms then run.
     `rotation` is the largest angle in degrees (the paper's 30 by default; crops are already upright).
     """
     import torchvision.transforms.v2.functional as F
@@ -308,7 +350,8 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator, robust: bool 
                 kernel = 2 * math.ceil(3 * sigma) + 1
                 image = F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
         sigma = _uniform(generator, 0.0, p["noise_sigma"])
-        image = (image + sigma * torch.randn(image.shape, generator=generator)).clamp(0.0, 1.0)
+        noise = torch.randn(image.shape, generator=generator).to(image.device)
+        image = (image + sigma * noise).clamp(0.0, 1.0)
         image = F.affine(
             image,
             angle=_uniform(generator, -rotation, rotation),

@@ -3,7 +3,11 @@
 The recipe is Shao et al. (2025): SGD (momentum 0.9, weight decay 5e-4), lr 0.01 warmed up linearly from lr/3 over
 200 iterations then cosine-annealed to 1e-4 over the remaining iterations, batch 32, MSE, up to 500 epochs,
 validation every 10 epochs with early stopping. Beyond the paper, and settable: the total is regressed in
-standardised units (scoring.model), gradients are clipped (norm 5) and the largest rotation can be lowered.
+standardised units (scoring.model), gradients are clipped (norm 5), the largest rotation can be lowered, crops can be
+SynthSeg-style randomised before the paper's augmentations (`--randomise P`, phantoms.randomise), and a time budget
+fits the epoch count (and so the cosine schedule) to the time there is. On CUDA the network runs channels-last in
+mixed precision (bfloat16, or float16 with loss scaling), the paper's augmentations run on the GPU, and worker
+processes randomise the next batches on the CPU cores; phantoms are generated and cropped before training starts.
 A run is resumable: the model, the optimiser's momentum, the position in the schedule and every random state are
 saved as safetensors + JSON (never pickle), so an interrupted run continues exactly as it would have.
 The result is a model package (fp16 safetensors + manifest with settings and validation/held-out metrics).
@@ -26,6 +30,7 @@ from ..devices import resolve_device
 from ..errors import AACScoreError
 from ..kauppila import SUBSCORE_COLUMNS
 from ..packages import timestamped_version
+from ..phantoms.families import FAMILIES, HELD_OUT_FAMILY
 from ..phantoms.generator import parse_styles
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -33,6 +38,7 @@ CHECKPOINT_STATE = "checkpoint.json"
 BEST_WEIGHTS = "best.safetensors"
 PACKAGE_WEIGHTS = "weights.safetensors"
 AUGMENT_MODES = ("paper", "robust", "none")
+PRECISIONS = ("bf16", "fp16", "fp32")  # on CUDA; the CPU always trains in float32
 
 
 @dataclass
@@ -58,6 +64,10 @@ class TrainSettings:
     clip_grad_norm: float = 5.0  # beyond the paper: from random initialisation the BatchNorm1d head can blow up
     augment: str = "paper"  # "paper", "robust" (paper + gamma and blur, beyond the paper) or "none"
     rotation: float = 30.0  # largest augmentation rotation in degrees
+    randomise: float = 0.0  # probability that a training crop is SynthSeg-style randomised (beyond the paper)
+    randomise_strength: float = 1.0
+    precision: str = "bf16"  # mixed precision on CUDA: "bf16", "fp16" (with loss scaling) or "fp32"
+    time_budget_minutes: float | None = None  # train at most `epochs`, fewer if the budget ends first
     seed: int = 0
     device: str = "auto"
 
@@ -91,25 +101,27 @@ def iterations_per_epoch(n_train: int, batch: int) -> int:
     return n_train // batch + (1 if n_train % batch >= 2 else 0)
 
 
-def predict(model, crops, device, batch: int = 32):
+def predict(model, crops, device, batch: int = 32, precision: str = "bf16"):
     """Network outputs (N, 1 or 9) for crops (N, 1, H, W) in eval mode, as a float32 CPU tensor."""
     import torch
 
     model.eval()
     outputs = []
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(device, precision):
         for start in range(0, len(crops), batch):
             outputs.append(model(crops[start:start + batch].to(device).float()).float().cpu())
     return torch.cat(outputs) if outputs else torch.zeros((0, 1))
 
 
-def _autocast(device):
-    """Mixed precision (bfloat16, no loss scaling needed) on CUDA; full float32 on the CPU."""
+def _autocast(device, precision: str = "bf16"):
+    """Mixed precision on CUDA (bfloat16 needs no loss scaling; float16 does); full float32 on the CPU."""
     import contextlib
 
     import torch
 
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _loss(outputs, totals, subscores, s: TrainSettings, target_std: float):
@@ -176,14 +188,15 @@ def _load_checkpoint(work_dir: Path, model, optimizer, generator) -> dict:
 
 def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, imagenet_weights: str | Path | None = None,
           resume: bool = False, log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
-          on_epoch_end: Callable[[int, dict], None] | None = None, initial_weights: dict | None = None,
-          freeze: Sequence[str] = ()):
+          on_epoch_end: Callable[[int, dict], None] | None = None, loader_workers: int = 0,
+          initial_weights: dict | None = None, freeze: Sequence[str] = ()):
     """Train on `train_set` (a scoring.data.CropSet), validating on `val_set` (may be empty); returns the model
     with the best validation weights loaded, and a TrainResult.
 
     A checkpoint goes to work_dir after every validation, at the end, and otherwise after any epoch that ends
     `checkpoint_seconds` or more after the last one (writing ~2x the weights every few seconds would dominate
-    small runs); a resumed run repeats at most those epochs, identically.
+    small runs); a resumed run repeats at most those epochs, identically. `loader_workers` processes prepare
+    (randomise) the next batches; the result does not depend on their number.
 
     Fine-tuning: `initial_weights` (a package's state dict, its score scale included) start the network instead
     of a fresh initialisation, and the backbone stages named in `freeze` are not trained.
@@ -192,7 +205,8 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     from safetensors.torch import load_file, save
 
     from ..io.atomic import write_bytes_atomic
-    from .data import augment_batch
+    from ..segmentation.training import epochs_within_budget
+    from .data import TrainingCrops, augment_batch
     from .model import build_model, freeze_stages
 
     s = settings
@@ -200,6 +214,8 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
         raise AACScoreError(f"need at least 2 training images, got {len(train_set)}")
     if s.augment not in AUGMENT_MODES:
         raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {s.augment!r}")
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {s.precision!r}")
     if s.subscores_head and train_set.subscores is None:
         raise AACScoreError("--subscores-head needs the eight subscore columns L1A..L4P in the training data")
     work_dir = Path(work_dir)
@@ -212,59 +228,71 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     if initial_weights is not None:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in initial_weights.items()})
     frozen = freeze_stages(model, freeze)
-    model = model.to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr_at(0, 1, s),
                                 momentum=s.momentum, weight_decay=s.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and s.precision == "fp16")
+    crops = TrainingCrops(train_set.crops, s.randomise, s.randomise_strength, s.seed)
     per_epoch = iterations_per_epoch(len(train_set), s.batch)
-    total_iterations = per_epoch * s.epochs
     state = {"epoch": 0, "iteration": 0, "best_val_loss": None, "best_epoch": 0, "bad_validations": 0,
-             "history": [], "seconds": 0.0, "settings": _jsonable(asdict(s)), "train_names": train_set.names}
+             "history": [], "seconds": 0.0, "settings": _jsonable(asdict(s)), "train_names": train_set.names,
+             "planned_epochs": s.epochs, "epoch_seconds": []}
     if resume:
         saved = _load_checkpoint(work_dir, model, optimizer, generator)
         if saved["settings"] != state["settings"] or saved["train_names"] != train_set.names:
             raise AACScoreError(f"{work_dir}: the checkpoint was made with other settings or data; "
                                 "start without --resume or use another --work-dir")
-        state = saved
+        state = {**state, **saved}
         log(f"resuming after epoch {state['epoch']} (iteration {state['iteration']})")
     elif (work_dir / BEST_WEIGHTS).exists():
         (work_dir / BEST_WEIGHTS).unlink()
 
     started = time.monotonic() - state["seconds"]
+    budget_s = None if s.time_budget_minutes is None else 60.0 * s.time_budget_minutes
     last_saved = time.monotonic()
     stopped_early = False
     bar = _progress_bar(s.epochs, state["epoch"])
-    while state["epoch"] < s.epochs:
+    while state["epoch"] < state["planned_epochs"]:
+        epoch_started = time.monotonic()
+        total_iterations = per_epoch * state["planned_epochs"]
         model.train()
         for module in frozen:
             module.eval()
         order = torch.randperm(len(train_set), generator=generator)
         losses = []
-        for step in range(per_epoch):
+        for step, images in enumerate(_batches(crops, order, per_epoch, s.batch, state["iteration"], loader_workers)):
             index = order[step * s.batch:(step + 1) * s.batch]
-            images = train_set.crops[index].float()
+            images = images.to(device, non_blocking=True)
             if s.augment != "none":
                 images = augment_batch(images, generator, robust=s.augment == "robust", rotation=s.rotation)
-            images = images.to(device)
+            images = images.contiguous(memory_format=memory_format)
             totals = train_set.totals[index].to(device)
             subs = None if train_set.subscores is None else train_set.subscores[index].to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state["iteration"], total_iterations, s)
-            with _autocast(device):
+            with _autocast(device, s.precision):
                 outputs = model(images)
             loss = _loss(outputs.float(), totals, subs, s, float(model.target_std))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if s.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
             state["iteration"] += 1
         state["epoch"] += 1
         entry = {"epoch": state["epoch"], "iteration": state["iteration"], "train_loss": float(np.mean(losses)),
                  "lr": optimizer.param_groups[0]["lr"]}
-        last = state["epoch"] == s.epochs
+        if budget_s is not None:  # refit the epoch count to the time left (the cosine schedule follows it)
+            state["epoch_seconds"].append(time.monotonic() - epoch_started)
+            left = budget_s - (time.monotonic() - started)
+            state["planned_epochs"] = epochs_within_budget(state["epoch_seconds"], left, s.epochs)
+        last = state["epoch"] >= state["planned_epochs"]
         if len(val_set) and (state["epoch"] % s.val_every == 0 or last):
-            outputs = predict(model, val_set.crops, device, s.batch)
+            outputs = predict(model, val_set.crops, device, s.batch, s.precision)
             entry["val_loss"] = float(torch.mean((outputs[:, 0] - val_set.totals) ** 2))
             entry["val_mae"] = float(torch.mean(torch.abs(outputs[:, 0].clamp(0, 24) - val_set.totals)))
             if state["best_val_loss"] is None or entry["val_loss"] < state["best_val_loss"]:
@@ -285,13 +313,28 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
         if stopped_early:
             log(f"early stop at epoch {state['epoch']}: no better validation loss in {s.patience} validations")
             break
+    if budget_s is not None and state["planned_epochs"] < s.epochs and not stopped_early:
+        log(f"time budget: stopped after epoch {state['epoch']} of {s.epochs}")
     if (work_dir / BEST_WEIGHTS).is_file():
         model.load_state_dict(load_file(str(work_dir / BEST_WEIGHTS)))
     else:
         state["best_epoch"] = state["epoch"]
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     return model, TrainResult(state["epoch"], state["iteration"], state["best_epoch"], state["best_val_loss"],
                               time.monotonic() - started, str(device), state["history"], stopped_early)
+
+
+def _batches(crops, order, per_epoch: int, batch: int, first_iteration: int, workers: int):
+    """The epoch's batches of (possibly randomised) crops in `order`; each crop's draw is numbered by iteration
+    and position, so the batches do not depend on `workers` (processes preparing the next batches)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    keys = [[(int(index), (first_iteration + step) * batch + position)
+             for position, index in enumerate(order[step * batch:(step + 1) * batch])] for step in range(per_epoch)]
+    # The loader's own generator keeps it from drawing on torch's global one, which dropout uses.
+    return DataLoader(crops, batch_sampler=keys, num_workers=workers, generator=torch.Generator(),
+                      prefetch_factor=4 if workers else None)
 
 
 def _progress_bar(epochs: int, start: int) -> Callable[[dict], None]:
@@ -449,11 +492,23 @@ def add_cli(subparsers) -> None:
     source.add_argument("--synthetic", type=int, metavar="N",
                         help="N phantoms generated in memory (seed --phantom-seed), cropped from their drawn labels")
     p.add_argument("--phantom-seed", type=int, default=2000)
-    p.add_argument("--phantom-styles", default="default,alt", help="with --synthetic: generator styles, in turn")
-    p.add_argument("--workers", type=int, default=2, help="with --synthetic: processes generating phantoms")
+    p.add_argument("--phantom-styles", default="default,alt",
+                   help="with --synthetic: phantom families, taken in turn (e.g. default,alt,projected)")
+    p.add_argument("--allow-held-out-family", action="store_true",
+                   help=f"train on the held-out family ({HELD_OUT_FAMILY or 'none registered'}) too, which is kept "
+                        "out of the shipped models' training for held-out reports")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes generating phantoms (--synthetic, --holdout-synthetic) before training starts")
     p.add_argument("--out", required=True, help="model package folder to write")
     p.add_argument("--holdout", metavar="CSV_OR_DIR", help="test set evaluated after training (metrics in the manifest)")
-    p.add_argument("--work-dir", help="checkpoints and crop cache (default: <out>.training)")
+    p.add_argument("--holdout-synthetic", type=int, metavar="N",
+                   help="a held-out test set of N phantoms made in memory (families --holdout-styles), scored from "
+                        "their drawn labels after training")
+    p.add_argument("--holdout-styles", default=HELD_OUT_FAMILY,
+                   help=f"families of --holdout-synthetic (default: the held-out family, {HELD_OUT_FAMILY})")
+    p.add_argument("--holdout-seed", type=int, default=9500)
+    p.add_argument("--work-dir", help="checkpoints (default: <out>.training)")
+    p.add_argument("--cache-dir", help="crop cache, shareable between runs (default: the work dir)")
     p.add_argument("--input-size", type=_input_size, default=d.input_size, metavar="ROWSxCOLS",
                    help="network input (default 1000x500 as in the paper; e.g. 384x192 on a CPU)")
     p.add_argument("--backbone", choices=("resnet34", "resnet18"), default=d.backbone)
@@ -473,6 +528,18 @@ def add_cli(subparsers) -> None:
                    help="paper: the paper's transforms (training set only); robust: also random gamma and blur "
                         "(beyond the paper, for other scanners' processing); none")
     p.add_argument("--rotation", type=float, default=d.rotation, help="largest augmentation rotation (degrees)")
+    p.add_argument("--randomise", type=float, default=d.randomise, metavar="P",
+                   help="probability that a training crop is SynthSeg-style randomised (random tissue intensities, "
+                        "bias field, gamma, blur, resolution, noise) before the paper's augmentations; beyond the "
+                        "paper, for radiographs from elsewhere (default 0: off)")
+    p.add_argument("--randomise-strength", type=float, default=d.randomise_strength)
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="processes preparing (randomising) the next batches while the network trains")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="on CUDA: bf16 or fp16 (with loss scaling) mixed precision, or fp32; the CPU uses fp32")
+    p.add_argument("--time-budget-minutes", type=float, default=None,
+                   help="train at most --epochs, fewer if this much training time ends first (the cosine "
+                        "schedule is fitted to the epochs that fit)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is fastest on a busy shared machine)")
@@ -483,6 +550,20 @@ def add_cli(subparsers) -> None:
                    help="package version (default: 1.0.0+ the UTC time of training, so that two trainings never "
                         "share a name and version)")
     p.set_defaults(func=_run)
+
+
+def training_families(text: str, allow_held_out: bool) -> tuple[str, ...]:
+    """The phantom families to train on; a held-out family is refused unless explicitly allowed."""
+    families = parse_styles(text)
+    held_out = [family for family in families if FAMILIES[family].held_out]
+    if held_out and not allow_held_out:
+        raise AACScoreError(f"--phantom-styles {text}: {', '.join(held_out)} is the held-out family of the shipped "
+                            "models (kept out of their training for held-out reports); add --allow-held-out-family "
+                            "to train on it anyway")
+    if held_out:
+        print(f"warning: training on the held-out family {', '.join(held_out)}: its reports are no longer "
+              "held out", file=sys.stderr)
+    return families
 
 
 def _records(source: str, is_dir: bool):
@@ -509,26 +590,43 @@ def _run(args: argparse.Namespace) -> int:
         input_size=args.input_size, backbone=args.backbone, subscores_head=args.subscores_head,
         subscore_weight=args.subscore_weight, epochs=args.epochs, batch=args.batch, lr=args.lr,
         warmup_iterations=args.warmup, val_fraction=args.val_fraction, val_every=args.val_every,
-        patience=args.patience, clip_grad_norm=args.clip_grad, augment=args.augment, rotation=args.rotation, seed=args.seed, device=args.device)
+        patience=args.patience, clip_grad_norm=args.clip_grad, augment=args.augment, rotation=args.rotation,
+        randomise=args.randomise, randomise_strength=args.randomise_strength, precision=args.precision,
+        time_budget_minutes=args.time_budget_minutes, seed=args.seed, device=args.device)
+    if not 0.0 <= settings.randomise <= 1.0:
+        raise AACScoreError(f"--randomise is a probability in [0, 1], got {settings.randomise}")
+    if settings.time_budget_minutes is not None and settings.time_budget_minutes <= 0:
+        raise AACScoreError(f"--time-budget-minutes must be positive, got {settings.time_budget_minutes}")
     out = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".training")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else work_dir
+    if args.holdout_synthetic and not args.holdout_styles:
+        raise AACScoreError("--holdout-synthetic: no held-out phantom family is registered; name --holdout-styles")
+    holdout_styles = parse_styles(args.holdout_styles) if args.holdout_synthetic else ()
     if args.synthetic:
-        styles = parse_styles(args.phantom_styles)
+        styles = training_families(args.phantom_styles, args.allow_held_out_family)
         source = f"{args.synthetic} phantoms, seed {args.phantom_seed}, styles {'/'.join(styles)}"
         print(f"generating and cropping {source} at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
-        data = synthetic_crop_set(args.synthetic, args.phantom_seed, styles, settings.input_size, cache_dir=work_dir,
+        data = synthetic_crop_set(args.synthetic, args.phantom_seed, styles, settings.input_size, cache_dir=cache_dir,
                                   workers=args.workers, progress=_print_progress)
     else:
         source = args.csv or args.phantoms
         records = _records(source, args.phantoms is not None)
         print(f"cropping {len(records)} images at {settings.input_size[0]}x{settings.input_size[1]}", file=sys.stderr)
-        data = load_crop_set(records, settings.input_size, cache_dir=work_dir, progress=_print_progress)
+        data = load_crop_set(records, settings.input_size, cache_dir=cache_dir, progress=_print_progress)
+    holdout_set = None
+    if args.holdout_synthetic:  # made before training, so that the accelerator is not held while the CPU draws
+        print(f"generating {args.holdout_synthetic} held-out phantoms ({'/'.join(holdout_styles)}, seed "
+              f"{args.holdout_seed})", file=sys.stderr)
+        holdout_set = synthetic_crop_set(args.holdout_synthetic, args.holdout_seed, holdout_styles,
+                                         settings.input_size, cache_dir=cache_dir, workers=args.workers,
+                                         progress=_print_progress)
     for name, why in data.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     train_index, val_index = split_indices(len(data), settings.val_fraction, settings.seed)
     model, result = train(data.subset(train_index), data.subset(val_index), settings, work_dir,
                           imagenet_weights=args.imagenet_weights, resume=args.resume,
-                          log=lambda text: print(text, file=sys.stderr))
+                          log=lambda text: print(text, file=sys.stderr), loader_workers=args.loader_workers)
     device = resolve_device(settings.device)
     metrics = {"validation": evaluate_model(model, data.subset(val_index), device, settings.batch)}
     if args.holdout:
@@ -537,6 +635,10 @@ def _run(args: argparse.Namespace) -> int:
         metrics["holdout"] = {"source": str(args.holdout), "n_skipped": len(holdout.skipped),
                               **evaluate_model(model, holdout, device, settings.batch),
                               "heatmap": heatmap_band_summary(model, holdout_records, settings.input_size)}
+    if holdout_set is not None:
+        metrics["holdout_synthetic"] = {
+            "source": f"{args.holdout_synthetic} phantoms, seed {args.holdout_seed}, styles {'/'.join(holdout_styles)}",
+            "n_skipped": len(holdout_set.skipped), **evaluate_model(model, holdout_set, device, settings.batch)}
     summary = data_summary(data, str(source))
     summary.update(n_train=len(train_index), n_validation=len(val_index))
     manifest = build_manifest(model, settings, result, summary, metrics, args.name,

@@ -186,6 +186,8 @@ def test_package_round_trip_gives_identical_outputs(tmp_path):
         expected = float(model(scorer.prepare(crop))[0, 0].clamp(0, 24))
     assert score.aac24 == pytest.approx(expected) and set(score.subscores) == {"L1A", "L1P", "L2A", "L2P",
                                                                               "L3A", "L3P", "L4A", "L4P"}
+    fused, heat = scorer.score_and_heatmap(crop)
+    assert fused == score and heat.crop_map.shape == SIZE
     assert score.category in ("no/mild", "moderate", "severe")
     weights = tmp_path / "pkg" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
@@ -263,3 +265,155 @@ def test_split_is_seeded_and_disjoint():
     train_index, val_index = split_indices(10, 0.2, seed=4)
     assert len(val_index) == 2 and not set(train_index) & set(val_index)
     assert (train_index, val_index) == split_indices(10, 0.2, seed=4)
+
+
+# ------------------------------------------------------------------------------------------ randomisation and budget
+
+
+def test_randomised_crops_depend_only_on_their_draw_and_stay_normalised():
+    from AACScoreLib.scoring.data import TrainingCrops
+
+    crops = synthetic_set(6).crops
+    plain = TrainingCrops(crops)
+    assert torch.equal(plain[(2, 7)], crops[2].float())
+    always = TrainingCrops(crops, probability=1.0, seed=5)
+    first, again, other = always[(2, 7)], always[(2, 7)], always[(2, 8)]
+    assert first.shape == crops[2].shape and torch.equal(first, again)
+    assert not torch.equal(first, other) and not torch.allclose(first, crops[2].float(), atol=0.05)
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(TrainingCrops(crops, probability=1.0, seed=6)[(2, 7)], TrainingCrops(crops, 1.0, seed=6)[(2, 7)])
+    half = TrainingCrops(crops, probability=0.5, seed=5)
+    changed = sum(not torch.equal(half[(0, draw)], crops[0].float()) for draw in range(40))
+    assert 8 <= changed <= 32
+    with pytest.raises(ValueError):
+        TrainingCrops(crops, probability=1.5)
+
+
+def test_randomised_training_does_not_depend_on_the_loader_processes(tmp_path):
+    data = synthetic_set(12)
+    train_set, val_set = data.subset(range(10)), data.subset(range(10, 12))
+    settings = tiny_settings(epochs=1, randomise=1.0, augment="none")
+    quiet = dict(log=lambda _: None)
+    seen = {}
+
+    def record(name):
+        def hook(epoch, entry):
+            seen[name] = entry["train_loss"]
+        return hook
+
+    inline, _ = train(train_set, val_set, settings, tmp_path / "inline", on_epoch_end=record("inline"), **quiet)
+    workers, _ = train(train_set, val_set, settings, tmp_path / "workers", loader_workers=2,
+                       on_epoch_end=record("workers"), **quiet)
+    train(train_set, val_set, tiny_settings(epochs=1, augment="none"), tmp_path / "plain",
+          on_epoch_end=record("plain"), **quiet)
+    for (key, a), b in zip(inline.state_dict().items(), workers.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert seen["inline"] == seen["workers"] != seen["plain"]  # the randomised crops are what the network saw
+
+
+def test_time_budget_stops_after_the_epochs_that_fit(tmp_path):
+    data = synthetic_set(12)
+    train_set, val_set = data.subset(range(10)), data.subset(range(10, 12))
+    model, result = train(train_set, val_set, tiny_settings(epochs=50, val_every=10, time_budget_minutes=1e-4),
+                          tmp_path, log=lambda _: None)
+    assert result.epochs_run == 3  # the epochs it takes to measure an epoch's time
+    assert "val_loss" in result.history[-1]  # the last epoch validates and the best weights are kept
+    assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_training_refuses_the_held_out_family_unless_allowed(monkeypatch):
+    from AACScoreLib.phantoms import generator
+    from AACScoreLib.phantoms.families import FAMILIES, Family
+    from AACScoreLib.scoring.training import training_families
+
+    monkeypatch.setitem(FAMILIES, "kept_out", Family(FAMILIES["alt"].generate, "test family", held_out=True))
+    monkeypatch.setattr(generator, "STYLES", tuple(FAMILIES))
+    assert training_families("default,alt", allow_held_out=False) == ("default", "alt")
+    with pytest.raises(AACScoreError, match="kept_out is the held-out family"):
+        training_families("default,kept_out", allow_held_out=False)
+    assert training_families("default,kept_out", allow_held_out=True) == ("default", "kept_out")
+    with pytest.raises(AACScoreError, match="styles"):
+        training_families("default,unknown", allow_held_out=True)
+
+
+# ------------------------------------------------------------------------------------------ where Grad-CAM looks
+
+
+def test_grad_cam_needs_no_gradients_before_its_layer_and_restores_them():
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = build_model({"backbone": "resnet18"}).eval()
+    model.backbone.layer1.requires_grad_(False)  # a caller's own setting must survive
+    image = synthetic_set(1).crops[0:1].float()
+    with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+        reference = cam(input_tensor=image, targets=[ClassifierOutputTarget(0)])[0]
+    heat = grad_cam(model, image)
+    np.testing.assert_allclose(heat.crop_map, np.clip(reference, 0, 1), atol=1e-5)
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer2.parameters())
+
+
+def test_heat_shares_compare_the_heat_on_a_region_with_its_area():
+    from AACScoreLib.scoring.gradcam import heat_shares
+
+    region = np.zeros(SIZE, np.float32)
+    region[:, :8] = 1.0
+    on_region = region * 3.0
+    uniform = np.ones(SIZE, np.float32)
+    assert heat_shares(on_region, {"r": region}) == {"r_heat": 1.0, "r_area": 0.25}
+    assert heat_shares(uniform, {"r": region})["r_heat"] == pytest.approx(0.25)
+    assert heat_shares(np.zeros(SIZE, np.float32), {"r": region})["r_heat"] is None
+
+
+def test_plaque_mask_covers_the_drawn_plaque_and_grows_with_the_tolerance():
+    from AACScoreLib.phantoms.generator import generate_phantom
+    from AACScoreLib.scoring.gradcam import plaque_mask
+
+    phantom = next(p for p in (generate_phantom(2102, "default", i, size_range=(700, 800)) for i in range(6))
+                   if p.truth["aac24"] >= 5)
+    near = plaque_mask(phantom, 2.0)
+    wider = plaque_mask(phantom, 6.0)
+    assert near[phantom.plaque_mask].all() and near.sum() > phantom.plaque_mask.sum()
+    assert wider[near].all() and wider.sum() > near.sum()
+    phantom.plaque_mask = None  # a family without its own mask: the deposits' centre lines in the truth
+    from_truth = plaque_mask(phantom, 2.0)
+    assert from_truth.any() and (from_truth & near).sum() > 0.5 * from_truth.sum()
+
+
+def test_gradcam_report_measures_each_phantom_and_writes_its_tables(tmp_path):
+    import csv
+
+    from AACScoreLib.evaluation.gradcam_report import gradcam_report
+
+    scorer = Scorer.from_package(None)  # the bundled demo scorer
+    report = gradcam_report(scorer, ["default"], 2, 2103, tmp_path, 5.0, size_range=(700, 800))
+    summary = report["families"]["default"]
+    assert summary["n"] == 2 and report["input_size"] == list(scorer.input_size)
+    with open(tmp_path / "gradcam_cases.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["file"] for row in rows] == ["phantom_s2103_0000.dcm", "phantom_s2103_0001.dcm"]
+    for row in rows:
+        assert 0.0 < float(row["band_area"]) < 1.0
+        if row["all_zero"] == "False":
+            assert 0.0 <= float(row["band_heat"]) <= 1.0 and 0.0 <= float(row["plaque_heat"]) <= 1.0
+    assert json.loads((tmp_path / "gradcam_summary.json").read_text())["families"]["default"] == summary
+
+
+def test_generalisation_report_scores_a_family_from_its_true_labels_and_reuses_its_phantoms(tmp_path):
+    from AACScoreLib.evaluation.generalisation import format_summary, run_generalisation
+    from AACScoreLib.pipeline import Pipeline
+
+    pipeline = Pipeline(Scorer.from_package(None))
+    table = run_generalisation(pipeline, ["alt"], 3, 2104, tmp_path, ["true-labels"], bootstrap=20,
+                               size_range=(700, 800))
+    row = table["alt"]["true-labels"]
+    assert row["n"] == 3 and row["excluded"] == 0 and row["mae"] >= 0 and row["dice_mean"] is None
+    assert (tmp_path / "alt" / "true-labels" / "evaluation" / "report.md").is_file()
+    summary = format_summary(table, {"scorer": "demo", "segmenter": "not used", "n": 3, "seed": 2104,
+                                     "bootstrap": 20})
+    assert "| alt | true-labels | 3 (0) |" in summary and "| Shao et al. 2025 | external validation" in summary
+    dicom = tmp_path / "alt" / "phantoms" / "phantom_alt_s2104_0000.dcm"
+    written = dicom.stat().st_mtime_ns
+    run_generalisation(pipeline, ["alt"], 3, 2104, tmp_path, ["true-labels"], bootstrap=20, size_range=(700, 800))
+    assert dicom.stat().st_mtime_ns == written
