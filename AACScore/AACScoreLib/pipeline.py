@@ -19,6 +19,7 @@ from .geometry import spine
 from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
+from .segmentation.levels import LevelAssignment
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -37,6 +38,7 @@ class AACResult:
     radiograph: Radiograph | None = None
     labels: np.ndarray | None = None
     labels_source: str = ""  # "segmenter" | "user"
+    levels: LevelAssignment | None = None  # how the segmenter counted L1..L5 (None for a user's label map)
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
@@ -53,6 +55,10 @@ class AACResult:
         }
         for column in kauppila.SUBSCORE_COLUMNS:
             row[column] = None if self.subscores is None else round(float(self.subscores[column]), 3)
+        if self.labels_source == "user":
+            row["levels"] = "user"
+        elif self.levels is not None:
+            row["levels"] = self.levels.summary()
         if self.geometry is not None:
             row["anterior"] = f"{self.geometry.anterior_source}"
         if self.radiograph is not None and self.radiograph.spacing is not None:
@@ -128,7 +134,7 @@ class Pipeline:
 
         report(0.1, "segmenting vertebrae")
         with _timed(result, "segment"):
-            result.labels, result.labels_source = self._labels(radiograph, labels, warnings, cancel)
+            result.labels, result.labels_source = self._labels(result, radiograph, labels, warnings, cancel)
         _check_cancel(cancel)
 
         report(0.5, "Kauppila geometry")
@@ -162,7 +168,7 @@ class Pipeline:
         result.status = "warning" if warnings else "ok"
         result.message = "; ".join(warnings)
 
-    def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
+    def _labels(self, result, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
             if not isinstance(labels, np.ndarray):
                 from .io.labelmaps import read_label_map
@@ -177,6 +183,7 @@ class Pipeline:
         if self.segmenter is None:
             raise AACScoreError(f"{radiograph.path}: no label map given and no segmenter loaded")
         segmentation = self.segmenter.segment(radiograph, cancel=cancel)
+        result.levels = segmentation.levels
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:

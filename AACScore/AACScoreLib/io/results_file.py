@@ -11,7 +11,7 @@ from .atomic import write_atomic
 from ..kauppila import SUBSCORE_COLUMNS
 
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
-EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models")
+EXTRA_COLUMNS: tuple[str, ...] = ("labels", "levels", "heatmap", "anterior", "spacing_mm", "seconds", "models")
 COLUMNS: tuple[str, ...] = BASE_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
 
 

@@ -204,3 +204,13 @@ def test_the_demo_command_scores_every_bundled_radiograph(tmp_path, capsys):
     assert len(rows) == 3 and all(row["status"] in ("ok", "warning") for row in rows), rows
     printed = capsys.readouterr().out
     assert "not for clinical use" in printed and all(Path(row["file"]).name in printed for row in rows)
+
+
+def test_results_say_how_the_levels_were_counted(demo_pipeline, phantoms):
+    """The demo segmenter has no context classes: it counts from its own L1 and L5, which agree on a phantom."""
+    result = demo_pipeline.run(phantoms[1], heatmap=False)
+    assert result.levels is not None and result.levels.from_above == "L1" and result.levels.from_below == "L5"
+    assert result.record()["levels"] == result.levels.summary() == "L1/L5 agree"
+    assert result.status == "ok", result.message
+    user = demo_pipeline.run(phantoms[1], _labels_of(phantoms[1]), heatmap=False)
+    assert user.levels is None and user.record()["levels"] == "user"

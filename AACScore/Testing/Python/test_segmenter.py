@@ -18,7 +18,8 @@ from AACScoreLib.packages import verify_package
 from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
-from AACScoreLib.segmentation.segmenter import Segmenter, assign_levels, levels_at_full_size, postprocess_labels
+from AACScoreLib.segmentation.levels import count_levels
+from AACScoreLib.segmentation.segmenter import Segmenter, levels_at_full_size, postprocess_labels
 from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
@@ -222,8 +223,9 @@ def test_assign_levels_places_five_consecutive_bodies_by_probability():
         probabilities[1:, rows, 10:30] = 0.9 * 0.1
         probabilities[peak, rows, 10:30] = 0.9 * 0.6
         truth[rows, 10:30] = index  # 0 for T12, 1..5 for L1..L5
-    levels = assign_levels(probabilities)
+    levels, how = count_levels(probabilities)
     assert np.array_equal(levels, truth)
+    assert how.method == "L5" and how.agree is False  # its most L1-like body is T12: counting from above differs
 
     full = levels_at_full_size(np.kron(levels > 0, np.ones((3, 3), bool)), levels, (0, 390, 0, 120), (390, 120))
     assert np.array_equal(full, np.kron(truth, np.ones((3, 3), np.uint8)))
