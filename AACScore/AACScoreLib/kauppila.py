@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 VERTEBRAE: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+# Context classes of label maps beside L1..L5 = 1..5: T12 above and S1 (the top sacral segment) below, where in view.
+CONTEXT_LABELS: dict[str, int] = {"T12": 6, "S1": 7}
 SCORED_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4")
 WALLS: tuple[str, ...] = ("A", "P")  # anterior and posterior aortic wall
 SUBSCORE_COLUMNS: tuple[str, ...] = tuple(f"{level}{wall}" for level in SCORED_LEVELS for wall in WALLS)

@@ -1,4 +1,5 @@
-"""Vertebra label maps from files: 0 background, 1..5 = L1..L5, whatever tool wrote them.
+"""Vertebra label maps from files: 0 background, 1..5 = L1..L5, whatever tool wrote them; optionally the context
+classes 6 = T12 and 7 = S1 (kauppila.CONTEXT_LABELS), which readers that want only L1..L5 see as background.
 
 Slicer segmentations are matched by segment name, never by label value, because values and segment IDs change
 when people edit.
@@ -12,9 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeometryError, RadiographError
-from ..kauppila import VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 
 _LEVEL_NAME = re.compile(r"\bL\s*([1-5])\b", re.IGNORECASE)
+_CONTEXT_NAME = {name: re.compile(rf"\b{name[0]}\s*{name[1:]}\b", re.IGNORECASE) for name in CONTEXT_LABELS}
+MAX_LABEL = max(CONTEXT_LABELS.values())
+
+
+def vertebra_labels(labels: np.ndarray) -> np.ndarray:
+    """L1..L5 only: context classes (T12, S1) become background; a map without them is returned as it is."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.max() <= len(VERTEBRAE):
+        return labels
+    return np.where(labels <= len(VERTEBRAE), labels, 0).astype(labels.dtype)
 
 
 def vertebra_of_segment(name: str) -> str | None:
@@ -23,8 +34,15 @@ def vertebra_of_segment(name: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """A Slicer `.seg.nrrd` as a uint8 label map at the image's size, segments matched to L1..L5 by name."""
+def context_of_segment(name: str) -> str | None:
+    """'T12', 't 12 vertebra' -> 'T12'; 'S1', 'S1 (top of sacrum)' -> 'S1'; names that are not context -> None."""
+    found = [context for context, pattern in _CONTEXT_NAME.items() if pattern.search(name)]
+    return found[0] if len(found) == 1 and vertebra_of_segment(name) is None else None
+
+
+def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int], context: bool = False) -> np.ndarray:
+    """A Slicer `.seg.nrrd` as a uint8 label map at the image's size, segments matched to L1..L5 by name
+    (with `context`, segments named T12 and S1 too, when present)."""
     import slicerio
 
     path = Path(path)
@@ -34,7 +52,8 @@ def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
         raise RadiographError(path, f"cannot be read as a segmentation ({error})") from error
     by_level: dict[str, dict] = {}
     for segment in segmentation.get("segments", []):
-        level = vertebra_of_segment(segment.get("name", ""))
+        name = segment.get("name", "")
+        level = vertebra_of_segment(name) or (context_of_segment(name) if context else None)
         if level is None:
             continue
         if level in by_level:
@@ -49,7 +68,9 @@ def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
 
     labels = np.zeros(image_shape, np.uint8)
     offset = segmentation.get("referenceImageExtentOffset", [0, 0, 0])
-    for value, level in enumerate(VERTEBRAE, start=1):
+    values = {level: value for value, level in enumerate(VERTEBRAE, start=1)}
+    values.update({level: value for level, value in CONTEXT_LABELS.items() if level in by_level})
+    for level, value in values.items():
         mask = np.asarray(slicerio.segment_mask(segmentation, by_level[level]))  # (i, j, k) = (col, row, slice)
         if mask.ndim != 3 or mask.shape[2] != 1:
             raise GeometryError(f"{path}: segment {level} is not a single 2D slice (shape {mask.shape})")
@@ -61,18 +82,20 @@ def read_seg_nrrd(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
                 f"{path}: segment {level} extent (offset {col0},{row0}, size {cols}x{rows}) lies outside the "
                 f"image ({image_shape[1]}x{image_shape[0]}); save the segmentation with the radiograph as reference"
             )
-        labels[row0:row0 + rows, col0:col0 + cols][plane] = value
+        target = labels[row0:row0 + rows, col0:col0 + cols]
+        target[plane & ((target == 0) | (value <= len(VERTEBRAE)))] = value  # L1..L5 win over context
     return labels
 
 
-def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """A label map file as uint8 0..5: PNG/TIFF (grey, or grey saved as RGB), NRRD, or a Slicer .seg.nrrd
-    whose segments are matched to L1..L5 by name; checked against the image's size when it is given."""
+def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None, context: bool = False) -> np.ndarray:
+    """A label map file as uint8 0..5 (0..7 with `context`: 6 = T12, 7 = S1): PNG/TIFF (grey, or grey saved as
+    RGB), NRRD, or a Slicer .seg.nrrd whose segments are matched by name; checked against the image's size when
+    it is given. Without `context`, values 6 and 7 read as background, so maps with context serve every reader."""
     path = Path(path)
     if path.name.lower().endswith(".seg.nrrd"):
         if image_shape is None:
             raise GeometryError(f"{path}: a .seg.nrrd is placed by its radiograph; give the radiograph too")
-        return read_seg_nrrd(path, image_shape)
+        return read_seg_nrrd(path, image_shape, context)
     try:
         if path.suffix.lower() == ".nrrd":
             import nrrd
@@ -92,9 +115,13 @@ def read_label_map(path: str | Path, image_shape: tuple[int, int] | None = None)
         raise GeometryError(f"{path}: a label map must be one grayscale channel, not shape {labels.shape}")
     if image_shape is not None and labels.shape != tuple(image_shape):
         raise GeometryError(f"{path}: label map is {labels.shape}, its image is {tuple(image_shape)}")
-    if labels.min() < 0 or labels.max() > len(VERTEBRAE):
-        raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)}, found {labels.min()}..{labels.max()}")
-    return labels.astype(np.uint8)
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and np.array_equal(labels, np.round(labels))):
+        raise GeometryError(f"{path}: label values must be whole numbers, found NaN or fractions")
+    if labels.min() < 0 or labels.max() > MAX_LABEL:
+        raise GeometryError(f"{path}: label values must be 0..{len(VERTEBRAE)} (L1..L5) or {MAX_LABEL - 1}, "
+                            f"{MAX_LABEL} (T12, S1), found {labels.min()}..{labels.max()}")
+    labels = labels.astype(np.uint8)
+    return labels if context else vertebra_labels(labels)
 
 
 def write_label_png(path: str | Path, labels: np.ndarray) -> Path:

@@ -556,11 +556,13 @@ def _box(points: np.ndarray, pad: float, shape: tuple[int, int]):
 
 
 def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Placement, look: dict,
-                rng: np.random.Generator, label_of: dict[str, int]) -> None:
+                rng: np.random.Generator, label_of: dict[str, int], context_of: dict[str, int] | None = None) -> None:
     """Vertebral bodies at full resolution: rounded quadrilaterals with cortical rim, endplates and trabeculae.
 
-    The label map receives exactly the drawn shape (signed distance < 0 at the pixel centre).
+    The label map receives exactly the drawn shape (signed distance < 0 at the pixel centre); `context_of`
+    bodies (T12, S1) are labelled last, on pixels no `label_of` body took, so L1..L5 never depend on them.
     """
+    context = []
     sp = place.spacing
     radius = look["corner_radius_mm"] / sp
     tex_factor = max(1, int(round(0.25 / sp)))
@@ -610,6 +612,8 @@ def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Pl
         if name in label_of:
             target = labels[region]
             target[(sdf < 0) & (target == 0)] = label_of[name]
+        elif context_of and name in context_of:
+            context.append((region, sdf < 0, context_of[name]))
     for triangle in anatomy.osteophytes:
         tri = place.px(triangle)
         box = _box(tri, 2.0 / sp + 2, att.shape)
@@ -618,10 +622,15 @@ def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Pl
         region, rows, cols = box
         d_mm = _convex_sdf(rows, cols, tri)[0] * sp
         att[region] += look["cortex"] * 0.6 * 0.5 * erfc(d_mm / (np.sqrt(2.0) * look["edge_mm"]))
+    for region, inside_mask, value in context:
+        target = labels[region]
+        target[inside_mask & (target == 0)] = value
 
 
-def draw_plaque(att: np.ndarray, path_px: np.ndarray, half_width_px: np.ndarray, strength: np.ndarray) -> None:
-    """A thin bright deposit along a polyline, drawn segment by segment in small boxes (flat ends, round joints)."""
+def draw_plaque(att: np.ndarray, path_px: np.ndarray, half_width_px: np.ndarray, strength: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+    """A thin bright deposit along a polyline, drawn segment by segment in small boxes (flat ends, round joints);
+    `mask` (bool, image size) is set wherever the deposit adds density."""
     if len(path_px) < 2:
         return
     box = _box(path_px, float(half_width_px.max()) + 3, att.shape)
@@ -654,3 +663,5 @@ def draw_plaque(att: np.ndarray, path_px: np.ndarray, half_width_px: np.ndarray,
             value = value * (u <= length)
         np.maximum(local[sub], value, out=local[sub])
     att[region] += local
+    if mask is not None:
+        mask[region] |= local > 0

@@ -45,3 +45,23 @@ def test_bad_label_maps_say_what_is_wrong(tmp_path):
         read_label_map(tmp_path / "junk_labels.png")
     with pytest.raises(GeometryError, match="give the radiograph too"):
         read_label_map(tmp_path / "x.seg.nrrd")
+
+
+def test_context_classes_read_as_background_unless_asked_for(tmp_path):
+    from AACScoreLib.kauppila import CONTEXT_LABELS
+
+    labels = _labels()
+    labels[:4, 5:25] = CONTEXT_LABELS["T12"]
+    labels[36:, 5:25] = CONTEXT_LABELS["S1"]
+    Image.fromarray(labels).save(tmp_path / "context_labels.png")
+    plain = read_label_map(tmp_path / "context_labels.png", labels.shape)
+    assert np.array_equal(plain, np.where(labels <= 5, labels, 0)) and plain.dtype == np.uint8
+    assert np.array_equal(read_label_map(tmp_path / "context_labels.png", context=True), labels)
+    Image.fromarray(np.where(labels == 7, 8, labels).astype(np.uint8)).save(tmp_path / "eight_labels.png")
+    with pytest.raises(GeometryError, match=r"eight_labels.png: label values must be 0..5 \(L1..L5\) or 6, 7"):
+        read_label_map(tmp_path / "eight_labels.png", context=True)
+    nan = labels.astype(np.float32)
+    nan[0, 0] = np.nan
+    nrrd.write(str(tmp_path / "nan_labels.nrrd"), nan, index_order="C")
+    with pytest.raises(GeometryError, match="nan_labels.nrrd: label values must be whole numbers"):
+        read_label_map(tmp_path / "nan_labels.nrrd")

@@ -41,7 +41,8 @@ def test_truth_csv_columns_and_consistency(written):
     out, paths = written
     with open(out / "truth.csv", newline="") as stream:
         reader = csv.DictReader(stream)
-        assert tuple(reader.fieldnames) == ("file", "labels", "aac24", "category", *kauppila.SUBSCORE_COLUMNS)
+        assert tuple(reader.fieldnames) == ("file", "labels", "aac24", "category", *kauppila.SUBSCORE_COLUMNS,
+                                         "family", "transitional")
         rows = list(reader)
     assert [r["file"] for r in rows] == sorted(p.name for p in paths)
     for row in rows:
@@ -65,17 +66,19 @@ def test_truth_csv_merges_runs(written, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
-def test_labels_are_l1_to_l5_in_order_down_the_spine(written):
+def test_labels_are_t12_l1_to_l5_s1_in_order_down_the_spine(written):
     out, paths = written
+    order = ("T12", *kauppila.VERTEBRAE, "S1")
+    values = [kauppila.CONTEXT_LABELS["T12"], 1, 2, 3, 4, 5, kauppila.CONTEXT_LABELS["S1"]]
     for path in paths:
         labels = np.asarray(Image.open(out / f"{path.stem}_labels.png"))
         truth = json.loads((out / f"{path.stem}_truth.json").read_text())
         assert labels.dtype == np.uint8 and labels.shape == tuple(truth["image_shape"])
-        assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
-        centroids = np.array([np.argwhere(labels == k).mean(axis=0) for k in range(1, 6)])
+        assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5, 6, 7}  # T12 and S1 are always in these families' view
+        centroids = np.array([np.argwhere(labels == k).mean(axis=0) for k in values])
         along = centroids @ np.array(truth["inferior_vector"])
         assert np.all(np.diff(along) > 0)
-        for k, name in enumerate(kauppila.VERTEBRAE):  # the label is the drawn body: centred on its corners
+        for k, name in enumerate(order):  # the label is the drawn body: centred on its corners
             corners = np.array(list(truth["vertebrae"][name].values()))
             assert np.linalg.norm(centroids[k] - corners.mean(axis=0)) < 2.0
 

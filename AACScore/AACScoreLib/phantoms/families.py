@@ -1,0 +1,34 @@
+"""The phantom families: name -> how to make one phantom, what it is, and whether it is held out of training.
+
+Families differ in how anatomy is modelled and how the image is formed, so that models meet more than one
+generator's look. One family is held out of all training of the shipped models and reported on (README,
+"Synthetic phantoms"). A family is one line here: a generate function `(seed, index, severity, size_range) ->
+Phantom`, fully determined by its arguments, and a one-line description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .drawn import generate_drawn
+from .truth import Phantom
+
+Generate = Callable[[int, int, Sequence[float], tuple[int, int]], Phantom]
+
+
+@dataclass(frozen=True)
+class Family:
+    generate: Generate
+    description: str
+    held_out: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "default": Family(lambda seed, index, severity, size: generate_drawn(seed, "default", index, severity, size),
+                      "2D drawn anatomy and detector model (training)"),
+    "alt": Family(lambda seed, index, severity, size: generate_drawn(seed, "alt", index, severity, size),
+                  "2D drawn, wider ranges of densities, discs, noise and processing (training, robustness tests)"),
+}
+# The family kept out of all training of the shipped models (tests and reports only).
+HELD_OUT_FAMILY: str | None = next((name for name, family in FAMILIES.items() if family.held_out), None)
