@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "scoring.training",
     "evaluation.evaluate",
     "evaluation.bench",
+    "evaluation.segmentation_benchmark",
     "models",
 )
 

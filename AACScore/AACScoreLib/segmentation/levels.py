@@ -26,9 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..kauppila import VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 
-CONTEXT_VALUES: dict[str, int] = {"T12": 6, "S1": 7}  # label values of the context classes (phantom label maps)
 ANCHOR_PROBABILITY = 0.5  # a body is a landmark when its mean P(class | vertebra) reaches this
 SIZE_RATIO_MIN = 0.95  # mean area of the lower two lumbar bodies / the upper two, below which the count is doubted
 MIN_FRACTION, MAX_RATIO = 0.2, 3.0  # pieces this far from a typical body's area are specks or borders, not bodies
@@ -188,9 +187,9 @@ def count_levels(probabilities: np.ndarray, classes: Sequence[str] = VERTEBRAE
         if 1 <= position <= len(VERTEBRAE):
             levels[bodies.pieces == piece] = position
         elif position == 0 and "T12" in classes:
-            levels[bodies.pieces == piece] = CONTEXT_VALUES["T12"]
+            levels[bodies.pieces == piece] = CONTEXT_LABELS["T12"]
         elif position == len(VERTEBRAE) + 1 and "S1" in classes:
-            levels[bodies.pieces == piece] = CONTEXT_VALUES["S1"]
+            levels[bodies.pieces == piece] = CONTEXT_LABELS["S1"]
     return levels, assignment
 
 

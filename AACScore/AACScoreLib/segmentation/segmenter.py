@@ -28,9 +28,9 @@ import numpy as np
 
 from ..devices import resolve_device
 from ..errors import AACScoreError, Cancelled
-from ..kauppila import VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from .dataset import resample_image, to_working_image, working_shape
-from .levels import CONTEXT_VALUES, LevelAssignment, count_levels, flag_doubtful, pixel_assignment, spine_axis
+from .levels import LevelAssignment, count_levels, flag_doubtful, pixel_assignment, spine_axis
 from ..io.radiograph import Radiograph
 
 Progress = Callable[[float, str], None]
@@ -156,11 +156,11 @@ class Segmenter:
                                              self.manifest["architecture"].get("trainer") or "nnUNetTrainer",
                                              mirror_axes)
         label_values = self.manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
-        context = tuple(name for name in CONTEXT_VALUES if name in label_values)
+        context = tuple(name for name in CONTEXT_LABELS if name in label_values)
         self.classes = VERTEBRAE + context  # the channels after background, as `_channels` orders them
         self.channel_of_class = [int(label_values[name]) for name in self.classes]
         # label value of each reordered channel: 0, 1..5 = L1..L5, then 6 = T12 / 7 = S1 for those the model has
-        self.value_of_channel = np.array([0, *range(1, len(VERTEBRAE) + 1), *(CONTEXT_VALUES[n] for n in context)],
+        self.value_of_channel = np.array([0, *range(1, len(VERTEBRAE) + 1), *(CONTEXT_LABELS[n] for n in context)],
                                          np.uint8)
 
     @classmethod
@@ -269,10 +269,12 @@ class Segmenter:
         inside = self.value_of_channel[self._labels_in_box(channels, full_shape, box)]
         if by_pieces:
             inside = levels_at_full_size(inside > 0, levels, box, full_shape)
-        lumbar = np.where(inside <= len(VERTEBRAE), inside, 0).astype(np.uint8)
         rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
-        labels[rows, cols], status, message = postprocess_labels(lumbar)
-        context[rows, cols] = _largest_components(inside - lumbar, CONTEXT_VALUES.values())
+        if len(self.classes) > len(VERTEBRAE):
+            lumbar = np.where(inside <= len(VERTEBRAE), inside, 0).astype(np.uint8)
+            context[rows, cols] = _largest_components(inside - lumbar, CONTEXT_LABELS.values())
+            inside = lumbar
+        labels[rows, cols], status, message = postprocess_labels(inside)
         return labels, context, status, message
 
     def _labels_in_box(self, channels, full_shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from AACScoreLib.cli import main as cli_main
 from AACScoreLib.errors import AACScoreError, GeometryError, ModelPackageError, RadiographError
-from AACScoreLib.io.labelmaps import read_label_map, vertebra_of_segment
+from AACScoreLib.io.labelmaps import read_label_map, vertebra_labels, vertebra_of_segment
 from AACScoreLib.segmentation.dataset import export_dataset, phantom_cases, resample_labels, working_shape
 from AACScoreLib.packages import verify_package
 from AACScoreLib.io.radiograph import read_radiograph
@@ -26,7 +26,8 @@ TOY_SHAPE = (96, 72)
 
 
 def toy_spine(seed: int, shape=TOY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """A radiograph-like toy: seven bright blocks (T12, L1..L5, S1) in a column on a noisy background."""
+    """A radiograph-like toy: seven bright blocks (T12, L1..L5, S1) in a column on a noisy background, labelled
+    1..5 = L1..L5, 6 = T12, 7 = S1 as phantoms are."""
     rng = np.random.default_rng(seed)
     rows, cols = shape
     image = rng.normal(0.2, 0.03, shape)
@@ -37,8 +38,7 @@ def toy_spine(seed: int, shape=TOY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     for level in range(7):
         r0, r1 = int(top + level * (height + gap)), int(top + level * (height + gap) + height)
         image[r0:r1, int(left):int(left + width)] += 0.4 + 0.05 * level
-        if 1 <= level <= 5:
-            labels[r0:r1, int(left):int(left + width)] = level
+        labels[r0:r1, int(left):int(left + width)] = {0: 6, 6: 7}.get(level, level)
     return np.clip(image * 4000, 0, 4095).astype(np.uint16), labels
 
 
@@ -53,7 +53,8 @@ def write_toys(folder: Path, n: int, first_seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder.
+    """Export toys with T12/S1 context classes, run nnU-Net planning/preprocessing and a few training iterations,
+    keep its results folder.
 
     The 10 epochs asked for are cut to 3 by a zero time budget (3 epochs are measured before it applies)."""
     from AACScoreLib.segmentation.training import train_segmenter
@@ -63,7 +64,7 @@ def trained(tmp_path_factory):
     package, metrics = train_segmenter(
         [data], base / "package", work=base / "work", name="toy-segmenter", epochs=10, iterations_per_epoch=3,
         patch_size=(64, 48), features=(4, 8, 16), batch_size=2, default_long_side_px=96, device="cpu",
-        eval_cases=phantom_cases(data)[:2], time_budget_s=0.0)
+        eval_cases=phantom_cases(data)[:2], time_budget_s=0.0, context=True)
     results = next((base / "work" / "results").glob("Dataset*/*__2d"))
     return {"package": Path(package), "metrics": metrics, "results": results, "base": base}
 
@@ -154,7 +155,7 @@ def test_segment_names_match_levels():
 def test_seg_nrrd_segments_are_matched_by_name_not_value(tmp_path):
     import slicerio
 
-    _, truth = toy_spine(3)
+    truth = vertebra_labels(toy_spine(3)[1])
     ijk = np.diag([0.2, 0.2, 1.0, 1.0])
     segmentation = slicerio.create_segmentation((TOY_SHAPE[1], TOY_SHAPE[0], 1), ijk)
     slicerio.add_segment(segmentation, np.zeros((TOY_SHAPE[1], TOY_SHAPE[0], 1), bool), {"name": "aorta"})
@@ -253,7 +254,9 @@ def test_device_auto_falls_back_and_explicit_cuda_is_checked():
 def test_training_writes_a_verified_package(trained):
     package = verify_package(trained["package"])
     manifest = package.manifest
-    assert package.kind == "segmenter" and manifest["labels"] == ["L1", "L2", "L3", "L4", "L5"]
+    assert package.kind == "segmenter" and manifest["labels"] == ["L1", "L2", "L3", "L4", "L5", "T12", "S1"]
+    assert manifest["label_values"] == {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 6, "S1": 7}
+    assert manifest["training_data"]["context_classes"] == ["S1", "T12"]
     assert manifest["architecture"]["trainer"] == "nnUNetTrainerAACScore"
     assert manifest["architecture"]["features_per_stage"] == [4, 8, 16]
     assert manifest["input"]["working_spacing_mm"] == 1.25 and manifest["input"]["mirror_axes"] == [1]
@@ -282,6 +285,8 @@ def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path)
     result = segmenter.segment(radiograph, progress=lambda fraction, text: steps.append(fraction))
     assert result.labels.shape == (150, 110) and result.labels.dtype == np.uint8
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3, 4, 5}
+    assert result.context.shape == (150, 110) and set(np.unique(result.context)) <= {0, 6, 7}
+    assert result.levels is None or result.levels.method  # None only when the barely trained model finds no body
     assert result.status in ("ok", "warning", "error")
     assert result.spacing_assumed and "spacing unknown" in result.message
     assert steps == sorted(steps) and steps[0] == 0.0 and steps[-1] == 1.0
