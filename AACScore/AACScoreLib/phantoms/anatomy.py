@@ -8,6 +8,7 @@ and with them the Kauppila calcified fractions, are the same in millimetres and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +35,7 @@ class Body:
     normal: np.ndarray  # unit, pointing anteriorly
     height: float
     ap: float
+    style: dict = field(default_factory=dict)  # per-body overrides of the look (fractures, sclerosis, double endplates)
 
     @property
     def center(self) -> np.ndarray:
@@ -63,6 +65,8 @@ class Anatomy:
     lung_dome: np.ndarray | None = None  # polyline; above it lies lung (air)
     gas: list[tuple[np.ndarray, float, float, float]] = field(default_factory=list)  # centre, ry, rx, angle
     osteophytes: list[np.ndarray] = field(default_factory=list)  # triangles
+    sacrum_density: float = 0.7
+    dense: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (polygon, density): metal, cement, bone
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -91,19 +95,37 @@ def build_anatomy(rng: np.random.Generator, alt: bool = False) -> Anatomy:
     wedge.update({n: rng.uniform(0.0, 1.8) * scale for n in ("L1", "L2", "L3", "L4")})
     wedge["L5"] = rng.uniform(2.0, 5.0) * scale
 
-    # Tangent angle (towards anterior, from the inferior direction) along the arc: a kyphotic segment above the
-    # thoraco-lumbar junction, then a lordosis whose curvature grows towards the sacrum.
+    bodies = lay_out_spine(rng, names, heights, aps, discs, wedge)
+    sacrum = sacrum_outline(bodies["S1"], rng)
+
+    anatomy = Anatomy(bodies, discs, *aorta(bodies, rng), sacrum=sacrum)
+    posterior_elements(anatomy, rng, scale)
+    _surroundings(anatomy, rng, scale, alt)
+    return anatomy
+
+
+def lay_out_spine(rng: np.random.Generator, names: Sequence[str], heights: dict[str, float], aps: dict[str, float],
+                  discs: dict[str, float], wedge: dict[str, float], junction_deg: tuple[float, float] = (8.0, 24.0),
+                  lordosis_deg: tuple[float, float] = (38.0, 66.0), power: tuple[float, float] = (1.0, 1.8)
+                  ) -> dict[str, Body]:
+    """Bodies `names` (ending with S1, T12 among them) stacked along a curved arc with their discs between them.
+
+    The tangent angle (towards anterior, from the inferior direction) follows a kyphotic segment above the
+    thoraco-lumbar junction (around T12), then a lordosis whose curvature grows towards the sacrum; S1 is tilted
+    further by the sacral slope and narrows downwards.
+    """
+    names = tuple(names)
     arc_ends = np.cumsum([heights[n] + (discs.get(f"{n}/{m}", 0.0)) for n, m in zip(names, names[1:] + ("",))])
-    s_junction = arc_ends[2] - heights["T12"] / 2  # around T12
+    s_junction = arc_ends[names.index("T12")] - heights["T12"] / 2
     s_sacrum = arc_ends[-2]  # S1 superior endplate
-    phi_junction = np.radians(rng.uniform(8.0, 24.0))
-    lordosis = np.radians(rng.uniform(38.0, 66.0))
-    power = rng.uniform(1.0, 1.8)
+    phi_junction = np.radians(rng.uniform(*junction_deg))
+    lordosis = np.radians(rng.uniform(*lordosis_deg))
+    exponent = rng.uniform(*power)
 
     def phi(s: float) -> float:
         if s < s_junction:
             return phi_junction - np.radians(6.0) * (s_junction - s) / s_junction
-        return phi_junction - lordosis * ((s - s_junction) / (s_sacrum - s_junction)) ** power
+        return phi_junction - lordosis * ((s - s_junction) / (s_sacrum - s_junction)) ** exponent
 
     def frame(angle: float) -> tuple[np.ndarray, np.ndarray]:
         t = np.array([np.cos(angle), np.sin(angle)])
@@ -125,18 +147,12 @@ def build_anatomy(rng: np.random.Generator, alt: bool = False) -> Anatomy:
         d, _ = frame(phi(s + disc / 2))
         superior_mid = endplate_mid(bodies[name], "inferior") + d * disc
         s += disc
-    # S1: the top of the sacrum, tilted by the sacral slope, narrowing downwards.
     t, n = frame(phi(s_sacrum) - np.radians(rng.uniform(2.0, 8.0)))
     h, ap = heights["S1"], aps["S1"]
     sa, sp = superior_mid + n * ap / 2, superior_mid - n * ap / 2
     corners = np.array([sa, sp, sp + t * h * 0.95 + n * 1.5, sa + t * h - n * ap * 0.12])
     bodies["S1"] = Body("S1", corners, t, n, h, ap)
-    sacrum = _sacrum(bodies["S1"], rng)
-
-    anatomy = Anatomy(bodies, discs, *_aorta(bodies, discs, rng), sacrum=sacrum)
-    _posterior_elements(anatomy, rng, scale)
-    _surroundings(anatomy, rng, scale, alt)
-    return anatomy
+    return bodies
 
 
 def disc_boundaries(corners: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +173,7 @@ def disc_boundaries(corners: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarr
     return np.array(points), np.array(directions)
 
 
-def _sacrum(s1: Body, rng: np.random.Generator) -> np.ndarray:
+def sacrum_outline(s1: Body, rng: np.random.Generator) -> np.ndarray:
     """Polygon of S2..coccyx: a curved, tapering band continuing S1 posteriorly-inferiorly."""
     c = dict(zip(CORNER_NAMES, s1.corners))
     length = rng.uniform(70.0, 100.0)
@@ -180,7 +196,7 @@ def rounded(poly: np.ndarray, iterations: int = 3, cut: float = 0.15) -> np.ndar
     return poly
 
 
-def _spline(points: np.ndarray, step: float) -> np.ndarray:
+def smooth_curve(points: np.ndarray, step: float) -> np.ndarray:
     """Smooth curve through `points`, resampled every `step` mm."""
     chord = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
     curve = CubicSpline(chord, points, bc_type="natural")
@@ -193,13 +209,17 @@ def curve_normals(curve: np.ndarray) -> np.ndarray:
     return np.stack([-d[:, 1], d[:, 0]], axis=1)
 
 
-def _aorta(bodies: dict[str, Body], discs: dict[str, float], rng: np.random.Generator):
-    """Aortic walls roughly parallel to the anterior vertebral line, inside the Kauppila band, down to L4/L5."""
-    levels = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")
+def aorta(bodies: dict[str, Body], rng: np.random.Generator,
+          levels: Sequence[str] = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"),
+          gap_mm: tuple[float, float] = (2.5, 6.0), diameter_mm: tuple[float, float] = (15.0, 23.0),
+          offsets: dict[str, float] | None = None, min_diameter_mm: float = 0.0):
+    """Aortic walls roughly parallel to the anterior vertebral line (plus per-level `offsets`, mm, for a tortuous
+    course), kept inside the Kauppila band where the diameter allows, down to a few mm below L4/L5."""
     mean_ap = np.mean([bodies[n].ap for n in ("L1", "L2", "L3", "L4", "L5")])
-    gap = rng.uniform(2.5, 6.0)
-    diameter = rng.uniform(15.0, 23.0)
-    diameter = min(diameter, 0.75 * mean_ap - gap - 3.5)
+    gap = rng.uniform(*gap_mm)
+    diameter = rng.uniform(*diameter_mm)
+    widest = max(gap + (offsets or {}).get(n, 0.0) for n in levels)
+    diameter = max(min(diameter, 0.75 * mean_ap - widest - 3.5), min_diameter_mm)
     front = []
     for name in levels:
         b = bodies[name]
@@ -207,13 +227,13 @@ def _aorta(bodies: dict[str, Body], discs: dict[str, float], rng: np.random.Gene
         mid = (c["superior_anterior"] + c["inferior_anterior"]) / 2
         normal = unit(np.array([c["superior_anterior"][1] - c["inferior_anterior"][1],
                                 c["inferior_anterior"][0] - c["superior_anterior"][0]]))
-        extra = np.clip(rng.normal(0.0, 0.6), -1.0, 1.0)
+        extra = np.clip(rng.normal(0.0, 0.6), -1.0, 1.0) + (offsets or {}).get(name, 0.0)
         if name == "L5":  # the bifurcation moves forward over the promontory
             extra += rng.uniform(2.0, 6.0)
         front.append(mid + normal * (gap + extra))
         if name == "L5":
             front.append(c["inferior_anterior"] + normal * (gap + extra + 2.0))
-    posterior = _spline(np.array(front), _WALL_STEP_MM)
+    posterior = smooth_curve(np.array(front), _WALL_STEP_MM)
     # End the aorta a few mm below the L4/L5 boundary line (the disc mid-plane): the iliac bifurcation.
     points, directions = disc_boundaries({n: dict(zip(CORNER_NAMES, b.corners)) for n, b in bodies.items()})
     disc_mid, plane = points[-1], directions[-1]
@@ -239,19 +259,19 @@ def _aorta(bodies: dict[str, Body], discs: dict[str, float], rng: np.random.Gene
     return posterior, anterior, diameter, iliacs
 
 
-def _posterior_elements(anatomy: Anatomy, rng: np.random.Generator, scale: float) -> None:
+def posterior_elements(anatomy: Anatomy, rng: np.random.Generator, scale: float,
+                       names: Sequence[str] = DRAWN_VERTEBRAE) -> None:
     """Pedicles and articular pillars (dense, value 1) and the thinner spinous processes (value about 0.4).
 
     Adjacent pillars leave an oblique lucent gap between them: the facet joint.
     """
     polys, spines, tips = [], [], []
     canal = rng.uniform(14.0, 19.0) * scale
-    names = DRAWN_VERTEBRAE[:-1]
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:-1]):
         b = anatomy.bodies[name]
         h, back = b.height, -b.ap / 2
         above = anatomy.disc_heights.get(f"{names[i - 1]}/{name}", 6.0) if i else 6.0
-        below = anatomy.disc_heights[f"{name}/{DRAWN_VERTEBRAE[i + 1]}"]
+        below = anatomy.disc_heights[f"{name}/{names[i + 1]}"]
         p_top, p_bot = -0.42 * h + rng.uniform(-1, 1), 0.02 * h + rng.uniform(-1, 2)
         ped = [(p_top, back + 2.0), (p_top + 1.5, back - canal + 1), (p_bot - 1.0, back - canal + 1),
                (p_bot, back + 2.0)]
@@ -293,14 +313,14 @@ def _surroundings(anatomy: Anatomy, rng: np.random.Generator, scale: float, alt:
         post = l5.local(rng.uniform(-5, 10), -l5.ap / 2 - rng.uniform(55, 75))
         top = np.array([base[0] - offset * 0.5 + rng.uniform(-4, 4), l4.local(0, 0)[1] - rng.uniform(0, 25)])
         ant = l5.local(rng.uniform(15, 35), l5.ap / 2 + rng.uniform(60, 110))
-        crests.append(_spline(np.array([post + [offset, 0], top + [offset, 0], ant + [offset, 0]]), 2.0))
+        crests.append(smooth_curve(np.array([post + [offset, 0], top + [offset, 0], ant + [offset, 0]]), 2.0))
     anatomy.iliac_crests = crests
     if rng.random() < 0.75:
         t11 = b["T11"]
         low = t11.local(rng.uniform(5, 30), -t11.ap / 2 - 60)
         high = b["T10"].local(-rng.uniform(15, 45), t11.ap / 2 + 60)
         dome = [low + [0, -80], low, (low + high) / 2 + [-10, 0], high, high + [-30, 60]]
-        anatomy.lung_dome = _spline(np.array(dome), 2.0)
+        anatomy.lung_dome = smooth_curve(np.array(dome), 2.0)
     gas = []
     n_gas = rng.integers(2, 14) if not alt else rng.integers(0, 20)
     for _ in range(n_gas):
@@ -435,7 +455,7 @@ def render_coarse(anatomy: Anatomy, place: Placement, look: dict, rng: np.random
     tips = anatomy.spinous_tips
     fit = np.polyfit(tips[:, 0], tips[:, 1], 2)  # a smooth lordotic back, no kinks between processes
     back = np.polyval(fit, np.clip(y, tips[:, 0].min() - 40.0, tips[:, 0].max() + 40.0)) - look["back_fat_mm"]
-    ant_line = np.array([b[n].local(0, b[n].ap / 2) for n in DRAWN_VERTEBRAE])
+    ant_line = np.array([body.local(0, body.ap / 2) for body in b.values()])
     front = np.interp(y, ant_line[:, 0], ant_line[:, 1]) + look["belly_mm"]
     crest_y = float(np.min(anatomy.iliac_crests[0][:, 0]))
     width = 1.0 + look["hip_widening"] / (1.0 + np.exp(-(y - crest_y - 20.0) / 15.0))
@@ -473,7 +493,7 @@ def render_coarse(anatomy: Anatomy, place: Placement, look: dict, rng: np.random
         fill_polygon(bone, place.coarse(poly))
     for poly in anatomy.spinous_processes:
         fill_polygon(bone, place.coarse(poly), 0.4)
-    fill_polygon(bone, place.coarse(anatomy.sacrum), 0.7)
+    fill_polygon(bone, place.coarse(anatomy.sacrum), anatomy.sacrum_density)
     bone = blur(bone, 0.7 / mm)
     grain = 1.0 + 0.12 * smooth_noise(rng, shape, max(0.6, 0.35 / mm))
     att += look["posterior"] * (bone * grain + 0.5 * _rim(bone, 1.2 / mm))
@@ -490,7 +510,7 @@ def render_coarse(anatomy: Anatomy, place: Placement, look: dict, rng: np.random
     for crest in anatomy.iliac_crests:
         wing = np.zeros(shape, np.float32)
         depth = np.array([rng.uniform(70.0, 110.0), 0.0])
-        lower = _spline(np.array([crest[-1], crest[-1] + depth + [0.0, -25.0], crest[len(crest) // 2] + depth * 1.3,
+        lower = smooth_curve(np.array([crest[-1], crest[-1] + depth + [0.0, -25.0], crest[len(crest) // 2] + depth * 1.3,
                                   crest[0] + depth + [0.0, 20.0], crest[0]]), 2.0)
         fill_polygon(wing, place.coarse(np.vstack([crest, lower])))
         wing = blur(wing, 1.0 / mm)
@@ -567,6 +587,7 @@ def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Pl
     radius = look["corner_radius_mm"] / sp
     tex_factor = max(1, int(round(0.25 / sp)))
     for name, body in anatomy.bodies.items():
+        body_look = {**look, **body.style} if body.style else look
         corners = place.px(body.corners)
         # Shrink by the corner radius, then grow back: rounded corners with the same straight sides.
         centre = corners.mean(axis=0)
@@ -581,33 +602,33 @@ def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Pl
             u = np.clip(params[edge], 0.0, 1.0)
             reach = 0.3 * (body.height if edge % 2 == 0 else body.ap) / sp
             near = np.clip(1.0 - np.abs(line_d[edge] - radius) / reach, 0.0, 1.0)
-            depth = look["endplate_concavity_mm"] if edge % 2 == 0 else look["wall_concavity_mm"]
+            depth = body_look["endplate_concavity_mm"] if edge % 2 == 0 else body_look["wall_concavity_mm"]
             sdf = sdf + (depth / sp) * 4.0 * u * (1.0 - u) * near
         h, w = rows.shape[0], cols.shape[1]
         small = (-(-h // tex_factor), -(-w // tex_factor))
         patchy = upsample(smooth_noise(rng, small, 3.0 / (sp * tex_factor)), tex_factor, (h, w))
-        sdf = sdf + (look["outline_mm"] / sp) * patchy  # real cortices are not ruler-straight
+        sdf = sdf + (body_look["outline_mm"] / sp) * patchy  # real cortices are not ruler-straight
         d_mm = sdf * sp
-        inside = 0.5 * erfc(d_mm / (np.sqrt(2.0) * look["edge_mm"]))
-        sig = look["trabecular_mm"] / (sp * tex_factor)
+        inside = 0.5 * erfc(d_mm / (np.sqrt(2.0) * body_look["edge_mm"]))
+        sig = body_look["trabecular_mm"] / (sp * tex_factor)
         white = rng.standard_normal(small, dtype=np.float32)
         tex = ndimage.gaussian_filter(white, (sig * 1.6, sig)) - ndimage.gaussian_filter(white, 3.0 * sig)
         tex = upsample(tex / max(float(tex.std()), 1e-6), tex_factor, (h, w))
         n_px = unit(place.matrix @ body.normal)
         across = ((rows - centre[0]) * n_px[0] + (cols - centre[1]) * n_px[1]) * (2.0 * sp / body.ap)
         across = np.clip(1.0 - across**2, 0.0, 1.0)
-        trabecular = look["trabecular"] * (0.75 + 0.25 * np.sqrt(across)) * (
-            1.0 + look["trabecular_contrast"] * tex + 0.06 * patchy)
+        trabecular = body_look["trabecular"] * (0.75 + 0.25 * np.sqrt(across)) * (
+            1.0 + body_look["trabecular_contrast"] * tex + 0.06 * patchy)
         to_endplate = np.minimum(np.abs(line_d[0] - radius), np.abs(line_d[2] - radius)) * sp
         sclerosis = 0.6 + 0.7 * np.exp(-((to_endplate / 1.5) ** 2))  # endplates are denser than the walls
-        rim = look["cortex"] * sclerosis * np.exp(-(((d_mm + look["cortex_mm"]) / look["cortex_mm"]) ** 2))
-        if look["double_endplate_mm"]:  # the far half of each endplate projects a little apart (beam divergence)
-            shift = look["double_endplate_mm"] / sp
+        rim = body_look["cortex"] * sclerosis * np.exp(-(((d_mm + body_look["cortex_mm"]) / body_look["cortex_mm"]) ** 2))
+        if body_look["double_endplate_mm"]:  # the far half of each endplate projects a little apart (beam divergence)
+            shift = body_look["double_endplate_mm"] / sp
             for edge in (0, 2):
                 ghost = (line_d[edge] - radius + shift * (1 if edge == 0 else -1)) * sp
                 within = (params[edge] > 0.05) & (params[edge] < 0.95)
-                profile = np.exp(-(((ghost + look["cortex_mm"]) / look["cortex_mm"]) ** 2))
-                rim = rim + 0.5 * look["cortex"] * within * profile
+                profile = np.exp(-(((ghost + body_look["cortex_mm"]) / body_look["cortex_mm"]) ** 2))
+                rim = rim + 0.5 * body_look["cortex"] * within * profile
         att[region] += inside * trabecular + rim
         if name in label_of:
             target = labels[region]
@@ -625,6 +646,19 @@ def draw_bodies(att: np.ndarray, labels: np.ndarray, anatomy: Anatomy, place: Pl
     for region, inside_mask, value in context:
         target = labels[region]
         target[inside_mask & (target == 0)] = value
+
+
+def draw_dense(att: np.ndarray, anatomy: Anatomy, place: Placement) -> None:
+    """Dense objects (metal implants, cement, fused bone) at full resolution: filled polygons, slightly blurred."""
+    for poly_mm, density in anatomy.dense:
+        poly = place.px(poly_mm)
+        box = _box(poly, 3, att.shape)
+        if box is None:
+            continue
+        region, _, _ = box
+        layer = np.zeros(att[region].shape, np.float32)
+        fill_polygon(layer, poly - np.array([region[0].start, region[1].start]), 1.0)
+        att[region] += density * ndimage.gaussian_filter(layer, 0.7)
 
 
 def draw_plaque(att: np.ndarray, path_px: np.ndarray, half_width_px: np.ndarray, strength: np.ndarray,

@@ -260,6 +260,14 @@ def process(att: np.ndarray, place: Placement, look: dict, rng: np.random.Genera
     signal += mean
     signal += 0.5
     del mean
+    if look.get("unsharp"):  # unsharp masking: edge halos of vendor processing
+        sigma_px = look["unsharp_mm"] / place.spacing
+        signal += look["unsharp"] * (signal - blur(signal, sigma_px))
+    if look.get("equalise"):  # histogram equalisation blended in: flat, high-contrast "auto" looks
+        levels = np.linspace(0.0, 1.0, 257)
+        quantiles = np.quantile(signal[::step, ::step][exposed], levels)
+        signal = (1.0 - look["equalise"]) * signal + look["equalise"] * np.interp(signal, quantiles, levels).astype(
+            np.float32)
     lo, hi = np.percentile(signal[::step, ::step][exposed], [look["p_low"], look["p_high"]])
     signal -= lo
     signal *= 1.0 / max(hi - lo, 1e-6)
@@ -335,8 +343,9 @@ def draw_deposits(att: np.ndarray, anatomy: Anatomy, place: Placement, look: dic
     for dep in deposits:
         wall = dep.get("polyline_mm", walls.get(dep["wall"]))
         inward = lumen.get(dep["wall"], np.zeros_like(wall))
+        own = {**look, "plaque_mm": dep["half_mm"]} if "half_mm" in dep else look  # per-deposit thickness
         path, half, strength = plaque_path(wall, arc_length(wall), inward, dep["start_mm"], dep["end_mm"], rng,
-                                           look, dep.get("patchy"))
+                                           own, dep.get("patchy"))
         draw_plaque(att, place.px(path), half / place.spacing, strength * dep.get("density", 1.0),
                     counted if dep["level"] else None)
         dep["polyline"] = place.px(path)

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from .drawn import generate_drawn
 from .truth import Phantom
+from .varied import generate_varied
 
 Generate = Callable[[int, int, Sequence[float], tuple[int, int]], Phantom]
 
@@ -29,6 +30,8 @@ FAMILIES: dict[str, Family] = {
                       "2D drawn anatomy and detector model (training)"),
     "alt": Family(lambda seed, index, severity, size: generate_drawn(seed, "alt", index, severity, size),
                   "2D drawn, wider ranges of densities, discs, noise and processing (training, robustness tests)"),
+    "varied": Family(generate_varied, "2D, other anatomy and image models: transitional vertebrae, fractures, "
+                     "sacrum out of view, DXA-like, implants, inverted looks, varied plaque", held_out=True),
 }
 # The family kept out of all training of the shipped models (tests and reports only).
 HELD_OUT_FAMILY: str | None = next((name for name, family in FAMILIES.items() if family.held_out), None)
