@@ -103,6 +103,45 @@ def test_export_writes_nnunet_raw_dataset(tmp_path):
     assert summary.assumed_spacing == [str(data / "toy_000.png"), str(data / "toy_001.png")]
 
 
+def test_export_with_context_classes_and_randomised_copies(tmp_path):
+    import json
+
+    data = write_toys(tmp_path / "toys", 2)
+
+    def export(folder):
+        return export_dataset(phantom_cases(data), folder, 7, "Toy", default_long_side_px=48, context=True,
+                              randomise_copies=2, seed=5).dataset_dir
+
+    dataset = export(tmp_path / "raw")
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 6, "S1": 7}
+    assert meta["numTraining"] == 6 and len(list((dataset / "imagesTr").glob("*.png"))) == 6
+
+    def png(path):
+        return np.asarray(Image.open(path)).astype(int)
+
+    labels = png(dataset / "labelsTr" / "case_0000.png")
+    assert set(np.unique(labels)) == set(range(8))
+    original = png(dataset / "imagesTr" / "case_0000_0000.png")
+    copies = [png(dataset / "imagesTr" / f"case_0000r{k}_0000.png") for k in (1, 2)]
+    for k, copy in enumerate(copies, 1):  # same geometry and labels, another look
+        assert copy.shape == original.shape and np.abs(copy - original).mean() > 500
+        assert np.array_equal(png(dataset / "labelsTr" / f"case_0000r{k}.png"), labels)
+    assert np.abs(copies[0] - copies[1]).mean() > 500
+    again = export(tmp_path / "again")  # fixed by the seed, the case and the copy
+    assert np.array_equal(png(again / "imagesTr" / "case_0001r2_0000.png"),
+                          png(dataset / "imagesTr" / "case_0001r2_0000.png"))
+
+
+def test_export_refuses_context_classes_that_no_label_map_carries(tmp_path):
+    data = write_toys(tmp_path / "toys", 1)
+    image, label_path = phantom_cases(data)[0]
+    lumbar_only = read_label_map(label_path)  # context read as background
+    assert lumbar_only.max() == 5
+    with pytest.raises(GeometryError, match="no label map holds T12"):
+        export_dataset([(image, lumbar_only)], tmp_path / "raw", 7, "Toy", default_long_side_px=48, context=True)
+
+
 def test_phantoms_made_in_memory_export_like_their_written_files(tmp_path):
     from AACScoreLib.phantoms.generator import phantom_sources, write_phantoms
 
