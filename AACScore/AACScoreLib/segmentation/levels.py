@@ -60,7 +60,8 @@ class LevelAssignment:
                 or (self.sizes_progress is False and no_context))
 
     def summary(self) -> str:
-        """One short cell for results.csv, e.g. 'T12+S1 agree', 'S1; from above: none', 'L1+L5 disagree'."""
+        """One short cell for results.csv: 'T12/S1 agree', 'L1/L5 disagree', 'S1; from above: none, from below:
+        S1', 'ordering', with '; sizes do not grow downwards' when they do not."""
         if self.agree is None:
             sides = f"from above: {self.from_above or 'none'}, from below: {self.from_below or 'none'}"
             text = self.method if self.method in ("ordering", "pixels") else f"{self.method}; {sides}"

@@ -27,6 +27,7 @@ from ..errors import AACScoreError
 from ..kauppila import VERTEBRAE
 from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
+from ..phantoms.families import HELD_OUT_FAMILY
 from ..phantoms.generator import PhantomSource, parse_styles, phantom_sources, write_phantoms
 
 PLANS_NAME = "AACScorePlans"
@@ -322,6 +323,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1000, help="phantom seed for training")
     parser.add_argument("--phantom-styles", "--phantom-families", dest="phantom_styles", default="default",
                         help="with --phantoms: phantom families, in turn (comma-separated)")
+    parser.add_argument("--include-held-out", action="store_true",
+                        help="allow the held-out phantom family in --phantom-families")
     parser.add_argument("--context-classes", action="store_true",
                         help="train T12 and S1 (top of the sacrum) as classes beside L1-L5, for level counting; "
                              "label maps must carry them (6 = T12, 7 = S1), as phantoms do")
@@ -354,6 +357,9 @@ def add_cli(subparsers) -> None:
 def _train_command(args) -> int:
     data = [Path(folder) for folder in args.data]
     styles = parse_styles(args.phantom_styles)
+    if HELD_OUT_FAMILY in styles and not args.include_held_out:
+        raise AACScoreError(f"phantom family {HELD_OUT_FAMILY} is held out of all training (it measures how models "
+                            f"meet an unseen generator); add --include-held-out to train on it anyway")
     phantoms = phantom_sources(args.phantoms, args.seed, styles, args.context_classes) if args.phantoms else []
     if not data and not phantoms and not args.resume:
         raise AACScoreError("give --data FOLDER and/or --phantoms N")

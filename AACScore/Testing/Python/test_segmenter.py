@@ -387,3 +387,10 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"network_weights": {}, "extra": Sneaky()}, path)
     with pytest.raises(ModelPackageError, match="cannot be read"):
         read_checkpoint(path)
+
+
+def test_training_on_the_held_out_phantom_family_is_refused_unless_asked(tmp_path, capsys):
+    code = cli_main(["train-segmenter", "--phantoms", "2", "--phantom-families", "default,varied",
+                     "--out", str(tmp_path / "package")])
+    assert code == 2 and "varied is held out of all training" in capsys.readouterr().err
+    assert not (tmp_path / "package").exists()
