@@ -34,7 +34,10 @@ def crop_below_l5(radiograph: Radiograph, labels: np.ndarray, margin_mm: float =
                   ) -> tuple[Radiograph, np.ndarray]:
     """The radiograph and its label map cut along the image axis nearest the spine's direction, just below L5
     (the sacrum then lies out of view, or only its corner in a tilted spine, as in lumbar-only views)."""
-    centroids = [np.argwhere(labels == value).mean(axis=0) for value in (1, len(VERTEBRAE))]
+    present = [value for value in range(1, len(VERTEBRAE) + 1) if (labels == value).any()]
+    if len(present) < 2 or present[-1] != len(VERTEBRAE):
+        raise AACScoreError(f"{radiograph.path}: L5 and another lumbar vertebra must be in view to crop below L5")
+    centroids = [np.argwhere(labels == value).mean(axis=0) for value in (present[0], present[-1])]
     down = centroids[1] - centroids[0]
     axis = int(np.argmax(np.abs(down)))
     sign = 1 if down[axis] > 0 else -1

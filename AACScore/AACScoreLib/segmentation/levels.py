@@ -29,6 +29,7 @@ import numpy as np
 from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 
 ANCHOR_PROBABILITY = 0.5  # a body is a landmark when its mean P(class | vertebra) reaches this
+MIN_CONFIDENCE = 0.5  # below this a count is doubtful (on the training families, sound counts score above 0.65)
 SIZE_RATIO_MIN = 0.95  # mean area of the lower two lumbar bodies / the upper two, below which the count is doubted
 MIN_FRACTION, MAX_RATIO = 0.2, 3.0  # pieces this far from a typical body's area are specks or borders, not bodies
 _POSITION = {"T12": 0, **{name: i + 1 for i, name in enumerate(VERTEBRAE)}, "S1": len(VERTEBRAE) + 1}
@@ -40,8 +41,10 @@ class LevelAssignment:
     'L1+L5', ...; T12/S1 are context bodies, L1/L5 the network's own most-L1/L5-like body), 'ordering' (no
     landmark) or 'pixels' (the network's per-pixel levels, when counting bodies failed). `from_above` /
     `from_below`: the landmark each count started from (None: none in view); `agree`: whether the two counts
-    gave the same levels (None unless both exist); `confidence` in [0, 1]; `reasons`: what makes the count
-    doubtful, in short sentences (empty when nothing does)."""
+    gave the same levels (None unless both exist); `confidence` in [0, 1]: the mean of the landmark's probability
+    and of the network's probability for each assigned level, scaled down for one-sided (x0.85), disagreeing
+    (x0.5) or landmark-free (x0.4) counts and for sizes that do not grow downwards (x0.7); `reasons`: what makes
+    the count doubtful, in short sentences (empty when nothing does)."""
 
     method: str
     from_above: str | None
@@ -53,10 +56,10 @@ class LevelAssignment:
 
     @property
     def doubtful(self) -> bool:
-        """True when the levels should be looked at: counts disagree, no landmark was used, or (without a
-        context landmark) the body sizes contradict the count."""
+        """True when the levels should be looked at: counts disagree, no landmark was used, the confidence is
+        low, or (without a context landmark) the body sizes contradict the count."""
         no_context = not {"T12", "S1"} & set(self.method.split("+"))
-        return (self.agree is False or self.method in ("ordering", "pixels")
+        return (self.agree is False or self.method in ("ordering", "pixels") or self.confidence < MIN_CONFIDENCE
                 or (self.sizes_progress is False and no_context))
 
     def summary(self) -> str:
@@ -124,14 +127,14 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
     column = {name: i for i, name in enumerate(classes)}
     n = len(given)
 
-    def landmark(candidates: tuple[tuple[str, int], ...]) -> tuple[str | None, int]:
-        """The first candidate class some body clearly shows: (its name, the index of L1 it implies)."""
+    def landmark(candidates: tuple[tuple[str, int], ...]) -> tuple[str | None, int, float]:
+        """The first candidate class some body clearly shows: (its name, the index of L1 it implies, its P)."""
         for name, shift in candidates:
             if name in column:
                 index = int(np.argmax(given[:, column[name]]))
                 if given[index, column[name]] >= ANCHOR_PROBABILITY:
-                    return name, index + shift
-        return None, 0
+                    return name, index + shift, float(given[index, column[name]])
+        return None, 0, 0.0
 
     def fit(first: int) -> float:
         """How well the network's per-body levels fit L1 at body `first` (T12 above it and S1 below it included)."""
@@ -139,23 +142,24 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
         return float(sum(given[index, column[name]] for name, index in expected.items()
                          if name in column and 0 <= index < n))
 
-    from_above, first_above = landmark((("T12", 1), ("L1", 0)))
-    from_below, first_below = landmark((("S1", -len(VERTEBRAE)), ("L5", 1 - len(VERTEBRAE))))
+    from_above, first_above, p_above = landmark((("T12", 1), ("L1", 0)))
+    from_below, first_below, p_below = landmark((("S1", -len(VERTEBRAE)), ("L5", 1 - len(VERTEBRAE))))
     reasons, agree = [], None
     if from_above and from_below:
         agree = first_above == first_below
         if agree:
-            first, method = first_above, f"{from_above}+{from_below}"
+            first, method, anchor_p = first_above, f"{from_above}+{from_below}", (p_above + p_below) / 2
         else:
-            first, method = ((first_below, from_below) if fit(first_below) >= fit(first_above)
-                             else (first_above, from_above))
+            first, method, anchor_p = ((first_below, from_below, p_below) if fit(first_below) >= fit(first_above)
+                                       else (first_above, from_above, p_above))
             reasons.append(f"counting from {from_above} and from {from_below} disagree by "
                            f"{abs(first_above - first_below)} level(s); took {method}, which fits the network's "
                            f"levels better")
     elif from_above or from_below:
-        first, method = (first_above, from_above) if from_above else (first_below, from_below)
+        first, method, anchor_p = (first_above, from_above, p_above) if from_above else \
+            (first_below, from_below, p_below)
     else:
-        first, method = max(range(1 - len(VERTEBRAE), n), key=fit), "ordering"
+        first, method, anchor_p = max(range(1 - len(VERTEBRAE), n), key=fit), "ordering", 0.0
         reasons.append("no T12, S1 or clear L1/L5 in view: the five bodies that fit the network's levels best")
 
     sizes_progress = None
@@ -169,8 +173,10 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
     network_fit = float(np.mean([given[index, c] for index, c in in_view])) if in_view else 0.0
     factor = 0.4 if method == "ordering" else {True: 1.0, None: 0.85, False: 0.5}[agree]
     factor *= 0.7 if sizes_progress is False else 1.0
-    return first, LevelAssignment(method, from_above, from_below, agree, round(network_fit * factor, 3),
-                                  tuple(reasons), sizes_progress)
+    confidence = round(factor * (anchor_p + network_fit) / 2, 3)
+    if confidence < MIN_CONFIDENCE and agree is not False and method != "ordering":
+        reasons.append(f"the network's levels fit the count poorly (confidence {confidence:.2f})")
+    return first, LevelAssignment(method, from_above, from_below, agree, confidence, tuple(reasons), sizes_progress)
 
 
 def count_levels(probabilities: np.ndarray, classes: Sequence[str] = VERTEBRAE

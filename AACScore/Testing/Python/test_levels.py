@@ -121,6 +121,18 @@ def test_bodies_shrinking_downwards_make_a_count_without_context_doubtful():
     assert "not larger" in how.reasons[0] and how.summary().endswith("sizes do not grow downwards")
 
 
+def test_a_weak_single_landmark_is_doubtful():
+    bodies = [("L1", {"L1": 0.55, "L2": 0.45})] + [None] * 4
+    for index in range(1, 5):  # the network is barely sure of any lower level
+        level = VERTEBRAE[index]
+        bodies[index] = (level, {level: 0.3, **{other: 0.7 / 4 for other in VERTEBRAE if other != level}})
+    probabilities, truth = spine(bodies, classes=VERTEBRAE)
+    levels, how = count_levels(probabilities, VERTEBRAE)
+    assert np.array_equal(levels, truth)
+    assert (how.method, how.from_above, how.from_below) == ("L1", "L1", None)
+    assert how.confidence < 0.5 and how.doubtful and "fit the count poorly" in how.reasons[-1]
+
+
 def test_nothing_found_gives_no_assignment():
     levels, how = count_levels(spine([], classes=VERTEBRAE)[0], VERTEBRAE)
     assert how is None and not levels.any()
@@ -132,6 +144,7 @@ def test_nothing_found_gives_no_assignment():
     (LevelAssignment("S1", None, "S1", None, 0.8, sizes_progress=False), False),
     (LevelAssignment("L5", None, "L5", None, 0.8, sizes_progress=False), True),
     (LevelAssignment("pixels", None, None, None, 0.3), True),
+    (LevelAssignment("L1", "L1", None, None, 0.3), True),  # one weak landmark the network's levels barely fit
 ])
 def test_doubtful_rule(how, doubtful):
     assert how.doubtful == doubtful
