@@ -45,7 +45,10 @@ def crop_below_l5(radiograph: Radiograph, labels: np.ndarray, margin_mm: float =
     spacing = radiograph.spacing[axis] if radiograph.spacing else 0.15
     margin = int(round(margin_mm / spacing))
     size = labels.shape[axis]
-    keep = slice(0, min(size, int(along.max()) + margin + 1)) if sign > 0 else slice(max(0, int(along.min()) - margin), size)
+    if sign > 0:
+        keep = slice(0, min(size, int(along.max()) + margin + 1))
+    else:
+        keep = slice(max(0, int(along.min()) - margin), size)
     index = (keep, slice(None)) if axis == 0 else (slice(None), keep)
     cropped = replace(radiograph, pixels=np.ascontiguousarray(radiograph.pixels[index]),
                       path=f"{radiograph.path} (sacrum cropped)")
@@ -149,7 +152,8 @@ def format_table(figures: dict) -> str:
             dice = " / ".join(f"{s['dice_mean'][v]:.3f}" for v in VERTEBRAE)
             methods = ", ".join(f"{m} {c}" for m, c in s["levels_methods"].items())
             lines.append(f"| {label} | {name} | {s['n']} | {s['all_levels_right']:.0%} | {dice} | "
-                         f"{s['error_rows']:.0%} | {s['wrong_but_ok']:.0%} | {methods} | {s['seconds_per_image']:.2f} |")
+                         f"{s['error_rows']:.0%} | {s['wrong_but_ok']:.0%} | {methods} | "
+                         f"{s['seconds_per_image']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

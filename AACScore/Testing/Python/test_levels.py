@@ -152,7 +152,8 @@ def test_doubtful_rule(how, doubtful):
 
 def test_a_doubtful_count_turns_ok_into_warning_with_reasons():
     agreed = LevelAssignment("T12+S1", "T12", "S1", True, 0.95)
-    disagreed = LevelAssignment("S1", "T12", "S1", False, 0.4, ("counting from T12 and from S1 disagree by 1 level(s)",))
+    disagreed = LevelAssignment("S1", "T12", "S1", False, 0.4,
+                                ("counting from T12 and from S1 disagree by 1 level(s)",))
     assert flag_doubtful("ok", "", agreed) == ("ok", "")
     assert flag_doubtful("ok", "", None) == ("ok", "")
     assert flag_doubtful("ok", "", disagreed) == ("warning", "levels doubtful: counting from T12 and from S1 "
