@@ -170,9 +170,11 @@ class Pipeline:
 
     def _labels(self, result, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
-            if not isinstance(labels, np.ndarray):
-                from .io.labelmaps import read_label_map
+            from .io.labelmaps import read_label_map, vertebra_labels
 
+            if isinstance(labels, np.ndarray):
+                labels = vertebra_labels(labels)  # context classes (6 = T12, 7 = S1) are not scored
+            else:
                 labels = read_label_map(labels, radiograph.pixels.shape)
             if labels.shape != radiograph.pixels.shape:
                 raise AACScoreError(

@@ -155,14 +155,16 @@ def lay_out_spine(rng: np.random.Generator, names: Sequence[str], heights: dict[
     return bodies
 
 
-def disc_boundaries(corners: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The five Kauppila boundaries T12/L1..L4/L5: disc mid-points and unit disc mid-plane directions.
+def disc_boundaries(corners: dict[str, dict[str, np.ndarray]],
+                    pairs: Sequence[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The five Kauppila boundaries T12/L1..L4/L5 (or the discs between other `pairs` of bodies): disc mid-points
+    and unit disc mid-plane directions.
 
     Disc mid-point = mean of the upper body's inferior endplate mid-point and the lower body's superior one;
     mid-plane direction = normalised mean of the two endplate directions, each from posterior to anterior corner.
     """
     points, directions = [], []
-    for upper, lower in (b.split("/") for b in BOUNDARY_NAMES):
+    for upper, lower in pairs or [b.split("/") for b in BOUNDARY_NAMES]:
         u, l_ = corners[upper], corners[lower]
         mid_u = (u["inferior_anterior"] + u["inferior_posterior"]) / 2
         mid_l = (l_["superior_anterior"] + l_["superior_posterior"]) / 2

@@ -27,9 +27,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "default": Family(lambda seed, index, severity, size: generate_drawn(seed, "default", index, severity, size),
-                      "2D drawn anatomy and detector model (training)"),
+                      "2D drawn anatomy and detector model"),
     "alt": Family(lambda seed, index, severity, size: generate_drawn(seed, "alt", index, severity, size),
-                  "2D drawn, wider ranges of densities, discs, noise and processing (training, robustness tests)"),
+                  "2D drawn, wider ranges of densities, discs, noise and processing"),
     "varied": Family(generate_varied, "2D, other anatomy and image models: transitional vertebrae, fractures, "
                      "sacrum out of view, DXA-like, implants, inverted looks, varied plaque", held_out=True),
 }

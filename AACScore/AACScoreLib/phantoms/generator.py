@@ -272,7 +272,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--severity", type=lambda t: _numbers(t, 3), default=DEFAULT_SEVERITY,
                         help="share of no/mild, moderate, severe phantoms (default 0.25,0.60,0.15)")
     parser.add_argument("--size-range", type=_size_range, default=DEFAULT_SIZE_RANGE,
-                        help="image side lengths in pixels, LOW,HIGH (default 1500,3000)")
+                        help="image side lengths in pixels, LOW,HIGH (default 1500,3000); varied keeps the long "
+                             "side in it, and its DXA-like images are smaller")
     parser.add_argument("--start", type=_non_negative, default=0, help="index of the first phantom (to extend a set)")
     parser.set_defaults(func=_run_cli, parser=parser)
 
@@ -291,12 +292,34 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.n is None or args.out is None:
         args.parser.error("--n and --out are required (or give --list-families)")
 
+    times, truths = [], []
+
     def report(phantom: Phantom, gen_s: float, write_s: float) -> None:
         t = phantom.truth
+        times.append(gen_s)
+        truths.append(t)
         print(f"{phantom.name}: {phantom.pixels.shape[0]}x{phantom.pixels.shape[1]} AAC-24 {t['aac24']} "
-              f"({t['category']}), anterior {t['anterior']}, {phantom.dataset['transfer_syntax_name']}, "
+              f"({t['category']}), anterior {t['anterior']}, {phantom.dataset['transfer_syntax_name']}"
+              f"{', ' + t['transitional'] if t['transitional'] else ''}, "
               f"generated in {gen_s:.2f} s, written in {write_s:.2f} s", flush=True)
 
     write_phantoms(args.out, args.n, args.seed, args.style, args.severity, args.size_range, args.start, report)
+    if times:
+        print(summary_line(args.style, times, truths))
     print(f"truth: {Path(args.out) / 'truth.csv'}")
     return 0
+
+
+def summary_line(family: str, times: Sequence[float], truths: Sequence[dict]) -> str:
+    """Median generation time and, for families that record them, the shares of fields of view and anatomy."""
+    n = len(truths)
+    parts = [f"{n} {family} phantoms, median generation {float(np.median(times)):.2f} s",
+             f"transitional {sum(bool(t['transitional']) for t in truths)}/{n}"]
+    flags = [t["varied"] for t in truths if "varied" in t]
+    if flags:
+        parts += [f"sacrum out of view {sum(not f['sacrum_in_view'] for f in flags)}/{n}",
+                  f"T12 out of view {sum(not f['t12_in_view'] for f in flags)}/{n}",
+                  f"DXA-like {sum(f['dxa_like'] for f in flags)}/{n}",
+                  f"inverted look {sum(f['inverted_look'] for f in flags)}/{n}",
+                  f"implants {sum(bool(f['implants']) for f in flags)}/{n}"]
+    return "; ".join(parts)

@@ -27,10 +27,11 @@ GAP_MM = 1.5  # minimum gap between two plaques of one wall segment
 
 @dataclass
 class Phantom:
-    """One generated radiograph: display pixels, label map, truth, the DICOM settings to write, and the plaque."""
+    """One generated radiograph: display pixels (bone bright, unless a family drew an inverted look), label map,
+    truth, the DICOM settings to write, and the plaque that counts."""
 
     name: str
-    pixels: np.ndarray  # uint16 (H, W) display values before any MONOCHROME1 inversion or rescale
+    pixels: np.ndarray  # uint16 (H, W) display values, before MONOCHROME1 inversion or rescale
     label_map: np.ndarray  # uint8 (H, W): 0 background, 1..5 = L1..L5, 6 = T12, 7 = S1 where in view; as written
     truth: dict
     dataset: dict  # photometric, bits, rescale, spacing tags, orientation, transfer syntax, UIDs...

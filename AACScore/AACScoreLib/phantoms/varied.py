@@ -41,7 +41,7 @@ _AP_MM = dict(T8=27.0, T9=28.0, T10=29.0, T11=31.0, T12=33.0, L1=35.0, L2=37.0, 
               S1=38.0)
 TRANSITIONAL: dict[str, float] = {"": 0.84, "L6": 0.08, "sacralised L5": 0.08}  # about 18 % in people
 SACRUM_STYLES: tuple[str, ...] = ("block", "fused", "segmented", "through iliac wings")
-SACRUM_OUT_SHARE = 0.25  # images whose bottom edge lies between L5 and the sacrum
+SACRUM_OUT_SHARE = 0.3  # fields meant to end between L5 and the sacrum (a few keep a sliver of S1)
 TOP_AT_L1_SHARE = 0.15  # images whose top edge lies just above L1
 DXA_SHARE = 0.15
 INVERTED_SHARE = 0.15  # bone dark in the stored display values (besides MONOCHROME1 files)
@@ -79,6 +79,8 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
     hidden = _shutter_edges(label_map, anatomy, place, info)
     draw_dense(att, anatomy, place)
     plaque_mask = draw_deposits(att, anatomy, place, look, rng, deposits)
+    if hidden is not None:
+        plaque_mask &= ~hidden
 
     bits = 8 if info["dxa_like"] else int(rng.choice([10, 12, 14, 16]))
     pixels = process(att, place, look, rng, bits, shutter, field_)
@@ -121,12 +123,13 @@ def _shutter_edges(label_map: np.ndarray, anatomy: Anatomy, place: Placement, in
     rows = np.arange(label_map.shape[0], dtype=np.float32)[:, None]
     cols = np.arange(label_map.shape[1], dtype=np.float32)[None, :]
     hidden = np.zeros(label_map.shape, bool)
-    for kept, gone, kept_value in edges:
+    for kept, gone, kept_value in edges:  # the disc mid-plane, as the Kauppila boundaries define it
         upper, lower = (gone, kept) if gone is b["T12"] else (kept, gone)
-        point = place.px((endplate_mid(upper, "inferior") + endplate_mid(lower, "superior"))[None] / 2)[0]
-        towards = place.px(gone.center[None])[0] - point
-        plane = unit(place.px(unit(upper.normal + lower.normal)[None])[0] - place.px(np.zeros((1, 2)))[0])
-        normal = np.array([-plane[1], plane[0]]) * (1.0 if np.array([-plane[1], plane[0]]) @ towards > 0 else -1.0)
+        points, planes = disc_boundaries({"U": dict(zip(CORNER_NAMES, place.px(upper.corners))),
+                                          "D": dict(zip(CORNER_NAMES, place.px(lower.corners)))}, [("U", "D")])
+        point, plane = points[0], planes[0]
+        normal = np.array([-plane[1], plane[0]])
+        normal *= 1.0 if normal @ (place.px(gone.center[None])[0] - point) > 0 else -1.0
         distance = (rows - point[0]) * np.float32(normal[0]) + (cols - point[1]) * np.float32(normal[1])
         kept_pixels = distance[label_map == kept_value]
         shift = max(0.0, float(kept_pixels.max()) + 1.0) if kept_pixels.size else 0.0
@@ -490,7 +493,7 @@ def varied_acquisition(rng: np.random.Generator, size_range: tuple[int, int], an
     spacing = max(spacing, longest / size_range[1])
     if not dxa:
         spacing = min(spacing, longest / size_range[0])
-    shape = (int(np.ceil(height / spacing)), int(np.ceil(width / spacing)))
+    shape = (min(int(np.ceil(height / spacing)), size_range[1]), min(int(np.ceil(width / spacing)), size_range[1]))
     origin = -np.array([top, left]) / spacing
     info.update(top_mm_above_l1=round(float(rows(b["L1"].corners).min() - top), 1),
                 bottom_mm_below_l5=round(float(bottom - l5_bottom + 1.0), 1))

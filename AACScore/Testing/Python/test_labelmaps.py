@@ -65,3 +65,27 @@ def test_context_classes_read_as_background_unless_asked_for(tmp_path):
     nrrd.write(str(tmp_path / "nan_labels.nrrd"), nan, index_order="C")
     with pytest.raises(GeometryError, match="nan_labels.nrrd: label values must be whole numbers"):
         read_label_map(tmp_path / "nan_labels.nrrd")
+
+
+def test_seg_nrrd_context_segments_are_read_by_name_on_request(tmp_path):
+    import slicerio
+
+    from AACScoreLib.io.labelmaps import context_of_segment
+
+    assert [context_of_segment(n) for n in ("T12", "t 12 vertebra", "S1 (top of sacrum)", "L1", "T11", "S12")] == \
+        ["T12", "T12", "S1", None, None, None]
+    labels = _labels()
+    shape = labels.shape
+    segmentation = slicerio.create_segmentation((shape[1], shape[0], 1), np.diag([0.2, 0.2, 1.0, 1.0]))
+    top, bottom = np.zeros(shape, bool), np.zeros(shape, bool)
+    top[:4, 5:25], bottom[36:, 5:25] = True, True
+    slicerio.add_segment(segmentation, bottom.T[:, :, None], {"name": "S1 (top of sacrum)"})
+    for value in (3, 1, 5, 2, 4):
+        slicerio.add_segment(segmentation, (labels == value).T[:, :, None], {"name": f"L{value}"})
+    slicerio.add_segment(segmentation, top.T[:, :, None], {"name": "T12 vertebra"})
+    path = tmp_path / "context.seg.nrrd"
+    slicerio.write_segmentation(str(path), segmentation)
+    assert np.array_equal(read_label_map(path, shape), labels)
+    expected = labels.copy()
+    expected[top], expected[bottom] = 6, 7
+    assert np.array_equal(read_label_map(path, shape, context=True), expected)

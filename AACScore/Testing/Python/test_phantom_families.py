@@ -46,6 +46,7 @@ def test_cli_family_flag_writes_varied_phantoms_with_truth_columns(tmp_path, cap
                      "--size-range", "140,180"]) == 0
     rows = (tmp_path / "truth.csv").read_text().splitlines()
     assert rows[0].endswith(",family,transitional") and all(",varied," in row for row in rows[1:])
+    assert "2 varied phantoms, median generation" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["phantoms", "--family", "varied"])  # --n and --out are needed to write
     assert "--n and --out are required" in capsys.readouterr().err
@@ -68,9 +69,11 @@ def test_l1_to_l5_always_whole_in_view_and_context_labels_in_order(varied):
         assert set(np.unique(labels)) >= {1, 2, 3, 4, 5} and labels.max() <= S1
         assert np.array_equal(phantom.labels, np.where(labels <= 5, labels, 0))
         rows, cols = labels.shape
-        for name in kauppila.VERTEBRAE:  # the drawn body lies inside the image, so its label is whole
+        for value, name in enumerate(kauppila.VERTEBRAE, 1):  # inside the image and no shutter edge across it
             corners = np.array(list(truth["vertebrae"][name].values()))
             assert corners.min() > -1.0 and np.all(corners.max(axis=0) < [rows + 1.0, cols + 1.0]), (phantom.name, name)
+            area = 0.5 * abs(np.sum(corners[:, 0] * np.roll(corners[:, 1], -1) - np.roll(corners[:, 0], -1) * corners[:, 1]))
+            assert (labels == value).sum() > 0.6 * area, (phantom.name, name)  # rounded corners, concave endplates
         centre = {v: np.argwhere(labels == v).mean(axis=0) for v in np.unique(labels) if v}
         down = [centre[k + 1] - centre[k] for k in range(1, 5)]  # each step down the spine, L1 to L5
         assert all(a @ b > 0 for a, b in zip(down[:-1], down[1:])), phantom.name

@@ -181,7 +181,7 @@ def test_unknown_phantom_style_is_refused():
     from AACScoreLib.phantoms.generator import parse_styles
 
     assert parse_styles("default, alt") == ("default", "alt")
-    with pytest.raises(AACScoreError, match="among default, alt; got odd"):
+    with pytest.raises(AACScoreError, match="among default, alt, .*varied.*; got odd"):
         parse_styles("default,odd")
 
 
