@@ -56,11 +56,12 @@ class LevelAssignment:
 
     @property
     def doubtful(self) -> bool:
-        """True when the levels should be looked at: counts disagree, no landmark was used, the confidence is
-        low, or (without a context landmark) the body sizes contradict the count."""
+        """True when the levels should be looked at: counts disagree, no landmark was used, the count rests on
+        the network's own L1 or L5 alone (nothing checks it), the confidence is low, or (without a context
+        landmark) the body sizes contradict the count."""
         no_context = not {"T12", "S1"} & set(self.method.split("+"))
-        return (self.agree is False or self.method in ("ordering", "pixels") or self.confidence < MIN_CONFIDENCE
-                or (self.sizes_progress is False and no_context))
+        return (self.agree is False or self.method in ("ordering", "pixels", "L1", "L5")
+                or self.confidence < MIN_CONFIDENCE or (self.sizes_progress is False and no_context))
 
     def summary(self) -> str:
         """One short cell for results.csv: 'T12/S1 agree', 'L1/L5 disagree', 'S1; from above: none, from below:
@@ -158,6 +159,8 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
     elif from_above or from_below:
         first, method, anchor_p = (first_above, from_above, p_above) if from_above else \
             (first_below, from_below, p_below)
+        if method in ("L1", "L5"):
+            reasons.append(f"counted from the network's own {method} alone: no T12, S1 or other end to check it")
     else:
         first, method, anchor_p = max(range(1 - len(VERTEBRAE), n), key=fit), "ordering", 0.0
         reasons.append("no T12, S1 or clear L1/L5 in view: the five bodies that fit the network's levels best")

@@ -121,15 +121,26 @@ def test_bodies_shrinking_downwards_make_a_count_without_context_doubtful():
     assert "not larger" in how.reasons[0] and how.summary().endswith("sizes do not grow downwards")
 
 
-def test_a_weak_single_landmark_is_doubtful():
-    bodies = [("L1", {"L1": 0.55, "L2": 0.45})] + [None] * 4
-    for index in range(1, 5):  # the network is barely sure of any lower level
-        level = VERTEBRAE[index]
-        bodies[index] = (level, {level: 0.3, **{other: 0.7 / 4 for other in VERTEBRAE if other != level}})
+def barely(levels, classes):
+    """Bodies the network gives only 30% to their true level."""
+    return [(level, {level: 0.3, **{other: 0.7 / 4 for other in classes[:5] if other != level}}) for level in levels]
+
+
+def test_counting_from_the_networks_own_l1_alone_is_doubtful():
+    bodies = [("L1", {"L1": 0.55, "L2": 0.45})] + barely(VERTEBRAE[1:], VERTEBRAE)
     probabilities, truth = spine(bodies, classes=VERTEBRAE)
     levels, how = count_levels(probabilities, VERTEBRAE)
     assert np.array_equal(levels, truth)
     assert (how.method, how.from_above, how.from_below) == ("L1", "L1", None)
+    assert how.doubtful and "network's own L1 alone" in how.reasons[0]
+
+
+def test_a_landmark_the_networks_levels_barely_fit_is_doubtful():
+    bodies = [("T12", {"T12": 0.55, "L1": 0.45})] + barely(VERTEBRAE, WITH_CONTEXT)
+    probabilities, truth = spine(bodies)
+    levels, how = count_levels(probabilities, WITH_CONTEXT)
+    assert np.array_equal(levels, truth)
+    assert (how.method, how.from_above, how.from_below) == ("T12", "T12", None)
     assert how.confidence < 0.5 and how.doubtful and "fit the count poorly" in how.reasons[-1]
 
 
@@ -143,8 +154,9 @@ def test_nothing_found_gives_no_assignment():
     (LevelAssignment("S1", "L1", "S1", False, 0.4), True),
     (LevelAssignment("S1", None, "S1", None, 0.8, sizes_progress=False), False),
     (LevelAssignment("L5", None, "L5", None, 0.8, sizes_progress=False), True),
+    (LevelAssignment("L5", None, "L5", None, 0.9), True),  # the network's own L5 alone: nothing checks it
     (LevelAssignment("pixels", None, None, None, 0.3), True),
-    (LevelAssignment("L1", "L1", None, None, 0.3), True),  # one weak landmark the network's levels barely fit
+    (LevelAssignment("T12+S1", "T12", "S1", True, 0.45), True),  # landmarks the network's levels barely fit
 ])
 def test_doubtful_rule(how, doubtful):
     assert how.doubtful == doubtful
