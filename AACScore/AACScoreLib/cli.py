@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.stress",
     "evaluation.gradcam_report",
     "evaluation.generalisation",
+    "evaluation.segmentation_benchmark",
     "models",
     "finetune",
 )

@@ -22,6 +22,7 @@ from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
 from .qc.check import QualityControl
 from .qc.verdict import Reason, format_reasons
+from .segmentation.levels import LevelAssignment
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -44,6 +45,7 @@ class AACResult:
     radiograph: Radiograph | None = None
     labels: np.ndarray | None = None
     labels_source: str = ""  # "segmenter" | "user"
+    levels: LevelAssignment | None = None  # how the segmenter counted L1..L5 (None for a user's label map)
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
@@ -69,6 +71,10 @@ class AACResult:
         }
         for column in kauppila.SUBSCORE_COLUMNS:
             row[column] = None if self.subscores is None else round(float(self.subscores[column]), 3)
+        if self.labels_source == "user":
+            row["levels"] = "user"
+        elif self.levels is not None:
+            row["levels"] = self.levels.summary()
         if self.geometry is not None:
             row["anterior"] = f"{self.geometry.anterior_source}"
         if self.radiograph is not None and self.radiograph.spacing is not None:
@@ -147,7 +153,7 @@ class Pipeline:
 
         report(0.1, "segmenting vertebrae")
         with _timed(result, "segment"):
-            labels, result.labels_source = self._labels(radiograph, labels, warnings, cancel)
+            labels, result.labels_source = self._labels(result, radiograph, labels, warnings, cancel)
             result.labels, notes = check_numbering(labels, radiograph.patient_orientation)
             warnings += [Reason("label_order", note) for note in notes]
         if radiograph.spacing is None and not any("pixel spacing unknown" in warning.text for warning in warnings):
@@ -187,14 +193,14 @@ class Pipeline:
         report(0.95, "quality control")
         with _timed(result, "qc"):
             verdict = self.quality.assess(radiograph, result.labels, result.labels_source, result.geometry, crop,
-                                          result.aac24, getattr(result, "levels", None), warnings)
+                                          result.aac24, result.levels, warnings)
         report(1.0, "done")
         result.qc, result.qc_reasons, result.qc_measurements = verdict.qc, verdict.reasons, verdict.measurements
         result.aac24_low, result.aac24_high = verdict.aac24_low, verdict.aac24_high
         result.status = verdict.status
         result.message = "; ".join(reason.text for reason in verdict.reasons)
 
-    def _labels(self, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
+    def _labels(self, result, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
         if labels is not None:
             from .io.labelmaps import read_label_map, vertebra_labels
 
@@ -212,6 +218,7 @@ class Pipeline:
         if self.segmenter is None:
             raise AACScoreError(f"{radiograph.path}: no label map given and no segmenter loaded")
         segmentation = self.segmenter.segment(radiograph, cancel=cancel)
+        result.levels = getattr(segmentation, "levels", None)  # segmenters of other makes may not count
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:

@@ -16,8 +16,8 @@ from ..kauppila import SUBSCORE_COLUMNS
 BASE_COLUMNS: tuple[str, ...] = ("file", "aac24", "category", "status", "message")
 # the QC verdict (ok / review / error; status says the same as ok / warning / error), its reasons, the 80% interval
 QC_COLUMNS: tuple[str, ...] = ("qc", "qc_reasons", "aac24_low", "aac24_high")
-EXTRA_COLUMNS: tuple[str, ...] = ("labels", "heatmap", "anterior", "spacing_mm", "seconds", "models", "file_sha256",
-                                  "dicom", "stored")
+EXTRA_COLUMNS: tuple[str, ...] = ("labels", "levels", "heatmap", "anterior", "spacing_mm", "seconds", "models",
+                                  "file_sha256", "dicom", "stored")
 COLUMNS: tuple[str, ...] = BASE_COLUMNS + QC_COLUMNS + SUBSCORE_COLUMNS + EXTRA_COLUMNS
 
 

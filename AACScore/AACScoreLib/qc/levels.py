@@ -15,30 +15,23 @@ from ..kauppila import VERTEBRAE
 from .verdict import Reason
 
 MIN_FLIP_DICE = 0.6  # below this for any vertebra, the second look disagrees with the label map
-MIN_LEVEL_CONFIDENCE = 0.5
-# methods that fix levels from the bodies' order alone, with no anchor (sacrum, T12, ribs) seen
-ORDER_ONLY_METHODS = ("order", "ordering", "order_only")
+ORDER_ONLY_METHODS = ("ordering", "pixels")  # segmentation.levels: no landmark, the bodies' order alone
 
 
 def level_counting_reasons(levels) -> list[Reason]:
-    """Reasons from a `LevelAssignment(method, from_above, from_below, agree, confidence, reasons)`; none without."""
-    if levels is None:
+    """Reasons from the segmenter's `LevelAssignment` (segmentation/levels.py, which decides when a count is
+    doubtful); none for a user's label map (None)."""
+    if levels is None or not levels.doubtful:
         return []
-    method = str(getattr(levels, "method", "") or "")
-    from_above, from_below = getattr(levels, "from_above", None), getattr(levels, "from_below", None)
-    found: list[Reason] = []
-    if getattr(levels, "agree", None) is False:
-        found.append(Reason("levels_disagree", f"counting from above ({from_above}) and from below ({from_below}) "
-                                               "give different levels"))
-    if method.lower() in ORDER_ONLY_METHODS or (from_above is None and from_below is None):
-        found.append(Reason("levels_order_only", "levels fixed only by the order of the bodies: neither the sacrum "
-                                                 "nor T12 anchored the count"))
-    confidence = getattr(levels, "confidence", None)
-    if confidence is not None and float(confidence) < MIN_LEVEL_CONFIDENCE:
-        notes = "; ".join(str(r) for r in getattr(levels, "reasons", ()) or ())
-        found.append(Reason("levels_uncertain", f"level counting confidence {float(confidence):.2f}"
-                                                + (f" ({notes})" if notes else "")))
-    return found
+    notes = "; ".join(levels.reasons)
+    if levels.agree is False:
+        return [Reason("levels_disagree", f"counting from above ({levels.from_above}) and from below "
+                                          f"({levels.from_below}) give different levels")]
+    if levels.method in ORDER_ONLY_METHODS:
+        return [Reason("levels_order_only", "levels fixed only by the order of the bodies: neither the sacrum nor "
+                                            "T12 anchored the count")]
+    return [Reason("levels_uncertain", f"level count {levels.summary()}, confidence {levels.confidence:.2f}"
+                                       + (f" ({notes})" if notes else ""))]
 
 
 def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:

@@ -8,6 +8,12 @@ steps (resample, intensity window) on arrays at inference. The millimetres live 
 
 Sources: a phantom folder (`<name>.dcm` + `<name>_labels.png`), explicit image/label-map pairs, and 3D Slicer
 segmentations (`.seg.nrrd`) whose segments are matched by name (L1..L5), never by label value.
+
+Context classes: with `context`, the dataset's labels are background, L1..L5 and T12 = 6, S1 = 7 (the top of the
+sacrum) as the label maps carry them where in view, so that the network learns the landmarks levels are counted
+from (segmentation/levels.py). Randomised copies: each case can also be written `randomise_copies` more times
+with SynthSeg-style randomisation (phantoms/randomise.py) applied on the working grid, so that the network cannot
+rely on one generator's look.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ import numpy as np
 
 from ..io.atomic import atomic_path, write_text_atomic
 from ..errors import GeometryError, RadiographError
-from ..kauppila import VERTEBRAE
-from ..io.labelmaps import read_label_map
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
+from ..io.labelmaps import read_label_map, vertebra_labels
 from ..io.radiograph import Radiograph, read_radiograph
 
 WORKING_SPACING_MM = 1.25  # mm per working pixel, rows and columns
 DEFAULT_LONG_SIDE_PX = 344  # working long side assumed when an image's spacing is unknown (43 cm at 1.25 mm)
 WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window on the working image, mapped to [0, 1]
 LABELS = {"background": 0, **{name: index + 1 for index, name in enumerate(VERTEBRAE)}}
+CONTEXT_DATASET_LABELS = {**LABELS, **CONTEXT_LABELS}  # L1..L5 plus T12 = 6, S1 = 7
 EXPORT_SUMMARY = "aacscore_export.json"
 
 Progress = Callable[[float, str], None]
@@ -160,32 +167,46 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(temporary, format="PNG")
 
 
-def load_case(case: CaseSource) -> tuple[Radiograph, np.ndarray]:
+def load_case(case: CaseSource, context: bool = False) -> tuple[Radiograph, np.ndarray]:
     """(radiograph, label map at its size) of a case: an (image path, label path or array) pair, or an object
-    with `load()` that makes both in memory (phantoms.generator.PhantomSource)."""
+    with `load()` that makes both in memory (phantoms.generator.PhantomSource). Without `context` the T12/S1
+    context classes read as background."""
     if hasattr(case, "load"):
-        return case.load()
+        radiograph, labels = case.load()
+        return radiograph, labels if context else vertebra_labels(labels)
     image_path, label_source = case
     radiograph = read_radiograph(image_path)
     if isinstance(label_source, np.ndarray):
         labels = label_source.astype(np.uint8)
         if labels.shape != radiograph.pixels.shape:
             raise GeometryError(f"{image_path}: label map is {labels.shape}, image is {radiograph.pixels.shape}")
+        labels = labels if context else vertebra_labels(labels)
     else:
-        labels = read_label_map(label_source, radiograph.pixels.shape)
+        labels = read_label_map(label_source, radiograph.pixels.shape, context=context)
     return radiograph, labels
 
 
-def _export_case(job: tuple) -> tuple[tuple[int, int], bool, str]:
-    """Write one case's working image and labels; returns (working shape, spacing assumed, source)."""
-    case, folder, index, working_spacing_mm, default_long_side_px = job
-    radiograph, labels = load_case(case)
+def _export_case(job: tuple) -> tuple[tuple[int, int], bool, str, bool]:
+    """Write one case's working image and labels, and its randomised copies; returns (working shape, spacing
+    assumed, source, whether its labels hold a context class)."""
+    case, folder, index, working_spacing_mm, default_long_side_px, context, copies, seed = job
+    radiograph, labels = load_case(case, context)
     shape, was_assumed = working_shape(radiograph.pixels.shape, radiograph.spacing, working_spacing_mm,
                                        default_long_side_px)
     image = to_working_image(radiograph, shape)
+    working_labels = resample_labels(labels, shape, len(CONTEXT_DATASET_LABELS if context else LABELS))
     _write_png(folder / "imagesTr" / f"case_{index:04d}_0000.png", np.round(image * 65535).astype(np.uint16))
-    _write_png(folder / "labelsTr" / f"case_{index:04d}.png", resample_labels(labels, shape))
-    return shape, was_assumed, radiograph.path
+    _write_png(folder / "labelsTr" / f"case_{index:04d}.png", working_labels)
+    if copies:
+        from ..phantoms.randomise import randomise
+
+        for copy in range(1, copies + 1):
+            rng = np.random.default_rng([seed, index, copy])
+            randomised = window_intensity(randomise(image, rng, labels=working_labels))  # windowed as at inference
+            name = f"case_{index:04d}r{copy}"
+            _write_png(folder / "imagesTr" / f"{name}_0000.png", np.round(randomised * 65535).astype(np.uint16))
+            _write_png(folder / "labelsTr" / f"{name}.png", working_labels)
+    return shape, was_assumed, radiograph.path, bool((working_labels > len(VERTEBRAE)).any())
 
 
 def export_dataset(
@@ -197,11 +218,16 @@ def export_dataset(
     default_long_side_px: int = DEFAULT_LONG_SIDE_PX,
     progress: Progress | None = None,
     workers: int = 1,
+    context: bool = False,
+    randomise_copies: int = 0,
+    seed: int = 0,
 ) -> ExportSummary:
     """Write `raw_root/Dataset###_Name/` (imagesTr, labelsTr, dataset.json) from cases (see load_case).
 
-    A label map is a path (PNG/TIFF 0..5 or .seg.nrrd) or a uint8 array at the image's size. `workers` > 1
-    exports cases in that many processes (phantoms generated in memory are the slow part).
+    A label map is a path (PNG/TIFF 0..5, 0..7 with context, or .seg.nrrd) or a uint8 array at the image's
+    size. `workers` > 1 exports cases in that many processes (phantoms generated in memory are the slow part).
+    `context`: labels T12 = 6 and S1 = 7 as classes too (refused when no case carries them).
+    `randomise_copies`: K randomised copies of every case beside it (fixed by `seed`, the case and the copy).
     """
     cases = list(cases)
     if not cases:
@@ -209,24 +235,31 @@ def export_dataset(
     folder = Path(raw_root) / dataset_name(dataset_id, name)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    jobs = [(case, folder, index, working_spacing_mm, default_long_side_px) for index, case in enumerate(cases)]
-    shapes, assumed, sources = [], [], []
+    if randomise_copies < 0:
+        raise RadiographError(raw_root, f"randomised copies must be 0 or more, not {randomise_copies}")
+    jobs = [(case, folder, index, working_spacing_mm, default_long_side_px, context, randomise_copies, seed)
+            for index, case in enumerate(cases)]
+    shapes, assumed, sources, with_context = [], [], [], 0
     with ExitStack() as stack:
         mapper = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map if workers > 1 else map
-        for done, (shape, was_assumed, source) in enumerate(mapper(_export_case, jobs), 1):
+        for done, (shape, was_assumed, source, has_context) in enumerate(mapper(_export_case, jobs), 1):
             shapes.append(shape)
             sources.append(source)
+            with_context += has_context
             if was_assumed:
                 assumed.append(source)
             if progress:
                 progress(done / len(cases), f"exported {Path(source).name}")
+    if context and not with_context:
+        raise GeometryError(f"{folder}: context classes asked for, but no label map holds T12 (6) or S1 (7)")
+    classes = "L1-L5 vertebrae" + (" with T12 and S1 context" if context else "")
     dataset_json = {
         "channel_names": {"0": "X-ray"},
-        "labels": LABELS,
-        "numTraining": len(cases),
+        "labels": CONTEXT_DATASET_LABELS if context else LABELS,
+        "numTraining": len(cases) * (1 + randomise_copies),
         "file_ending": ".png",
         "name": name,
-        "description": f"L1-L5 vertebrae on a {working_spacing_mm} mm working grid, written by AACScore",
+        "description": f"{classes} on a {working_spacing_mm} mm working grid, written by AACScore",
     }
     write_text_atomic(folder / "dataset.json", json.dumps(dataset_json, indent=2) + "\n")
     median = tuple(int(v) for v in np.median(np.array(shapes), axis=0))
@@ -237,6 +270,9 @@ def export_dataset(
         "median_working_shape": list(median),
         "window_percentiles": list(WINDOW_PERCENTILES),
         "n_cases": len(cases),
+        "randomised_copies_per_case": randomise_copies,
+        "context_classes": sorted(CONTEXT_LABELS) if context else [],
+        "cases_with_context": with_context,
         "sources": sources,
         "assumed_spacing": assumed,
     }, indent=2) + "\n")

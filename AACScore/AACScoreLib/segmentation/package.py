@@ -6,7 +6,9 @@ with a manifest that pins every file's sha256 (packages.py). The one unpickling 
 conversion, with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 
 Researchers bring their own model with `setup_weights.py install RESULTS_FOLDER_OR_ZIP` (packages.py calls
-`convert_nnunet_results`) or with `convert_nnunet_results` directly. Their labels must be named L1..L5.
+`convert_nnunet_results`) or with `convert_nnunet_results` directly. Their labels must be named L1..L5; labels
+named T12 and S1 (the top of the sacrum), when present, are context classes that the level counting uses (the
+manifest's `labels` lists every class the model has).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from ..errors import ModelPackageError
 from ..kauppila import VERTEBRAE
-from ..io.labelmaps import vertebra_of_segment
+from ..io.labelmaps import context_of_segment, vertebra_of_segment
 from .dataset import DEFAULT_LONG_SIDE_PX
 from ..packages import ModelPackage, find_package, load_safetensors, read_verified, verify_package, write_package
 
@@ -73,10 +75,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def _labels_by_level(dataset_json: dict, where: Path) -> dict[str, int]:
-    """{'L1': network output index, ...} from dataset.json label names, matched by name."""
+    """{'L1': network output index, ..., 'T12': ..., 'S1': ...} from dataset.json label names, matched by name
+    (the context classes T12 and S1 only when the model has them)."""
     found: dict[str, int] = {}
     for name, value in dataset_json.get("labels", {}).items():
-        level = vertebra_of_segment(name)
+        level = vertebra_of_segment(name) or context_of_segment(name)
         if level is not None and isinstance(value, int):
             found[level] = value
     missing = [level for level in VERTEBRAE if level not in found]
@@ -219,7 +222,7 @@ def _convert_folder(results: Path, out_dir: Path, *, name, version, folds, check
             **(input_settings or {}),
             "mirror_axes": list(mirror) if mirror is not None else [],
         },
-        "labels": list(VERTEBRAE),
+        "labels": list(label_values),
         "label_values": label_values,
         "training_data": summary,
         "metrics": metrics or {},

@@ -6,9 +6,10 @@ normalised as in training, and run through nnUNetPredictor's sliding window as o
 working image (mirroring off by default: 2x faster). Only the small logits are interpolated back (bilinear),
 and only inside the spine's bounding box.
 
-Levels are counted up from the sacrum, as readers do: the vertebral bodies are the connected pieces of the
-network's foreground, the one it finds most like L5 is L5 and the next four up are L4..L1 (`assign_levels`);
-if that leaves a vertebra missing, the network's own per-pixel levels are used instead. Post-processing keeps
+Levels are counted from landmarks, as readers do (segmentation/levels.py): the vertebral bodies are the
+connected pieces of the network's foreground; counted from S1 (or the body most like L5) below and from T12 (or
+the body most like L1) above, and the two counts compared. A doubtful count turns the status to "warning". If
+counting leaves a vertebra missing, the network's own per-pixel levels are used instead. Post-processing keeps
 the largest connected piece of each vertebra, checks that labels increase down the spine (principal axis of
 the centroids), and reports a missing vertebra (status "error") or one about twice the others' height, i.e.
 two vertebrae merged (status "warning").
@@ -21,14 +22,15 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..devices import resolve_device
 from ..errors import AACScoreError, Cancelled
-from ..kauppila import VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from .dataset import resample_image, to_working_image, working_shape
+from .levels import LevelAssignment, count_levels, flag_doubtful, pixel_assignment, spine_axis
 from ..io.radiograph import Radiograph
 
 Progress = Callable[[float, str], None]
@@ -45,16 +47,18 @@ class SegmentationResult:
     message: str
     spacing_assumed: bool = False
     seconds: float = 0.0
+    context: np.ndarray | None = None  # uint8 (H, W): 6 = T12, 7 = S1; None for a model without context classes
+    levels: LevelAssignment | None = None  # how L1..L5 were counted (None when no body was found)
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
 
 
-def _largest_components(labels: np.ndarray) -> np.ndarray:
+def _largest_components(labels: np.ndarray, values: Sequence[int] = range(1, len(VERTEBRAE) + 1)) -> np.ndarray:
     from scipy import ndimage
 
     out = np.zeros_like(labels)
-    for value in range(1, len(VERTEBRAE) + 1):
+    for value in values:
         mask = labels == value
         if not mask.any():
             continue
@@ -76,7 +80,7 @@ def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
     coords = {v: np.argwhere(labels == v).astype(np.float64) for v in present}
     centroids = np.array([coords[v].mean(axis=0) for v in present])
     if len(present) >= 2:
-        axis = _spine_axis(centroids, np.array(present, dtype=float))  # the way the model's own labels increase
+        axis = spine_axis(centroids, np.array(present, dtype=float))  # the way the model's own labels increase
         order = [present[i] for i in np.argsort((centroids - centroids.mean(axis=0)) @ axis)]
         if order != present:
             relabelled = np.zeros_like(labels)
@@ -96,49 +100,6 @@ def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
         status = "error"
         notes.insert(0, f"{', '.join(missing)} not found")
     return labels, status, "; ".join(notes)
-
-
-def _spine_axis(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
-    """The principal axis of two or more centroids (a unit vector), pointing the way the expected level increases."""
-    centred = centroids - centroids.mean(axis=0)
-    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
-    return -axis if np.sum((centred @ axis) * (expected_level - expected_level.mean())) < 0 else axis
-
-
-def _spine_order(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
-    """Positions along the spine's axis, increasing with the expected level."""
-    if len(centroids) < 2:
-        return np.zeros(len(centroids))
-    return (centroids - centroids.mean(axis=0)) @ _spine_axis(centroids, expected_level)
-
-
-def assign_levels(probabilities: np.ndarray, min_fraction: float = 0.2, max_ratio: float = 3.0) -> np.ndarray:
-    """Working-grid level map from softmax output (background, L1..L5), counted up from the sacrum as readers do:
-    vertebral bodies are the connected pieces of foreground; the piece most like L5 is L5 and the pieces above
-    it, in order along the spine, are L4..L1. A body whose level the network half-confused is thus still
-    labelled right, and an extra body (T12 or S1 taken for lumbar) falls outside the five. Pieces far smaller
-    or larger than the typical body (specks, image borders) are ignored."""
-    from scipy import ndimage
-
-    levels = np.zeros(probabilities.shape[1:], np.uint8)
-    pieces, count = ndimage.label(probabilities[0] < 0.5, structure=np.ones((3, 3), bool))
-    if count == 0:
-        return levels
-    sizes = np.bincount(pieces.ravel())[1:]
-    reference = np.median(np.sort(sizes)[-len(VERTEBRAE):])
-    kept = [i + 1 for i in range(count) if min_fraction * reference <= sizes[i] <= max_ratio * reference]
-    if not kept:
-        return levels
-    given = probabilities[1:] / np.clip(1.0 - probabilities[0], 1e-6, None)  # P(level | vertebra)
-    n_levels = len(VERTEBRAE)
-    mean_given = np.array([[given[level][pieces == piece].mean() for level in range(n_levels)] for piece in kept])
-    centroids = np.array(ndimage.center_of_mass(np.ones_like(pieces), pieces, kept)).reshape(-1, 2)
-    order = np.argsort(_spine_order(centroids, mean_given @ np.arange(1, n_levels + 1)))
-    kept, mean_given = [kept[i] for i in order], mean_given[order]
-    anchor = int(np.argmax(mean_given[:, -1]))
-    for steps_up in range(min(n_levels, anchor + 1)):
-        levels[pieces == kept[anchor - steps_up]] = n_levels - steps_up
-    return levels
 
 
 def levels_at_full_size(foreground: np.ndarray, levels: np.ndarray, box: tuple[int, int, int, int],
@@ -166,7 +127,7 @@ class Segmenter:
     """An nnU-Net 2D vertebra model loaded from a package, ready to segment radiographs in process."""
 
     def __init__(self, loaded, device, use_mirroring: bool = False, whole_image: bool = True,
-                 count_from_sacrum: bool = True):
+                 count_by_bodies: bool = True):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -186,7 +147,7 @@ class Segmenter:
         self.intensity_properties = plans_manager.foreground_intensity_properties_per_channel
         self.device = device
         self.whole_image = whole_image
-        self.count_from_sacrum = count_from_sacrum
+        self.count_by_bodies = count_by_bodies
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice whenever the device is the CPU
             self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                              perform_everything_on_device=device.type == "cuda", device=device,
@@ -196,16 +157,21 @@ class Segmenter:
                                              self.manifest["architecture"].get("trainer") or "nnUNetTrainer",
                                              mirror_axes)
         label_values = self.manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
-        self.channel_of_level = [int(label_values[name]) for name in VERTEBRAE]
+        context = tuple(name for name in CONTEXT_LABELS if name in label_values)
+        self.classes = VERTEBRAE + context  # the channels after background, as `_channels` orders them
+        self.channel_of_class = [int(label_values[name]) for name in self.classes]
+        # label value of each reordered channel: 0, 1..5 = L1..L5, then 6 = T12 / 7 = S1 for those the model has
+        self.value_of_channel = np.array([0, *range(1, len(VERTEBRAE) + 1), *(CONTEXT_LABELS[n] for n in context)],
+                                         np.uint8)
 
     @classmethod
     def from_package(cls, package=None, device: str = "auto", use_mirroring: bool = False,
-                     whole_image: bool = True, count_from_sacrum: bool = True, models_dir=None) -> "Segmenter":
+                     whole_image: bool = True, count_by_bodies: bool = True, models_dir=None) -> "Segmenter":
         """Load a segmenter package (path, name, ModelPackage, or None for the newest installed/bundled)."""
         from .package import load_segmenter_package
 
         return cls(load_segmenter_package(package, models_dir), resolve_device(device), use_mirroring, whole_image,
-                   count_from_sacrum)
+                   count_by_bodies)
 
     def _normalise(self, image: np.ndarray) -> np.ndarray:
         import nnunetv2.preprocessing.normalization.default_normalization_schemes as schemes
@@ -246,7 +212,8 @@ class Segmenter:
 
     def segment(self, radiograph: Radiograph, progress: Progress | None = None,
                 cancel: Cancel | None = None) -> SegmentationResult:
-        """Label L1..L5 on the radiograph's own pixel grid; raises Cancelled when `cancel()` turns True."""
+        """Label L1..L5 (and T12/S1 context, for a model with those classes) on the radiograph's own pixel grid,
+        with how the levels were counted; raises Cancelled when `cancel()` turns True."""
         import torch
 
         started = time.perf_counter()
@@ -265,44 +232,54 @@ class Segmenter:
         logits = self.predict_logits(image)
         step(0.7, "mapping labels back to full size")
         channels = self._channels(logits)
-        if self.count_from_sacrum:
-            levels = assign_levels(torch.softmax(channels, 0).numpy())
-            labels, status, message = self._full_size(channels, levels, full_shape, by_pieces=True)
-        if not self.count_from_sacrum or status == "error":  # the network's own level for every pixel
+        probabilities = torch.softmax(channels, 0).numpy()
+        if self.count_by_bodies:
+            levels, assignment = count_levels(probabilities, self.classes)
+            labels, context, status, message = self._full_size(channels, levels, full_shape, by_pieces=True)
+        if not self.count_by_bodies or status == "error":  # the network's own level for every pixel
             step(0.85, "labelling with the network's own levels")
-            retry = self._full_size(channels, channels.argmax(0).numpy(), full_shape, by_pieces=False)
-            if not self.count_from_sacrum or retry[1] != "error":
-                labels, status, message = retry
+            levels = self.value_of_channel[channels.argmax(0).numpy()]
+            retry = self._full_size(channels, levels, full_shape, by_pieces=False)
+            if not self.count_by_bodies or retry[2] != "error":
+                (labels, context, status, message), assignment = retry, pixel_assignment(probabilities)
+        status, message = flag_doubtful(status, message, assignment)
         if assumed and self.working_spacing is not None:
             note = (f"pixel spacing unknown: assumed the image's long side spans {self.default_long_side} "
                     f"working pixels ({self.default_long_side * np.max(self.working_spacing):.0f} mm)")
             message = f"{message}; {note}" if message else note
         step(1.0, "done")
-        return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started)
+        return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started,
+                                  context if len(self.classes) > len(VERTEBRAE) else None, assignment)
 
     def _channels(self, logits):
-        """Logits reordered as background, L1..L5 (an imported model may number its labels otherwise)."""
+        """Logits reordered as background, then `self.classes` (an imported model may number its labels otherwise)."""
         import torch
 
-        return torch.stack([logits[0]] + [logits[c] for c in self.channel_of_level])
+        return torch.stack([logits[0]] + [logits[c] for c in self.channel_of_class])
 
     def _full_size(self, channels, levels: np.ndarray, full_shape: tuple[int, int], by_pieces: bool):
-        """(labels, status, message) at full size from working-grid `levels`, post-processed inside their box.
+        """(L1..L5 labels, T12/S1 context labels, status, message) at full size from working-grid `levels`
+        (label values), post-processed inside their box.
 
         by_pieces=False: the argmax of the interpolated logits; True: foreground pieces take `levels` by majority.
         """
-        labels = np.zeros(full_shape, np.uint8)
+        labels, context = np.zeros(full_shape, np.uint8), np.zeros(full_shape, np.uint8)
         box = _box(levels, full_shape)
         if box is None:
-            return labels, "error", "no vertebra found"
-        inside = self._labels_in_box(channels, full_shape, box)
+            return labels, context, "error", "no vertebra found"
+        inside = self.value_of_channel[self._labels_in_box(channels, full_shape, box)]
         if by_pieces:
             inside = levels_at_full_size(inside > 0, levels, box, full_shape)
-        labels[box[0]:box[1], box[2]:box[3]], status, message = postprocess_labels(inside)
-        return labels, status, message
+        rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+        if len(self.classes) > len(VERTEBRAE):
+            lumbar = np.where(inside <= len(VERTEBRAE), inside, 0).astype(np.uint8)
+            context[rows, cols] = _largest_components(inside - lumbar, CONTEXT_LABELS.values())
+            inside = lumbar
+        labels[rows, cols], status, message = postprocess_labels(inside)
+        return labels, context, status, message
 
     def _labels_in_box(self, channels, full_shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
-        """Argmax of the (background, L1..L5) logits bilinearly interpolated to full-size pixel centres in `box`."""
+        """Argmax channel of the reordered logits bilinearly interpolated to full-size pixel centres in `box`."""
         import torch
         import torch.nn.functional as F
 

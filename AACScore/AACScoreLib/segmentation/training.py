@@ -28,6 +28,7 @@ from ..kauppila import VERTEBRAE
 from ..packages import timestamped_version
 from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
+from ..phantoms.families import HELD_OUT_FAMILY
 from ..phantoms.generator import PhantomSource, parse_styles, phantom_sources, write_phantoms
 
 PLANS_NAME = "AACScorePlans"
@@ -265,9 +266,15 @@ def train_segmenter(
     time_budget_s: float | None = None,
     initial_weights: dict | None = None,
     initial_lr: float | None = None,
+    context: bool = False,
+    randomise_copies: int = 0,
+    seed: int = 0,
 ) -> tuple[Path, dict]:
     """Export `data` folders, (image, label map) `cases` and `phantoms` (made in memory), train with nnU-Net,
     convert to a package at `out`; returns (package, metrics).
+
+    `context`: T12 and S1 as classes beside L1..L5 (the label maps must carry them: 6 = T12, 7 = S1).
+    `randomise_copies`: K SynthSeg-style randomised copies of every case (see dataset.export_dataset), from `seed`.
 
     `resume` continues the training kept in `work` (from an earlier call with the same `work`) to `epochs`.
     `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`,
@@ -285,7 +292,8 @@ def train_segmenter(
         if not resume:
             sources = [case for folder in data for case in phantom_cases(folder)] + list(cases) + list(phantoms)
             export_dataset(sources, work / "raw", DATASET_ID, "AACScoreLumbar", working_spacing_mm,
-                           default_long_side_px, workers=processes)
+                           default_long_side_px, workers=processes, context=context,
+                           randomise_copies=randomise_copies, seed=seed)
         exported = read_export_summary(dataset_dir)
         results, epochs_trained = run_nnunet(dataset_dir, work, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                              fold=fold, device=device, patch_size=patch_size, features=features,
@@ -299,6 +307,8 @@ def train_segmenter(
         }
         training_data = {
             "n_cases": exported["n_cases"],
+            "randomised_copies_per_case": exported.get("randomised_copies_per_case", 0),
+            "context_classes": exported.get("context_classes", []),
             "sources": sorted({Path(image).parent.name for image in exported["sources"]}),
             "median_working_shape": exported["median_working_shape"],
             "epochs": epochs_trained, "iterations_per_epoch": iterations_per_epoch,
@@ -333,7 +343,16 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--phantoms", type=int, default=0,
                         help="also train on N phantoms, generated in memory (no files written)")
     parser.add_argument("--seed", type=int, default=1000, help="phantom seed for training")
-    parser.add_argument("--phantom-styles", default="default", help="with --phantoms: generator styles, in turn")
+    parser.add_argument("--phantom-styles", "--phantom-families", dest="phantom_styles", default="default",
+                        help="with --phantoms: phantom families, in turn (comma-separated)")
+    parser.add_argument("--include-held-out", action="store_true",
+                        help="allow the held-out phantom family in --phantom-families")
+    parser.add_argument("--context-classes", action="store_true",
+                        help="train T12 and S1 (top of the sacrum) as classes beside L1-L5, for level counting; "
+                             "label maps must carry them (6 = T12, 7 = S1), as phantoms do")
+    parser.add_argument("--randomise-copies", type=int, default=0, metavar="K",
+                        help="also train on K SynthSeg-style randomised copies of every case (random intensity per "
+                             "label, bias field, gamma, blur, resolution drop, noise, inversion)")
     parser.add_argument("--eval-phantoms", type=int, default=0, help="held-out phantoms for Dice (seed --eval-seed)")
     parser.add_argument("--eval-seed", type=int, default=9001)
     parser.add_argument("--out", required=True, help="package folder to write")
@@ -362,7 +381,10 @@ def add_cli(subparsers) -> None:
 def _train_command(args) -> int:
     data = [Path(folder) for folder in args.data]
     styles = parse_styles(args.phantom_styles)
-    phantoms = phantom_sources(args.phantoms, args.seed, styles) if args.phantoms else []
+    if HELD_OUT_FAMILY in styles and not args.include_held_out:
+        raise AACScoreError(f"phantom family {HELD_OUT_FAMILY} is held out of all training (it measures how models "
+                            f"meet an unseen generator); add --include-held-out to train on it anyway")
+    phantoms = phantom_sources(args.phantoms, args.seed, styles, args.context_classes) if args.phantoms else []
     if not data and not phantoms and not args.resume:
         raise AACScoreError("give --data FOLDER and/or --phantoms N")
     scratch = Path(tempfile.mkdtemp(prefix="aacscore-phantoms-"))
@@ -379,7 +401,8 @@ def _train_command(args) -> int:
             version=args.version or timestamped_version("1.0"), epochs=args.epochs,
             iterations_per_epoch=args.iterations_per_epoch, fold=fold, device=args.device, eval_cases=eval_cases,
             training_note=note, resume=args.resume, phantoms=phantoms, processes=args.processes,
-            time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size))
+            time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size),
+            context=args.context_classes, randomise_copies=args.randomise_copies, seed=args.seed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {package}")

@@ -224,3 +224,13 @@ def test_a_level_shifted_label_map_gets_review_and_the_true_one_does_not(demo_pi
         assert "levels_differ_from_segmenter" in [r.code for r in result.qc_reasons]
         row = result.record()
         assert row["qc"] == "review" and "levels_differ_from_segmenter:" in row["qc_reasons"]
+
+
+def test_results_say_how_the_levels_were_counted(demo_pipeline, phantoms):
+    """The demo segmenter has no context classes: it counts from its own L1 and L5, which agree on a phantom."""
+    result = demo_pipeline.run(phantoms[1], heatmap=False)
+    assert result.levels is not None and result.levels.from_above == "L1" and result.levels.from_below == "L5"
+    assert result.record()["levels"] == result.levels.summary() == "L1/L5 agree"
+    assert result.status == "ok", result.message
+    user = demo_pipeline.run(phantoms[1], _labels_of(phantoms[1]), heatmap=False)
+    assert user.levels is None and user.record()["levels"] == "user"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +43,18 @@ def test_verdict_and_status_never_say_ok_for_a_result_to_review():
 # ------------------------------------------------------------------------------------------------ levels
 
 
-@dataclass
-class LevelAssignment:  # the segmenter's account of its counting, as the level-counting stage gives it
-    method: str
-    from_above: object
-    from_below: object
-    agree: bool | None
-    confidence: float
-    reasons: tuple = ()
-
-
 def test_level_counting_is_flagged_when_counts_disagree_or_only_order_was_available():
-    assert levels.level_counting_reasons(None) == []
-    sure = LevelAssignment("sacrum", ("L1", "L5"), ("L1", "L5"), True, 0.95)
+    from AACScoreLib.segmentation.levels import LevelAssignment
+
+    assert levels.level_counting_reasons(None) == []  # a user's label map
+    sure = LevelAssignment("T12+S1", "T12", "S1", True, 0.95)
     assert levels.level_counting_reasons(sure) == []
-    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("sacrum", 0, 1, False, 0.9))]
+    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("T12+S1", "T12", "S1", False, 0.45))]
     assert codes == ["levels_disagree"]
-    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("order", None, None, None, 0.3, ("x",)))]
-    assert codes == ["levels_order_only", "levels_uncertain"]
+    codes = [r.code for r in levels.level_counting_reasons(LevelAssignment("ordering", None, None, None, 0.3, ("x",)))]
+    assert codes == ["levels_order_only"]
+    one_sided = levels.level_counting_reasons(LevelAssignment("L5", None, "L5", None, 0.7, ("only the network's L5",)))
+    assert [r.code for r in one_sided] == ["levels_uncertain"] and "only the network's L5" in one_sided[0].text
 
 
 def test_flip_dice_sees_a_level_shift_and_names_it_by_where_the_labels_came_from(phantom):

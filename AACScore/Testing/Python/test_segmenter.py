@@ -12,20 +12,22 @@ from PIL import Image
 
 from AACScoreLib.cli import main as cli_main
 from AACScoreLib.errors import AACScoreError, GeometryError, ModelPackageError, RadiographError
-from AACScoreLib.io.labelmaps import read_label_map, vertebra_of_segment
+from AACScoreLib.io.labelmaps import read_label_map, vertebra_labels, vertebra_of_segment
 from AACScoreLib.segmentation.dataset import export_dataset, phantom_cases, resample_labels, working_shape
 from AACScoreLib.packages import verify_package
 from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
-from AACScoreLib.segmentation.segmenter import Segmenter, assign_levels, levels_at_full_size, postprocess_labels
+from AACScoreLib.segmentation.levels import count_levels
+from AACScoreLib.segmentation.segmenter import Segmenter, levels_at_full_size, postprocess_labels
 from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
 
 
 def toy_spine(seed: int, shape=TOY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """A radiograph-like toy: seven bright blocks (T12, L1..L5, S1) in a column on a noisy background."""
+    """A radiograph-like toy: seven bright blocks (T12, L1..L5, S1) in a column on a noisy background, labelled
+    1..5 = L1..L5, 6 = T12, 7 = S1 as phantoms are."""
     rng = np.random.default_rng(seed)
     rows, cols = shape
     image = rng.normal(0.2, 0.03, shape)
@@ -36,8 +38,7 @@ def toy_spine(seed: int, shape=TOY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     for level in range(7):
         r0, r1 = int(top + level * (height + gap)), int(top + level * (height + gap) + height)
         image[r0:r1, int(left):int(left + width)] += 0.4 + 0.05 * level
-        if 1 <= level <= 5:
-            labels[r0:r1, int(left):int(left + width)] = level
+        labels[r0:r1, int(left):int(left + width)] = {0: 6, 6: 7}.get(level, level)
     return np.clip(image * 4000, 0, 4095).astype(np.uint16), labels
 
 
@@ -52,7 +53,8 @@ def write_toys(folder: Path, n: int, first_seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Export toys, run nnU-Net planning/preprocessing and a few training iterations, keep its results folder.
+    """Export toys with T12/S1 context classes, run nnU-Net planning/preprocessing and a few training iterations,
+    keep its results folder.
 
     The 10 epochs asked for are cut to 3 by a zero time budget (3 epochs are measured before it applies)."""
     from AACScoreLib.segmentation.training import train_segmenter
@@ -62,7 +64,7 @@ def trained(tmp_path_factory):
     package, metrics = train_segmenter(
         [data], base / "package", work=base / "work", name="toy-segmenter", epochs=10, iterations_per_epoch=3,
         patch_size=(64, 48), features=(4, 8, 16), batch_size=2, default_long_side_px=96, device="cpu",
-        eval_cases=phantom_cases(data)[:2], time_budget_s=0.0)
+        eval_cases=phantom_cases(data)[:2], time_budget_s=0.0, context=True)
     results = next((base / "work" / "results").glob("Dataset*/*__2d"))
     return {"package": Path(package), "metrics": metrics, "results": results, "base": base}
 
@@ -99,6 +101,45 @@ def test_export_writes_nnunet_raw_dataset(tmp_path):
     assert image.dtype == np.uint16 and image.shape == labels.shape == (48, 36)
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
     assert summary.assumed_spacing == [str(data / "toy_000.png"), str(data / "toy_001.png")]
+
+
+def test_export_with_context_classes_and_randomised_copies(tmp_path):
+    import json
+
+    data = write_toys(tmp_path / "toys", 2)
+
+    def export(folder):
+        return export_dataset(phantom_cases(data), folder, 7, "Toy", default_long_side_px=48, context=True,
+                              randomise_copies=2, seed=5).dataset_dir
+
+    dataset = export(tmp_path / "raw")
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 6, "S1": 7}
+    assert meta["numTraining"] == 6 and len(list((dataset / "imagesTr").glob("*.png"))) == 6
+
+    def png(path):
+        return np.asarray(Image.open(path)).astype(int)
+
+    labels = png(dataset / "labelsTr" / "case_0000.png")
+    assert set(np.unique(labels)) == set(range(8))
+    original = png(dataset / "imagesTr" / "case_0000_0000.png")
+    copies = [png(dataset / "imagesTr" / f"case_0000r{k}_0000.png") for k in (1, 2)]
+    for k, copy in enumerate(copies, 1):  # same geometry and labels, another look
+        assert copy.shape == original.shape and np.abs(copy - original).mean() > 500
+        assert np.array_equal(png(dataset / "labelsTr" / f"case_0000r{k}.png"), labels)
+    assert np.abs(copies[0] - copies[1]).mean() > 500
+    again = export(tmp_path / "again")  # fixed by the seed, the case and the copy
+    assert np.array_equal(png(again / "imagesTr" / "case_0001r2_0000.png"),
+                          png(dataset / "imagesTr" / "case_0001r2_0000.png"))
+
+
+def test_export_refuses_context_classes_that_no_label_map_carries(tmp_path):
+    data = write_toys(tmp_path / "toys", 1)
+    image, label_path = phantom_cases(data)[0]
+    lumbar_only = read_label_map(label_path)  # context read as background
+    assert lumbar_only.max() == 5
+    with pytest.raises(GeometryError, match="no label map holds T12"):
+        export_dataset([(image, lumbar_only)], tmp_path / "raw", 7, "Toy", default_long_side_px=48, context=True)
 
 
 def test_phantoms_made_in_memory_export_like_their_written_files(tmp_path):
@@ -153,7 +194,7 @@ def test_segment_names_match_levels():
 def test_seg_nrrd_segments_are_matched_by_name_not_value(tmp_path):
     import slicerio
 
-    _, truth = toy_spine(3)
+    truth = vertebra_labels(toy_spine(3)[1])
     ijk = np.diag([0.2, 0.2, 1.0, 1.0])
     segmentation = slicerio.create_segmentation((TOY_SHAPE[1], TOY_SHAPE[0], 1), ijk)
     slicerio.add_segment(segmentation, np.zeros((TOY_SHAPE[1], TOY_SHAPE[0], 1), bool), {"name": "aorta"})
@@ -222,8 +263,9 @@ def test_assign_levels_places_five_consecutive_bodies_by_probability():
         probabilities[1:, rows, 10:30] = 0.9 * 0.1
         probabilities[peak, rows, 10:30] = 0.9 * 0.6
         truth[rows, 10:30] = index  # 0 for T12, 1..5 for L1..L5
-    levels = assign_levels(probabilities)
+    levels, how = count_levels(probabilities)
     assert np.array_equal(levels, truth)
+    assert how.method == "L5" and how.agree is False  # its most L1-like body is T12: counting from above differs
 
     full = levels_at_full_size(np.kron(levels > 0, np.ones((3, 3), bool)), levels, (0, 390, 0, 120), (390, 120))
     assert np.array_equal(full, np.kron(truth, np.ones((3, 3), np.uint8)))
@@ -251,7 +293,9 @@ def test_device_auto_falls_back_and_explicit_cuda_is_checked():
 def test_training_writes_a_verified_package(trained):
     package = verify_package(trained["package"])
     manifest = package.manifest
-    assert package.kind == "segmenter" and manifest["labels"] == ["L1", "L2", "L3", "L4", "L5"]
+    assert package.kind == "segmenter" and manifest["labels"] == ["L1", "L2", "L3", "L4", "L5", "T12", "S1"]
+    assert manifest["label_values"] == {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 6, "S1": 7}
+    assert manifest["training_data"]["context_classes"] == ["S1", "T12"]
     assert manifest["architecture"]["trainer"] == "nnUNetTrainerAACScore"
     assert manifest["architecture"]["features_per_stage"] == [4, 8, 16]
     assert manifest["input"]["working_spacing_mm"] == 1.25 and manifest["input"]["mirror_axes"] == [1]
@@ -280,6 +324,8 @@ def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path)
     result = segmenter.segment(radiograph, progress=lambda fraction, text: steps.append(fraction))
     assert result.labels.shape == (150, 110) and result.labels.dtype == np.uint8
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3, 4, 5}
+    assert result.context.shape == (150, 110) and set(np.unique(result.context)) <= {0, 6, 7}
+    assert result.levels is None or result.levels.method  # None only when the barely trained model finds no body
     assert result.status in ("ok", "warning", "error")
     assert result.spacing_assumed and "spacing unknown" in result.message
     assert steps == sorted(steps) and steps[0] == 0.0 and steps[-1] == 1.0
@@ -341,3 +387,10 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"network_weights": {}, "extra": Sneaky()}, path)
     with pytest.raises(ModelPackageError, match="cannot be read"):
         read_checkpoint(path)
+
+
+def test_training_on_the_held_out_phantom_family_is_refused_unless_asked(tmp_path, capsys):
+    code = cli_main(["train-segmenter", "--phantoms", "2", "--phantom-families", "default,varied",
+                     "--out", str(tmp_path / "package")])
+    assert code == 2 and "varied is held out of all training" in capsys.readouterr().err
+    assert not (tmp_path / "package").exists()

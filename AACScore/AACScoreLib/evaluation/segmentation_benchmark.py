@@ -1,0 +1,196 @@
+"""`aacscore segment-benchmark`: does a segmenter hold beyond what it was trained on?
+
+Counting levels is what fails on radiographs from elsewhere, so the figure that matters is the share of images
+with all five levels right, on a phantom family the segmenter never saw (one is held out of all training) and on
+images whose sacrum is out of view (each phantom again, cut just below L5, as lumbar-only and DXA views are).
+Phantoms are made in memory; per family and set it reports that share, Dice per vertebra, error rows, results
+with a wrong level that still said "ok", how the levels were counted, and seconds per image.
+A benchmark is a command, not a test: its table goes in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import AACScoreError
+from ..io.atomic import write_text_atomic
+from ..io.radiograph import Radiograph
+from ..kauppila import VERTEBRAE
+from .metrics import dice_per_label
+
+LEVEL_DICE_RIGHT = 0.5  # a level is right when its Dice with the truth reaches this (a level shift gives ~0)
+SACRUM_MARGIN_MM = 2.0  # the sacrum-cropped image ends this far below L5's lowest pixel (half a disc at most)
+BENCHMARK_SEED = 9301  # other than the training (1000) and held-out evaluation (9001) seeds of the demo models
+SETS = ("full", "sacrum cropped")
+
+
+def crop_below_l5(radiograph: Radiograph, labels: np.ndarray, margin_mm: float = SACRUM_MARGIN_MM
+                  ) -> tuple[Radiograph, np.ndarray]:
+    """The radiograph and its label map cut along the image axis nearest the spine's direction, just below L5
+    (the sacrum then lies out of view, or only its corner in a tilted spine, as in lumbar-only views)."""
+    present = [value for value in range(1, len(VERTEBRAE) + 1) if (labels == value).any()]
+    if len(present) < 2 or present[-1] != len(VERTEBRAE):
+        raise AACScoreError(f"{radiograph.path}: L5 and another lumbar vertebra must be in view to crop below L5")
+    centroids = [np.argwhere(labels == value).mean(axis=0) for value in (present[0], present[-1])]
+    down = centroids[1] - centroids[0]
+    axis = int(np.argmax(np.abs(down)))
+    sign = 1 if down[axis] > 0 else -1
+    along = np.argwhere(labels == len(VERTEBRAE))[:, axis]
+    spacing = radiograph.spacing[axis] if radiograph.spacing else 0.15
+    margin = int(round(margin_mm / spacing))
+    size = labels.shape[axis]
+    if sign > 0:
+        keep = slice(0, min(size, int(along.max()) + margin + 1))
+    else:
+        keep = slice(max(0, int(along.min()) - margin), size)
+    index = (keep, slice(None)) if axis == 0 else (slice(None), keep)
+    cropped = replace(radiograph, pixels=np.ascontiguousarray(radiograph.pixels[index]),
+                      path=f"{radiograph.path} (sacrum cropped)")
+    return cropped, np.ascontiguousarray(labels[index])
+
+
+def score_case(segmenter, radiograph: Radiograph, truth: np.ndarray) -> dict:
+    """One image's outcome: Dice per vertebra, all five levels right, status, how levels were counted, seconds."""
+    started = time.perf_counter()
+    try:
+        result = segmenter.segment(radiograph)
+    except AACScoreError as error:
+        return {"status": "error", "message": str(error), "dice": [0.0] * len(VERTEBRAE), "all_right": False,
+                "levels": None, "seconds": time.perf_counter() - started}
+    dice = dice_per_label(truth, result.labels, range(1, len(VERTEBRAE) + 1))
+    dice = [0.0 if np.isnan(dice[v]) else round(dice[v], 4) for v in range(1, len(VERTEBRAE) + 1)]
+    levels = result.levels
+    return {
+        "status": result.status, "message": result.message, "dice": dice,
+        "all_right": result.status != "error" and min(dice) >= LEVEL_DICE_RIGHT,
+        "levels": None if levels is None else {"method": levels.method, "agree": levels.agree,
+                                               "confidence": levels.confidence, "doubtful": levels.doubtful},
+        "seconds": round(result.seconds, 4),
+    }
+
+
+def summarise(cases: Sequence[dict]) -> dict:
+    """The figures of one set of images."""
+    n = len(cases)
+    dice = np.array([case["dice"] for case in cases], dtype=float).reshape(n, len(VERTEBRAE))
+    methods: dict[str, int] = {}
+    for case in cases:
+        method = case["levels"]["method"] if case["levels"] else "none"
+        methods[method] = methods.get(method, 0) + 1
+    share = (lambda count: round(count / n, 4)) if n else (lambda count: None)
+    return {
+        "n": n,
+        "all_levels_right": share(sum(case["all_right"] for case in cases)),
+        "dice_mean": {name: round(float(dice[:, i].mean()), 4) if n else None for i, name in enumerate(VERTEBRAE)},
+        "error_rows": share(sum(case["status"] == "error" for case in cases)),
+        "warning_rows": share(sum(case["status"] == "warning" for case in cases)),
+        "wrong_but_ok": share(sum(case["status"] == "ok" and not case["all_right"] for case in cases)),
+        "levels_methods": dict(sorted(methods.items())),
+        "seconds_per_image": round(float(np.mean([case["seconds"] for case in cases])), 3) if n else None,
+    }
+
+
+def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed: int = BENCHMARK_SEED,
+                               sacrum_cropped: bool = True,
+                               progress: Callable[[str], None] | None = None) -> dict:
+    """Segment `n` phantoms of each family (made in memory) and, with `sacrum_cropped`, each again cut just below
+    L5; returns the figures per family and set, and every case."""
+    from ..phantoms.families import HELD_OUT_FAMILY
+    from ..phantoms.generator import check_styles, generate_phantom, read_back
+
+    families = check_styles(families)
+    trained_on = segmenter.manifest.get("training_data", {}).get("phantoms", {}).get("styles", [])
+    results, cases = {}, []
+    for family in families:
+        by_set: dict[str, list[dict]] = {name: [] for name in (SETS if sacrum_cropped else SETS[:1])}
+        for index in range(n):
+            phantom = generate_phantom(seed, family, index)
+            radiograph, truth = read_back(phantom), phantom.labels
+            if not cases and index == 0:
+                segmenter.segment(radiograph)  # warm-up: the first call pays for lazy initialisation
+            images = {"full": (radiograph, truth)}
+            if sacrum_cropped:
+                images["sacrum cropped"] = crop_below_l5(radiograph, truth)
+            for name, (image, labels) in images.items():
+                case = {"family": family, "set": name, "name": phantom.name,
+                        "transitional": phantom.truth.get("transitional", ""), **score_case(segmenter, image, labels)}
+                by_set[name].append(case)
+                cases.append(case)
+            if progress:
+                progress(f"{family} {index + 1}/{n}")
+        results[family] = {"held_out_family": family == HELD_OUT_FAMILY, "seen_in_training": family in trained_on,
+                           **{name: summarise(items) for name, items in by_set.items()}}
+    return {
+        "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
+        "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
+        "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
+        "device": str(segmenter.device), "families": results, "cases": cases,
+    }
+
+
+def format_table(figures: dict) -> str:
+    """The README table: one row per family and set."""
+    lines = [f"Segmenter {figures['segmenter']} (classes {', '.join(figures['classes'])}; trained on "
+             f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), {figures['n_per_family']} "
+             f"phantoms per family, seed {figures['seed']}, {figures['device']}.", "",
+             "| family | set | n | all 5 levels right | Dice L1 / L2 / L3 / L4 / L5 | error rows | wrong but ok "
+             "| levels counted by | s / image |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for family, entry in figures["families"].items():
+        label = family + (" (held out)" if entry["held_out_family"] else
+                          "" if entry["seen_in_training"] else " (not trained on)")
+        for name in SETS:
+            if name not in entry:
+                continue
+            s = entry[name]
+            dice = " / ".join(f"{s['dice_mean'][v]:.3f}" for v in VERTEBRAE)
+            methods = ", ".join(f"{m} {c}" for m, c in s["levels_methods"].items())
+            lines.append(f"| {label} | {name} | {s['n']} | {s['all_levels_right']:.0%} | {dice} | "
+                         f"{s['error_rows']:.0%} | {s['wrong_but_ok']:.0%} | {methods} | "
+                         f"{s['seconds_per_image']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment-benchmark", help="how a segmenter generalises: unseen phantom families, sacrum out of view",
+        description="Segment phantoms of each family (made in memory) and the same images cut just below L5; "
+                    "write segment_benchmark.json and segment_benchmark.md (share with all five levels right, "
+                    "Dice per vertebra, error rows, wrong-but-ok rows, how levels were counted, s/image) to --out.")
+    parser.add_argument("--families", default=None,
+                        help="comma-separated phantom families (default: all; see aacscore phantoms --list-families)")
+    parser.add_argument("--n", type=int, default=100, help="phantoms per family")
+    parser.add_argument("--seed", type=int, default=BENCHMARK_SEED)
+    parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-sacrum-cropped", action="store_true", help="skip the sacrum-cropped set")
+    parser.add_argument("--out", required=True, help="folder for the JSON and markdown table")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ..phantoms.generator import STYLES, parse_styles
+    from ..segmentation.segmenter import Segmenter
+
+    if args.n < 1:
+        raise AACScoreError(f"--n must be at least 1, not {args.n}")
+    families = parse_styles(args.families) if args.families else STYLES
+    segmenter = Segmenter.from_package(args.model, args.device)
+    figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, not args.no_sacrum_cropped,
+                                         progress=lambda text: print(text, end="\r", flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "segment_benchmark.json", json.dumps(figures, indent=2) + "\n")
+    table = format_table(figures)
+    write_text_atomic(out / "segment_benchmark.md", table)
+    print("\n" + table)
+    return 0

@@ -1,0 +1,59 @@
+"""The generalisation benchmark: sacrum-cropped images, per-set figures, and one real run of the demo segmenter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from AACScoreLib.cli import main as cli_main
+from AACScoreLib.evaluation.segmentation_benchmark import crop_below_l5, summarise
+from AACScoreLib.io.radiograph import Radiograph
+
+
+def _spine(rows_down: bool = True) -> tuple[Radiograph, np.ndarray]:
+    labels = np.zeros((200, 60), np.uint8)
+    for value, top in zip((6, 1, 2, 3, 4, 5, 7), range(5, 200, 27)):
+        labels[top:top + 20, 20:40] = value
+    labels = labels if rows_down else labels[::-1]
+    radiograph = Radiograph(labels.astype(np.float32) * 10, (0.5, 0.5), "test", "spine.png", "PNG")
+    return radiograph, labels
+
+
+@pytest.mark.parametrize("rows_down", [True, False])
+def test_sacrum_crop_ends_just_below_l5(rows_down):
+    radiograph, labels = _spine(rows_down)
+    cropped, kept = crop_below_l5(radiograph, labels, margin_mm=2.0)
+    assert cropped.pixels.shape == kept.shape and kept.shape[1] == 60
+    assert 7 not in kept and (kept == 5).sum() == (labels == 5).sum() and (kept == 6).sum() == (labels == 6).sum()
+    l5_rows = np.flatnonzero((kept == 5).any(axis=1))
+    edge = l5_rows.max() if rows_down else l5_rows.min()
+    assert (kept.shape[0] - 1 - edge if rows_down else edge) == 4  # 2 mm at 0.5 mm per pixel
+    assert cropped.spacing == radiograph.spacing and "sacrum cropped" in cropped.path
+
+
+def test_summary_counts_levels_errors_and_wrong_but_ok():
+    def case(status, dice, method="T12+S1"):
+        return {"status": status, "dice": dice, "all_right": status != "error" and min(dice) >= 0.5,
+                "levels": {"method": method}, "seconds": 0.5}
+
+    figures = summarise([case("ok", [0.9] * 5), case("ok", [0.0] * 5, "L1+L5"), case("warning", [0.9] * 5),
+                         case("error", [0.0] * 5)])
+    assert figures["n"] == 4 and figures["all_levels_right"] == 0.5
+    assert figures["error_rows"] == 0.25 and figures["wrong_but_ok"] == 0.25 and figures["warning_rows"] == 0.25
+    assert figures["dice_mean"]["L3"] == pytest.approx(0.45)
+    assert figures["levels_methods"] == {"L1+L5": 1, "T12+S1": 3} and figures["seconds_per_image"] == 0.5
+
+
+def test_benchmark_command_writes_json_and_table(tmp_path):
+    code = cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    figures = json.loads((tmp_path / "segment_benchmark.json").read_text())
+    entry = figures["families"]["default"]
+    assert set(entry) >= {"full", "sacrum cropped"} and entry["seen_in_training"]
+    assert entry["full"]["n"] == 1 and entry["full"]["all_levels_right"] == 1.0  # the demo segmenter's own family
+    assert [case["set"] for case in figures["cases"]] == ["full", "sacrum cropped"]
+    table = (tmp_path / "segment_benchmark.md").read_text()
+    assert "| default | full | 1 | 100% |" in table and "sacrum cropped" in table
