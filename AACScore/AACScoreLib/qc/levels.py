@@ -36,7 +36,6 @@ def level_counting_reasons(levels) -> list[Reason]:
 
 def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:
     """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image."""
-    import torch
 
     from ..segmentation.dataset import to_working_image, working_shape
 
@@ -44,7 +43,7 @@ def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:
                              segmenter.default_long_side)
     image = to_working_image(radiograph, shape, segmenter.window)
     logits = segmenter.predict_logits(np.ascontiguousarray(image[:, ::-1]))
-    channels = torch.stack([logits[0]] + [logits[c] for c in segmenter.channel_of_level])
+    channels = segmenter.ordered_channels(logits)[: 1 + len(VERTEBRAE)]  # background, L1..L5 (context left out)
     second = channels.argmax(0).numpy()[:, ::-1]
     return dice_per_vertebra(nearest_resample(labels, second.shape), second)
 

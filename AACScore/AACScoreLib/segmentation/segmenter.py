@@ -158,7 +158,7 @@ class Segmenter:
                                              mirror_axes)
         label_values = self.manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
         context = tuple(name for name in CONTEXT_LABELS if name in label_values)
-        self.classes = VERTEBRAE + context  # the channels after background, as `_channels` orders them
+        self.classes = VERTEBRAE + context  # the channels after background, as `ordered_channels` orders them
         self.channel_of_class = [int(label_values[name]) for name in self.classes]
         # label value of each reordered channel: 0, 1..5 = L1..L5, then 6 = T12 / 7 = S1 for those the model has
         self.value_of_channel = np.array([0, *range(1, len(VERTEBRAE) + 1), *(CONTEXT_LABELS[n] for n in context)],
@@ -231,7 +231,7 @@ class Segmenter:
         step(0.2, "running the network")
         logits = self.predict_logits(image)
         step(0.7, "mapping labels back to full size")
-        channels = self._channels(logits)
+        channels = self.ordered_channels(logits)
         probabilities = torch.softmax(channels, 0).numpy()
         if self.count_by_bodies:
             levels, assignment = count_levels(probabilities, self.classes)
@@ -251,7 +251,7 @@ class Segmenter:
         return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started,
                                   context if len(self.classes) > len(VERTEBRAE) else None, assignment)
 
-    def _channels(self, logits):
+    def ordered_channels(self, logits):
         """Logits reordered as background, then `self.classes` (an imported model may number its labels otherwise)."""
         import torch
 
