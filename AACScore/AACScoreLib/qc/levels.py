@@ -36,7 +36,6 @@ def level_counting_reasons(levels) -> list[Reason]:
 
 def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:
     """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image."""
-
     from ..segmentation.dataset import to_working_image, working_shape
 
     shape, _ = working_shape(radiograph.pixels.shape, radiograph.spacing, segmenter.working_spacing,
