@@ -301,6 +301,20 @@ def display_pixels(signal: np.ndarray, spacing: float, factor: int, look: dict, 
     return pixels
 
 
+def form_image(anatomy, acq: dict, look: dict, rng: np.random.Generator):
+    """(placement, attenuation, label map, shutter, field) of a drawn anatomy under an acquisition: rendered
+    coarse, collimated, upsampled, the vertebral bodies drawn and context labels cleared outside the field."""
+    factor = max(1, int(round(0.45 / acq["spacing"])))
+    place = Placement(acq["matrix"], acq["origin"], acq["spacing"], acq["shape"], factor)
+    coarse = render_coarse(anatomy, place, look, rng)
+    collimation, shutter, field_ = collimate(rng, place, acq["key_px"])
+    att = upsample(coarse + collimation, factor, place.shape)
+    label_map = np.zeros(place.shape, np.uint8)
+    draw_bodies(att, label_map, anatomy, place, look, rng, LABEL_VALUES, CONTEXT_VALUES)
+    clear_context_outside(label_map, field_)
+    return place, att, label_map, shutter, field_
+
+
 def generate_drawn(seed: int, style: str, index: int, severity: Sequence[float] = DEFAULT_SEVERITY,
                    size_range: tuple[int, int] = DEFAULT_SIZE_RANGE) -> Phantom:
     """One phantom of the "default" or "alt" family, fully determined by its arguments."""
@@ -324,15 +338,7 @@ def generate_drawn(seed: int, style: str, index: int, severity: Sequence[float] 
     key += [anatomy.aorta_anterior, anatomy.spinous_tips[2:]]
     key += [anatomy.bodies[n].corners + anatomy.bodies[n].normal * 0.75 * mean_ap for n in kauppila.VERTEBRAE]
     acq = _acquisition(rng, size_range, np.vstack(key), alt)
-    factor = max(1, int(round(0.45 / acq["spacing"])))
-    place = Placement(acq["matrix"], acq["origin"], acq["spacing"], acq["shape"], factor)
-
-    coarse = render_coarse(anatomy, place, look, rng)
-    collimation, shutter, field_ = collimate(rng, place, acq["key_px"])
-    att = upsample(coarse + collimation, factor, place.shape)
-    label_map = np.zeros(place.shape, np.uint8)
-    draw_bodies(att, label_map, anatomy, place, look, rng, LABEL_VALUES, CONTEXT_VALUES)
-    clear_context_outside(label_map, field_)
+    place, att, label_map, shutter, field_ = form_image(anatomy, acq, look, rng)
     plaque_mask = draw_deposits(att, anatomy, place, look, rng, deposits)
 
     bits = int(rng.choice([12, 14, 15, 16]))

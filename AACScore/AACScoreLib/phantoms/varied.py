@@ -23,12 +23,10 @@ from typing import Sequence
 import numpy as np
 
 from .. import kauppila
-from .anatomy import (CORNER_NAMES, Anatomy, Body, Placement, aorta, curve_normals, disc_boundaries, draw_bodies,
-                      draw_dense,
-                      endplate_mid, lay_out_spine, posterior_elements, render_coarse, rounded, sacrum_outline,
-                      smooth_curve, unit, upsample)
-from .drawn import (CONTEXT_VALUES, LABEL_VALUES, burn_in_markers, clear_context_outside, collimate,
-                    dicom_settings, draw_deposits, drawn_look, process)
+from .anatomy import (CORNER_NAMES, Anatomy, Body, Placement, aorta, curve_normals, disc_boundaries, draw_dense,
+                      endplate_mid, lay_out_spine, posterior_elements, rounded, sacrum_outline, smooth_curve, unit)
+from .drawn import (CONTEXT_VALUES, LABEL_VALUES, burn_in_markers, dicom_settings, draw_deposits, drawn_look,
+                    form_image, process)
 from .truth import (END_MARGIN_MM, FRACTION_RANGES, GAP_MM, Phantom, arc_length, band_clearance, lay_out_pieces,
                     measure_truth, phantom_name, target_subscores, wall_segment_spans)
 
@@ -67,14 +65,7 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
     look = varied_look(rng, info)
 
     acq = varied_acquisition(rng, size_range, anatomy, spans, info)
-    factor = max(1, int(round(0.45 / acq["spacing"])))
-    place = Placement(acq["matrix"], acq["origin"], acq["spacing"], acq["shape"], factor)
-    coarse = render_coarse(anatomy, place, look, rng)
-    collimation, shutter, field_ = collimate(rng, place, acq["key_px"])
-    att = upsample(coarse + collimation, factor, place.shape)
-    label_map = np.zeros(place.shape, np.uint8)
-    draw_bodies(att, label_map, anatomy, place, look, rng, LABEL_VALUES, CONTEXT_VALUES)
-    clear_context_outside(label_map, field_)
+    place, att, label_map, shutter, field_ = form_image(anatomy, acq, look, rng)
     hidden = _shutter_edges(label_map, anatomy, place, info)
     draw_dense(att, anatomy, place)
     plaque_mask = draw_deposits(att, anatomy, place, look, rng, deposits)
