@@ -526,7 +526,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExportDicom(self):
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Write DICOM SEG, SR and heatmap to")
         if folder:
-            with slicer.util.tryWithErrorDisplay("Could not export DICOM.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay("Could not export DICOM (needs highdicom: Slicer 5.12).",
+                                                 waitCursor=True):
                 from AACScoreLib.slicer.dicom import export_dicom
 
                 written = export_dicom(self.logic.workflow(self._parameterNode), self._volume(), folder)
@@ -538,9 +539,11 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         from AACScoreLib.errors import AACScoreError
-        from AACScoreLib.slicer.dicom import load_dicom_seg
 
-        with slicer.util.tryWithErrorDisplay("Could not load the DICOM SEG.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not load the DICOM SEG (needs highdicom: Slicer 5.12).",
+                                             waitCursor=True):
+            from AACScoreLib.slicer.dicom import load_dicom_seg
+
             workflow, volume = self.logic.workflow(self._parameterNode), self._volume()
             try:
                 segmentation = load_dicom_seg(workflow, volume, path)
