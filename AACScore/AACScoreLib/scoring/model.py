@@ -155,6 +155,12 @@ def freeze_stages(model: ScorerNet, stages: Sequence[str]) -> list[nn.Module]:
     return modules
 
 
+def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer: fine-tuning on few cases keeps their running statistics (batches of a handful of
+    images from one site would otherwise replace what thousands of training images set)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def build_model(architecture: dict[str, Any] | None = None, imagenet_weights: str | Path | None = None) -> ScorerNet:
     """A new network; ImageNet initialisation of the backbone from a local torchvision file when one is given."""
     model = ScorerNet(architecture)

@@ -189,7 +189,7 @@ def _load_checkpoint(work_dir: Path, model, optimizer, generator) -> dict:
 def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, imagenet_weights: str | Path | None = None,
           resume: bool = False, log: Callable[[str], None] = print, checkpoint_seconds: float = 60.0,
           on_epoch_end: Callable[[int, dict], None] | None = None, loader_workers: int = 0,
-          initial_weights: dict | None = None, freeze: Sequence[str] = ()):
+          initial_weights: dict | None = None, freeze: Sequence[str] = (), freeze_batchnorm: bool = False):
     """Train on `train_set` (a scoring.data.CropSet), validating on `val_set` (may be empty); returns the model
     with the best validation weights loaded, and a TrainResult.
 
@@ -199,7 +199,8 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     (randomise) the next batches; the result does not depend on their number.
 
     Fine-tuning: `initial_weights` (a package's state dict, its score scale included) start the network instead
-    of a fresh initialisation, and the backbone stages named in `freeze` are not trained.
+    of a fresh initialisation, the backbone stages named in `freeze` are not trained, and with
+    `freeze_batchnorm` every BatchNorm layer keeps its running statistics.
     """
     import torch
     from safetensors.torch import load_file, save
@@ -207,7 +208,7 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     from ..io.atomic import write_bytes_atomic
     from ..segmentation.training import epochs_within_budget
     from .data import TrainingCrops, augment_batch
-    from .model import build_model, freeze_stages
+    from .model import batchnorm_modules, build_model, freeze_stages
 
     s = settings
     if len(train_set) < 2:
@@ -227,7 +228,7 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
     model.set_target_scale(float(train_set.totals.mean()), float(train_set.totals.std()))
     if initial_weights is not None:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in initial_weights.items()})
-    frozen = freeze_stages(model, freeze)
+    frozen = freeze_stages(model, freeze) + (batchnorm_modules(model) if freeze_batchnorm else [])
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr_at(0, 1, s),

@@ -124,6 +124,8 @@ def test_scorer_finetuning_starts_from_the_base_and_keeps_frozen_stages(scored_s
     frozen = [k for k in base if k.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))]
     assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
     assert any(not torch.equal(base[k], after[k]) for k in base if k.startswith("backbone.layer4."))
+    statistics = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(base[k], after[k]) for k in statistics)  # BatchNorm statistics kept
     data = tuned.manifest["training_data"]
     assert data["fine_tuned_from"]["files_sha256"] == tiny_scorer_package.files
     assert data["training_set_sha256"] == scored_set.fingerprint() and data["n_cases"] == 4
