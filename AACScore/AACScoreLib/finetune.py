@@ -27,7 +27,7 @@ from .errors import AACScoreError
 from .io.atomic import write_text_atomic
 from .io.training_set import TrainingCase, TrainingSet, parse_scores
 from .kauppila import SUBSCORE_COLUMNS, VERTEBRAE
-from .packages import ModelPackage, find_package
+from .packages import ModelPackage, find_package, package_reference
 
 Log = Callable[[str], None]
 
@@ -59,12 +59,6 @@ class SegmenterFinetuneSettings:
     lr: float = 0.001
     device: str = "auto"
     processes: int = 2
-
-
-def package_reference(package: ModelPackage) -> dict:
-    """How a fine-tuned package names its base: name, version and the sha256 of every file the base pins."""
-    return {"name": package.name, "version": package.version, "kind": package.kind,
-            "files_sha256": dict(sorted(package.files.items()))}
 
 
 def _base_package(base: str | Path | ModelPackage | None, kind: str) -> ModelPackage:
@@ -157,7 +151,7 @@ def finetune_segmenter(data: str | Path, out: str | Path, base: str | Path | Mod
                        version: str | None = None, work: str | Path | None = None) -> Path:
     """Fine-tune a segmenter package (nnU-Net v2, same plan) on the corrected cases of a training set."""
     from .segmentation.package import load_segmenter_package
-    from .segmentation.training import train_segmenter
+    from .segmentation.training import base_features, train_segmenter
 
     s = settings or SegmenterFinetuneSettings()
     dataset = TrainingSet(data)
@@ -178,7 +172,7 @@ def finetune_segmenter(data: str | Path, out: str | Path, base: str | Path | Mod
         version=version or time.strftime("%Y%m%d.%H%M%S"), epochs=s.epochs,
         iterations_per_epoch=s.iterations_per_epoch, device=s.device,
         patch_size=tuple(configuration["patch_size"]),
-        features=tuple(configuration["architecture"]["arch_kwargs"]["features_per_stage"]),
+        features=base_features(loaded),
         batch_size=s.batch_size, working_spacing_mm=float(spacing),
         default_long_side_px=int(manifest_input.get("default_long_side_px", 271)),
         training_note=summary, cases=[(case.image, case.labels) for case in cases], processes=s.processes,

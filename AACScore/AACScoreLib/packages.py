@@ -94,6 +94,12 @@ class ModelPackage:
         return f"{self.name}=={self.version} ({self.kind}, {self.path})"
 
 
+def package_reference(package: ModelPackage) -> dict:
+    """How a fine-tuned package names its base: name, version and the sha256 of every file the base pins."""
+    return {"name": package.name, "version": package.version, "kind": package.kind,
+            "files_sha256": dict(sorted(package.files.items()))}
+
+
 def timestamped_version(base: str) -> str:
     """`base+YYYYMMDD.HHMMSS` (UTC): the default version of a trained package, so that two trainings never share
     a name and version (results.csv and installs tell packages apart by content too, but people read versions)."""

@@ -803,12 +803,15 @@ def _expose(integral: np.ndarray, beam: ConeBeam, factor: int, spine: np.ndarray
     primary = integral
     small = primary[f // 2::f, f // 2::f]
     scatter = blur(small * path, rng.uniform(30.0, 90.0) / (beam.spacing * f))
+    np.maximum(scatter, 0.0, out=scatter)  # the blur rings slightly below zero; scatter is never negative
     ratio = float(np.median((scatter / np.maximum(small, 1e-6))[::max(1, step // f), ::max(1, step // f)][
         spine[f // 2::f, f // 2::f][::max(1, step // f), ::max(1, step // f)]]))
-    scatter *= np.float32(rng.uniform(0.2, 2.0) / max(ratio, 1e-6))
+    wanted = np.float32(rng.uniform(0.2, 2.0))
+    # scaled to the wanted scatter-to-primary ratio; a ratio near zero (no scatter behind the spine) would blow up
+    scatter *= wanted / ratio if ratio > 1e-3 else np.float32(0.0)
     primary += upsample(scatter, f, beam.shape)
     noise = rng.standard_normal(beam.shape, dtype=np.float32)
-    noise *= np.sqrt(primary + np.float32(rng.uniform(0.3, 3.0) ** 2))
+    noise *= np.sqrt(np.maximum(primary, 0.0) + np.float32(rng.uniform(0.3, 3.0) ** 2))
     primary += noise
     del noise
     blur_px = rng.uniform(0.05, 0.25) / beam.spacing

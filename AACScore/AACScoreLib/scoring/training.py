@@ -514,6 +514,9 @@ def add_cli(subparsers) -> None:
                    help="network input (default 1000x500 as in the paper; e.g. 384x192 on a CPU)")
     p.add_argument("--backbone", choices=("resnet34", "resnet18"), default=d.backbone)
     p.add_argument("--imagenet-weights", metavar="PTH", help="local torchvision ImageNet file, e.g. resnet34-b627a593.pth")
+    p.add_argument("--init-from", metavar="PACKAGE",
+                   help="start from a scorer package's weights (same backbone, input size and heads) instead of a "
+                        "fresh network, e.g. to widen a trained scorer to more phantom families")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -567,6 +570,24 @@ def training_families(text: str, allow_held_out: bool) -> tuple[str, ...]:
     return families
 
 
+def starting_weights(package_name: str, settings: TrainSettings) -> tuple[dict, dict]:
+    """The weights of a scorer package to start training from, and its reference for the manifest; refused when
+    the package's network is not the one `settings` describes."""
+    from ..packages import find_package, load_safetensors, package_reference
+
+    package = find_package(package_name, "scorer")
+    architecture = package.manifest["architecture"]
+    have = {"backbone": architecture["backbone"], "input size": tuple(int(v) for v in package.manifest["input"]["size"]),
+            "subscore head": bool(architecture.get("subscores_head")),
+            "scSE combine": architecture.get("scse_combine", "max")}
+    want = {"backbone": settings.backbone, "input size": tuple(settings.input_size),
+            "subscore head": settings.subscores_head, "scSE combine": settings.scse_combine}
+    differ = [f"{key} {have[key]} (asked: {want[key]})" for key in have if have[key] != want[key]]
+    if differ:
+        raise AACScoreError(f"--init-from {package.path}: another network: {'; '.join(differ)}")
+    return load_safetensors(package, architecture["weights"]), package_reference(package)
+
+
 def _records(source: str, is_dir: bool):
     from .data import read_score_csv
 
@@ -604,6 +625,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.holdout_synthetic and not args.holdout_styles:
         raise AACScoreError("--holdout-synthetic: no held-out phantom family is registered; name --holdout-styles")
     holdout_styles = parse_styles(args.holdout_styles) if args.holdout_synthetic else ()
+    initial_weights, base = starting_weights(args.init_from, settings) if args.init_from else (None, None)
     if args.synthetic:
         styles = training_families(args.phantom_styles, args.allow_held_out_family)
         source = f"{args.synthetic} phantoms, seed {args.phantom_seed}, styles {'/'.join(styles)}"
@@ -627,7 +649,8 @@ def _run(args: argparse.Namespace) -> int:
     train_index, val_index = split_indices(len(data), settings.val_fraction, settings.seed)
     model, result = train(data.subset(train_index), data.subset(val_index), settings, work_dir,
                           imagenet_weights=args.imagenet_weights, resume=args.resume,
-                          log=lambda text: print(text, file=sys.stderr), loader_workers=args.loader_workers)
+                          log=lambda text: print(text, file=sys.stderr), loader_workers=args.loader_workers,
+                          initial_weights=initial_weights)
     device = resolve_device(settings.device)
     metrics = {"validation": evaluate_model(model, data.subset(val_index), device, settings.batch)}
     if args.holdout:
@@ -642,6 +665,8 @@ def _run(args: argparse.Namespace) -> int:
             "n_skipped": len(holdout_set.skipped), **evaluate_model(model, holdout_set, device, settings.batch)}
     summary = data_summary(data, str(source))
     summary.update(n_train=len(train_index), n_validation=len(val_index))
+    if base is not None:
+        summary["initialised_from"] = base
     manifest = build_manifest(model, settings, result, summary, metrics, args.name,
                               args.version or timestamped_version("1.0.0"))
     package = write_scorer_package(out, model.cpu(), manifest)

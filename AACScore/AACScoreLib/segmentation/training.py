@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import AACScoreError
 from ..kauppila import VERTEBRAE
-from ..packages import timestamped_version
+from ..packages import package_reference, timestamped_version
 from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
 from ..phantoms.families import HELD_OUT_FAMILY
@@ -375,7 +375,33 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--work", default=None, help="keep nnU-Net's raw/preprocessed/results folders here")
     parser.add_argument("--resume", action="store_true",
                         help="continue the training kept in --work up to --epochs (no new export)")
+    parser.add_argument("--init-from", metavar="PACKAGE",
+                        help="start from a segmenter package's weights (nnU-Net's pretrained-weights rule: same "
+                             "network; the output layer starts fresh when the classes differ, e.g. adding T12/S1)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="initial learning rate (default: nnU-Net's 0.01; lower to start from --init-from)")
     parser.set_defaults(func=_train_command)
+
+
+def base_features(loaded) -> tuple[int, ...]:
+    """Feature widths per stage of a loaded segmenter package's network."""
+    return tuple(loaded.plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"])
+
+
+def starting_package(name: str, patch_size: tuple[int, int]):
+    """A segmenter package to start training from (its network must be the one being trained)."""
+    from .package import load_segmenter_package
+
+    loaded = load_segmenter_package(name)
+    spacing = loaded.package.manifest.get("input", {}).get("working_spacing_mm")
+    if spacing != WORKING_SPACING_MM:
+        raise AACScoreError(f"--init-from {loaded.package.path}: working spacing {spacing} mm, not this recipe's "
+                            f"{WORKING_SPACING_MM} mm (a package trained by AACScore is needed)")
+    base_patch = tuple(loaded.plans["configurations"]["2d"]["patch_size"])
+    if base_patch != patch_size:
+        raise AACScoreError(f"--init-from {loaded.package.path}: patch {base_patch}, asked {patch_size}; "
+                            f"give --patch-size {base_patch[0]} {base_patch[1]}")
+    return loaded
 
 
 def _train_command(args) -> int:
@@ -387,6 +413,7 @@ def _train_command(args) -> int:
     phantoms = phantom_sources(args.phantoms, args.seed, styles, args.context_classes) if args.phantoms else []
     if not data and not phantoms and not args.resume:
         raise AACScoreError("give --data FOLDER and/or --phantoms N")
+    base = starting_package(args.init_from, tuple(args.patch_size)) if args.init_from else None
     scratch = Path(tempfile.mkdtemp(prefix="aacscore-phantoms-"))
     try:
         eval_cases = []
@@ -394,7 +421,9 @@ def _train_command(args) -> int:
             write_phantoms(scratch / "eval", args.eval_phantoms, args.eval_seed)
             eval_cases = phantom_cases(scratch / "eval")
         fold = args.fold if args.fold == "all" else int(args.fold)
-        note = {"phantoms": {"n": args.phantoms, "seed": args.seed, "styles": list(styles)}} if phantoms else None
+        note = {"phantoms": {"n": args.phantoms, "seed": args.seed, "styles": list(styles)}} if phantoms else {}
+        if base is not None:
+            note["initialised_from"] = package_reference(base.package)
         budget = args.time_budget_minutes * 60 if args.time_budget_minutes else None
         package, metrics = train_segmenter(
             data, args.out, work=args.work, name=args.name,
@@ -402,7 +431,9 @@ def _train_command(args) -> int:
             iterations_per_epoch=args.iterations_per_epoch, fold=fold, device=args.device, eval_cases=eval_cases,
             training_note=note, resume=args.resume, phantoms=phantoms, processes=args.processes,
             time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size),
-            context=args.context_classes, randomise_copies=args.randomise_copies, seed=args.seed)
+            context=args.context_classes, randomise_copies=args.randomise_copies, seed=args.seed,
+            features=FEATURES if base is None else base_features(base),
+            initial_weights=None if base is None else base.fold_weights[0], initial_lr=args.lr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {package}")
