@@ -133,6 +133,24 @@ def test_scorer_finetuning_starts_from_the_base_and_keeps_frozen_stages(scored_s
     assert Scorer.from_package(package).input_size == (64, 32)
 
 
+def test_train_scorer_can_start_from_a_package(tiny_scorer_package, tmp_path):
+    from AACScoreLib.scoring.training import TrainSettings, starting_weights
+
+    settings = TrainSettings(input_size=(64, 32), backbone="resnet18", subscores_head=True)
+    weights, reference = starting_weights(str(tiny_scorer_package.path), settings)
+    assert reference["files_sha256"] == tiny_scorer_package.files and "backbone.conv1.weight" in weights
+    with pytest.raises(AACScoreError, match="another network: backbone resnet18 .asked: resnet34.; input size"):
+        starting_weights(str(tiny_scorer_package.path), TrainSettings(backbone="resnet34"))
+    out = tmp_path / "widened"
+    assert cli_main(["train-scorer", "--synthetic", "4", "--input-size", "64x32", "--backbone", "resnet18",
+                     "--subscores-head", "--epochs", "1", "--batch", "2", "--lr", "0", "--val-fraction", "0",
+                     "--threads", "1", "--init-from", str(tiny_scorer_package.path), "--out", str(out)]) == 0
+    trained = verify_package(out)
+    assert trained.manifest["training_data"]["initialised_from"]["name"] == "tiny-scorer"
+    after = load_safetensors(trained, "weights.safetensors")  # learning rate 0: the base's weights, unchanged
+    assert all(torch.equal(weights[k], after[k]) for k in weights if k.endswith("conv1.weight"))
+
+
 def test_scorer_finetuning_needs_rated_cases(tmp_path, tiny_scorer_package):
     phantom, radiograph, _ = phantom_case(8204, 0)
     dataset = TrainingSet(tmp_path / "set")
@@ -205,6 +223,23 @@ def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set
     wider["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
     with pytest.raises(ModelPackageError, match="does not fit the network being trained"):
         transfer_weights(build_network(wider, loaded.dataset_json), loaded.fold_weights[0], "base")
+
+
+def test_train_segmenter_can_start_from_a_package_and_add_context_classes(toy_set_and_base, tmp_path):
+    from AACScoreLib.segmentation.training import starting_package
+
+    _, base, _ = toy_set_and_base
+    with pytest.raises(AACScoreError, match=r"patch \(64, 48\), asked \(320, 256\); give --patch-size 64 48"):
+        starting_package(str(base), (320, 256))
+    assert cli_main(["train-segmenter", "--phantoms", "2", "--context-classes", "--patch-size", "64", "48",
+                     "--batch-size", "2", "--epochs", "1", "--iterations-per-epoch", "1", "--processes", "1",
+                     "--device", "cpu", "--init-from", str(base), "--lr", "0.001", "--work", str(tmp_path / "work"),
+                     "--out", str(tmp_path / "wider")]) == 0
+    trained = read_package(tmp_path / "wider")
+    assert trained.manifest["training_data"]["initialised_from"]["name"] == "toy-base"
+    assert trained.manifest["labels"][-2:] == ["T12", "S1"]
+    log = next((tmp_path / "work" / "results").rglob("training_log_*.txt")).read_text()
+    assert "started from the base segmenter's weights; fresh: ['" in log and "seg_layers" in log
 
 
 def test_levels_right_needs_every_level_on_its_own_body():
