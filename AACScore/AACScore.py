@@ -86,6 +86,7 @@ class AACScoreParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    showContext: bool = False  # the hidden T12/S1 segments of a segmenter with context classes
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     scorerModel: str = ""  # package path; "" = newest installed, else the bundled demo
     segmenterModel: str = ""
@@ -243,6 +244,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from AACScoreLib.slicer import scene as aac_scene
 
         aac_scene.set_heatmap_opacity(slicer.mrmlScene, parameters.heatmapOpacity)
+        if parameters.segmentation is not None:
+            aac_scene.show_context_segments(parameters.segmentation, parameters.showContext)
         self._showStoredResult()
         self._probeDevice()
 

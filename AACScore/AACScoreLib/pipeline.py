@@ -46,6 +46,7 @@ class AACResult:
     labels: np.ndarray | None = None
     labels_source: str = ""  # "segmenter" | "user"
     levels: LevelAssignment | None = None  # how the segmenter counted L1..L5 (None for a user's label map)
+    context: np.ndarray | None = None  # the segmenter's T12/S1 (6/7) where it has context classes; never scored
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
@@ -219,6 +220,7 @@ class Pipeline:
             raise AACScoreError(f"{radiograph.path}: no label map given and no segmenter loaded")
         segmentation = self.segmenter.segment(radiograph, cancel=cancel)
         result.levels = getattr(segmentation, "levels", None)  # segmenters of other makes may not count
+        result.context = getattr(segmentation, "context", None)
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:

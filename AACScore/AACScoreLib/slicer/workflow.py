@@ -163,6 +163,7 @@ class SegmentedLabels:
     labels: np.ndarray
     status: str
     message: str
+    context: np.ndarray | None = None  # T12/S1 (6/7) of a segmenter with context classes
 
 
 @dataclass
@@ -286,8 +287,9 @@ class Workflow:
             return {"image": request.image.to_message(folder, "image"), "models": self._models()}
 
         def read(answer: dict) -> SegmentedLabels:
+            context = aac_scene.read_image_array(self.scene, answer["context"]) if answer.get("context") else None
             return SegmentedLabels(aac_scene.read_image_array(self.scene, answer["labels"]), answer["status"],
-                                   answer["message"])
+                                   answer["message"], context)
 
         return self.worker.submit("segment", prepare=prepare, read_result=read)
 
@@ -388,13 +390,14 @@ class Workflow:
         message = segmentation_result.message or ""
         if not labels.any():
             raise AACScoreError(f"'{volume.GetName()}': no vertebrae found" + (f" ({message})" if message else ""))
+        context = getattr(segmentation_result, "context", None)
         existing = aac_scene.find_vertebra_segmentation(self.scene, volume)
         if existing is None:
-            node = aac_scene.add_vertebra_segmentation(self.scene, volume, labels)
+            node = aac_scene.add_vertebra_segmentation(self.scene, volume, labels, context=context)
             return SegmentOutcome("created", message, node)
         if not overwrite and aac_scene.segmentation_was_edited(existing):
             return SegmentOutcome("edited", _edited_message(existing), existing)
-        aac_scene.update_vertebra_segmentation(existing, volume, labels, overwrite_edits=True)
+        aac_scene.update_vertebra_segmentation(existing, volume, labels, overwrite_edits=True, context=context)
         return SegmentOutcome("updated", message, existing)
 
     def segment(self, volume_node, overwrite: bool = False, progress: Progress = _no_progress,
@@ -454,7 +457,8 @@ class Workflow:
         elif result.labels is not None and result.labels.any():
             outcome.segmentation = aac_scene.find_vertebra_segmentation(self.scene, volume)
             if outcome.segmentation is None:
-                outcome.segmentation = aac_scene.add_vertebra_segmentation(self.scene, volume, result.labels)
+                outcome.segmentation = aac_scene.add_vertebra_segmentation(self.scene, volume, result.labels,
+                                                                           context=result.context)
         if result.heatmap is not None:
             outcome.heatmap = aac_scene.add_heatmap_volume(self.scene, volume, result.heatmap)
         if result.geometry is not None:

@@ -161,6 +161,9 @@ def result_message(result, folder: Path, stem: str, write_array: Callable[[Path,
     if result.labels is not None:
         message["labels"] = str(Path(folder) / f"{stem}_labels.nrrd")
         write_array(Path(message["labels"]), np.asarray(result.labels, np.uint8))
+    if result.context is not None:
+        message["context"] = str(Path(folder) / f"{stem}_context.nrrd")
+        write_array(Path(message["context"]), np.asarray(result.context, np.uint8))
     if result.heatmap is not None:
         message["heatmap"] = str(Path(folder) / f"{stem}_heatmap.nrrd")
         write_array(Path(message["heatmap"]), np.asarray(result.heatmap, np.float32))
@@ -178,6 +181,8 @@ def result_from_message(message: dict, read_array: Callable[[str], np.ndarray]):
     result.subscores = subscores or None
     if message.get("labels"):
         result.labels = read_array(message["labels"])
+    if message.get("context"):
+        result.context = read_array(message["context"])
     if message.get("heatmap"):
         result.heatmap = read_array(message["heatmap"])
     if message.get("geometry"):

@@ -151,7 +151,11 @@ class Server:
         context.check()
         labels = folder / "segment_labels.nrrd"
         write_nrrd(labels, np.asarray(result.labels, np.uint8))
-        return {"labels": str(labels), "status": result.status, "message": result.message or ""}
+        answer = {"labels": str(labels), "status": result.status, "message": result.message or "", "context": None}
+        if result.context is not None:
+            answer["context"] = str(folder / "segment_context.nrrd")
+            write_nrrd(Path(answer["context"]), np.asarray(result.context, np.uint8))
+        return answer
 
     def _score(self, params: dict, folder: Path, context: _Context) -> dict:
         pipeline = self.pipeline(params["models"], context)

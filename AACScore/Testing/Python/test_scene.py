@@ -125,7 +125,8 @@ def test_terminology_file_has_the_dicom_vertebra_codes():
     types = context["SegmentationCodes"]["Category"][0]["Type"]
     codes = {kind["3dSlicerLabel"]: kind["CodeValue"] for kind in types}
     # SNOMED CT codes of DICOM CID 7603 "Vertebra"
-    assert codes == {"L1": "66794005", "L2": "14293000", "L3": "36470004", "L4": "11994002", "L5": "49668003"}
+    assert codes == {"L1": "66794005", "L2": "14293000", "L3": "36470004", "L4": "11994002", "L5": "49668003",
+                     "T12": "23215003", "S1": "65985001"}  # S1 is SNOMED CT's first sacral vertebra (not in 7603)
     # Slicer's own terminology logic reads the file
     logic = slicer.vtkSlicerTerminologiesModuleLogic()
     assert logic.LoadContextFromFile(str(aac_scene.TERMINOLOGY_FILE))
@@ -206,6 +207,36 @@ def test_missing_or_doubled_vertebra_segment_is_named_in_the_error(scene, volume
     segmentation.AddEmptySegment("", "L4")
     with pytest.raises(GeometryError, match="no segment named 'L3' and 2 segments named 'L4'"):
         aac_scene.read_vertebra_labels(node, volume)
+
+
+def test_context_segments_are_hidden_never_scored_and_replaced_with_the_vertebrae(scene, volume):
+    labels = _labels()
+    context = np.zeros_like(labels)
+    context[0:4, 12:30] = 6  # T12 above L1
+    context[57:60, 12:30] = 7  # the top of the sacrum below L5
+    node = aac_scene.add_vertebra_segmentation(scene, volume, labels, context=context)
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == [*VERTEBRAE, "T12", "S1"]
+    display = node.GetDisplayNode()
+    ids = aac_scene.context_segment_ids(node)
+    assert len(ids) == 2 and not any(display.GetSegmentVisibility(i) for i in ids)
+    assert all(display.GetSegmentVisibility(segmentation.GetSegmentIdBySegmentName(v)) for v in VERTEBRAE)
+    entry = slicer.vtkSlicerTerminologyEntry()
+    t12 = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("T12"))
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(t12.GetTerminology(), entry)
+    assert entry.GetTypeObject().GetCodeValue() == "23215003"
+    np.testing.assert_array_equal(aac_scene.read_vertebra_labels(node, volume), labels)  # context is not scored
+    assert not aac_scene.segmentation_was_edited(node)
+    assert aac_scene.show_context_segments(node, True) == 2 and all(display.GetSegmentVisibility(i) for i in ids)
+
+    context[57:60] = 0  # the next model sees no sacrum; a person's own segment named T12 stays
+    own = segmentation.AddEmptySegment("", "T12 (mine)")
+    aac_scene.update_vertebra_segmentation(node, volume, labels, context=context)
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert sorted(names) == sorted([*VERTEBRAE, "T12 (mine)", "T12"]) and segmentation.GetSegment(own) is not None
+    aac_scene.update_vertebra_segmentation(node, volume, labels)  # a model without context classes
+    assert aac_scene.context_segment_ids(node) == [] and segmentation.GetSegment(own) is not None
 
 
 def test_update_replaces_unedited_segments_and_refuses_edited_ones(scene, volume):

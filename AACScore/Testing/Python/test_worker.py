@@ -76,9 +76,11 @@ def test_a_result_round_trips_through_json_and_nrrd(tmp_path):
     result = AACResult(file="a.dcm", status="warning", message="check", aac24=7.25, category="moderate",
                        subscores={c: 1.0 for c in ("L1A", "L1P", "L2A", "L2P", "L3A", "L3P", "L4A", "L4P")},
                        labels=labels, labels_source="user", heatmap=heat)
+    result.context = np.where(labels == 3, 0, 6).astype(np.uint8)
     message = decode(encode(result_message(result, tmp_path, "x", write_nrrd)))
     back, record = result_from_message(message, _read_nrrd)
     np.testing.assert_array_equal(back.labels, labels)
+    np.testing.assert_array_equal(back.context, result.context)
     np.testing.assert_array_equal(back.heatmap, heat)
     assert (back.aac24, back.status, back.message, back.labels_source) == (7.25, "warning", "check", "user")
     assert record["aac24"] == 7.25 and back.subscores["L4P"] == 1.0

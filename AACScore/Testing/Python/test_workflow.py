@@ -30,7 +30,8 @@ from AACScoreLib.kauppila import SUBSCORE_COLUMNS, VERTEBRAE
 from AACScoreLib.pipeline import AACResult, Pipeline
 from AACScoreLib.io.radiograph import Radiograph
 from AACScoreLib.slicer.workflow import (Job, JobPoller, Workflow, capture_volume, find_heatmap, is_flagged,
-                                         qc_text, radiograph_from_volume, radiograph_key, radiograph_volumes)
+                                         qc_text, SegmentedLabels, radiograph_from_volume, radiograph_key,
+                                         radiograph_volumes)
 
 ROWS, COLS = 200, 160
 SPACING = (0.5, 0.4)
@@ -224,6 +225,21 @@ def test_segment_makes_named_coded_vertebrae_beside_the_radiograph(scene, workfl
     # segmenting again with nothing edited updates the same node
     assert workflow.segment(volume).status == "updated"
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def test_a_segmenter_with_context_classes_adds_hidden_t12_and_s1_segments(scene, workflow, volume):
+    labels = _labels()
+    context = np.zeros_like(labels)
+    context[: int(np.argmax((labels == 1).any(axis=1))) - 1, 10:20] = 6
+    request = workflow.prepare_segment(volume)
+    node = workflow.apply_segment(request, SegmentedLabels(labels, "ok", "", context)).segmentation
+    segmentation = node.GetSegmentation()
+    t12 = segmentation.GetSegmentIdBySegmentName("T12")
+    assert t12 and aac_scene.context_segment_ids(node) == [t12] and not segmentation.GetSegmentIdBySegmentName("S1")
+    assert not node.GetDisplayNode().GetSegmentVisibility(t12)
+    np.testing.assert_array_equal(aac_scene.read_vertebra_labels(node, volume), labels)
+    outcome = workflow.apply_segment(workflow.prepare_segment(volume), SegmentedLabels(labels, "ok", ""))
+    assert outcome.status == "updated" and aac_scene.context_segment_ids(node) == []
 
 
 def test_edited_segmentation_is_kept_unless_overwrite(scene, workflow, pipeline, volume):
