@@ -7,6 +7,10 @@
   L2..S1 as L1..L5 (T12 and S1 filled from the drawn corners in <name>_truth.json). list.csv pairs every image
   with its shifted map; `aacscore score list.csv` then scores a user map whose levels are all wrong, and
   `aacscore evaluate --truth PHANTOMS/truth.csv --labels-truth PHANTOMS` tells which results are wrong.
+--kind restyle: each radiograph given another look, as another source's detector and processing would
+  (phantoms/randomise.py without labels: intensity curve, bias field, gamma, blur, resolution drop, noise,
+  sometimes inverted), written as 16-bit NRRD with its spacing, its label map and a truth.csv; anatomy unchanged.
+  A calibration set of restyled images makes QC's interval cover images that do not look like the training ones.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from ..io.atomic import atomic_path, write_atomic
 from ..io.labelmaps import read_label_map, write_label_png
 from ..io.radiograph import read_radiograph
 from ..kauppila import SUBSCORE_COLUMNS, VERTEBRAE
+from ..phantoms.randomise import randomise
 
-KINDS = ("sacrum-out", "level-shift")
+KINDS = ("sacrum-out", "level-shift", "restyle")
 SHIFTS = {"up": ("T12", "L1", "L2", "L3", "L4"), "down": ("L2", "L3", "L4", "L5", "S1")}
 
 
@@ -91,10 +96,14 @@ def write_stress_set(phantoms: str | Path, out: str | Path, kind: str, seed: int
             rows_out.append({"file": str(image_path.resolve()), "labels": str(target.resolve()), "shift": direction})
             continue
         radiograph = read_radiograph(image_path)
-        cut = min(sacrum_cut_row(truth, rng), radiograph.pixels.shape[0])
+        if kind == "restyle":
+            cut = radiograph.pixels.shape[0]
+            pixels = np.round(randomise(radiograph.pixels, rng) * 65535).astype(np.uint16)
+        else:
+            cut = min(sacrum_cut_row(truth, rng), radiograph.pixels.shape[0])
+            pixels = radiograph.pixels[:cut]
         with atomic_path(out / f"{stem}.nrrd") as temporary:
-            nrrd.write(str(temporary), radiograph.pixels[:cut], {"spacings": [radiograph.spacing[1],
-                                                                              radiograph.spacing[0]]},
+            nrrd.write(str(temporary), pixels, {"spacings": [radiograph.spacing[1], radiograph.spacing[0]]},
                        index_order="C")
         write_label_png(out / f"{stem}_labels.png", labels[:cut])
         rows_out.append({"file": f"{stem}.nrrd", "labels": f"{stem}_labels.png", "aac24": row["aac24"],
@@ -112,12 +121,12 @@ def write_stress_set(phantoms: str | Path, out: str | Path, kind: str, seed: int
 
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "stress-set", help="phantom sets with the sacrum out of view or level-shifted label maps (QC tests)",
+        "stress-set", help="phantom sets with the sacrum out of view, level-shifted label maps or another look (QC)",
         description="Make wrong results on purpose from a phantom folder, to measure whether QC flags them.")
     parser.add_argument("phantoms", help="folder written by `aacscore phantoms`")
     parser.add_argument("--kind", choices=KINDS, required=True)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the cut positions")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the cut positions and looks")
     parser.set_defaults(func=_run)
 
 

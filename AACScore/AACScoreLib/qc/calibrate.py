@@ -1,7 +1,8 @@
 """`aacscore calibrate-qc`: measure a scorer on held-out cases with known scores and store its QC calibration.
 
 For every case of the truth CSVs (a phantom folder's truth.csv: image, true label map, AAC-24) it scores the
-crop of the true label map, as `aacscore score truth.csv` does, and records the MC-dropout spread and the
+crop of the true label map, as `aacscore score truth.csv` does (or, with --end-to-end, of the segmenter's label
+map, as users' radiographs are scored), and records the MC-dropout spread and the
 backbone features. From these it fits the interval (see `interval.choose_interval`) and the feature reference,
 and with `--write` stores them as `qc.json` in the scorer package, pinned by sha256 in its manifest (weights and
 other files unchanged). Use cases the scorer never trained on.
@@ -22,11 +23,16 @@ from .interval import choose_interval, score_uncertainty
 from .reference import FORMAT, QC_FILE
 
 
-def measure(pipeline, records, progress=None) -> dict[str, np.ndarray]:
-    """truth, score, spread and features of every case the pipeline scores from its true label map."""
+def measure(pipeline, records, progress=None, end_to_end: bool = False) -> dict[str, np.ndarray]:
+    """truth, score, spread and features of every case the pipeline scores from its true label map, or, with
+    `end_to_end`, from the pipeline's own segmentation (cases it cannot score are left out and counted)."""
     columns: dict[str, list] = {"truth": [], "score": [], "spread": [], "features": []}
+    skipped = 0
     for index, record in enumerate(records):
-        result = pipeline.run(record.image, record.labels, heatmap=False)
+        result = pipeline.run(record.image, None if end_to_end else record.labels, heatmap=False)
+        if result.aac24 is None and end_to_end:
+            skipped += 1
+            continue
         if result.aac24 is None:
             raise AACScoreError(f"{record.image}: cannot be scored from its label map: {result.message}")
         uncertainty = score_uncertainty(pipeline.scorer, pipeline.scorer.crop(result.radiograph.pixels,
@@ -37,7 +43,9 @@ def measure(pipeline, records, progress=None) -> dict[str, np.ndarray]:
         columns["features"].append(uncertainty.features)
         if progress is not None:
             progress(index + 1, len(records))
-    return {key: np.array(values, dtype=float) for key, values in columns.items()}
+    measured = {key: np.array(values, dtype=float) for key, values in columns.items()}
+    measured["not_scored"] = np.array(skipped)
+    return measured
 
 
 def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: str, scorer_manifest: dict) -> dict:
@@ -46,7 +54,8 @@ def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: s
     return {
         "format": FORMAT,
         "scorer": f"{scorer_manifest.get('name')}=={scorer_manifest.get('version')}",
-        "calibration_set": {"source": source, "n": int(len(residual)), "mae": round(float(residual.mean()), 4),
+        "calibration_set": {"source": source, "n": int(len(residual)), "not_scored": int(measured.get("not_scored", 0)),
+                            "mae": round(float(residual.mean()), 4),
                             "spread_residual_spearman": round(_spearman(measured["spread"], residual), 4)},
         "interval": interval.to_json(),
         "interval_selection": figures,
@@ -82,6 +91,11 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--scorer", help="scorer package name, name==version or path (default: newest installed, "
                         "else the bundled demo)")
     parser.add_argument("--coverage", type=float, default=0.8, help="nominal interval coverage (default 0.8)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="score each case from the segmenter's label map, as users' radiographs are scored, so "
+                             "that the interval also covers what segmentation adds (cases not scored are left out)")
+    parser.add_argument("--segmenter", help="with --end-to-end: segmenter package (default: newest installed, else "
+                        "the bundled demo)")
     parser.add_argument("--write", action="store_true", help="store qc.json in the scorer package (else print)")
     parser.add_argument("--describe", help="how the cases were made, recorded in qc.json (default: the CSV paths)")
     parser.set_defaults(func=_run)
@@ -97,9 +111,15 @@ def _run(args) -> int:
         raise AACScoreError(f"--coverage must be in [0.5, 1), got {args.coverage}")
     package = find_package(args.scorer, "scorer")
     records = [record for path in args.truth for record in read_score_csv(path)]
-    pipeline = Pipeline(Scorer.from_package(package, device="cpu"))
+    segmenter = None
+    if args.end_to_end:
+        from ..segmentation.segmenter import Segmenter
+
+        segmenter = Segmenter.from_package(find_package(args.segmenter, "segmenter"), device="cpu")
+    pipeline = Pipeline(Scorer.from_package(package, device="cpu"), segmenter)
     started = time.perf_counter()
-    measured = measure(pipeline, records, lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr))
+    measured = measure(pipeline, records, lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr),
+                       end_to_end=args.end_to_end)
     print(f"\nmeasured {len(records)} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     data = calibration_file(measured, args.coverage, args.describe or " ".join(args.truth), package.manifest)
     summary = {key: value for key, value in data.items() if key != "features"}

@@ -234,3 +234,19 @@ def test_results_say_how_the_levels_were_counted(demo_pipeline, phantoms):
     assert result.status == "ok", result.message
     user = demo_pipeline.run(phantoms[1], _labels_of(phantoms[1]), heatmap=False)
     assert user.levels is None and user.record()["levels"] == "user"
+
+
+def test_qc_calibration_end_to_end_scores_from_the_segmenter_and_leaves_out_what_it_cannot_score(demo_pipeline,
+                                                                                                   tmp_path):
+    from AACScoreLib.qc.calibrate import measure
+    from AACScoreLib.scoring.data import ScoreRecord, read_score_csv
+
+    write_phantoms(tmp_path, 2, seed=8410, style="alt")
+    records = read_score_csv(tmp_path / "truth.csv")
+    Image.fromarray(np.full((600, 500), 1000, np.uint16)).save(tmp_path / "blank.png")
+    records.append(ScoreRecord(tmp_path / "blank.png", records[0].labels, 3.0))
+    measured = measure(demo_pipeline, records, end_to_end=True)
+    from_labels = measure(demo_pipeline, records[:2])
+    assert int(measured["not_scored"]) == 1 and len(measured["score"]) == 2
+    assert measured["features"].shape[0] == 2 and list(measured["truth"]) == list(from_labels["truth"])
+    assert not np.array_equal(measured["score"], from_labels["score"])  # the segmenter's crop is not the drawn one
