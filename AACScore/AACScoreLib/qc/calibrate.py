@@ -18,15 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AACScoreError
-from .domain import FeatureReference
+from .check import SCORE_UNCERTAIN
+from .domain import UNFAMILIAR_IMAGE, FeatureReference
 from .interval import choose_interval, score_uncertainty
 from .reference import FORMAT, QC_FILE
+
+
+REFITTED = (SCORE_UNCERTAIN, UNFAMILIAR_IMAGE)  # reasons that come from the calibration being fitted here
 
 
 def measure(pipeline, records, progress=None, end_to_end: bool = False) -> dict[str, np.ndarray]:
     """truth, score, spread and features of every case the pipeline scores from its true label map, or, with
     `end_to_end`, from the pipeline's own segmentation (cases it cannot score are left out and counted)."""
-    columns: dict[str, list] = {"truth": [], "score": [], "spread": [], "features": []}
+    columns: dict[str, list] = {"truth": [], "score": [], "spread": [], "features": [], "flagged": []}
     skipped = 0
     for index, record in enumerate(records):
         result = pipeline.run(record.image, None if end_to_end else record.labels, heatmap=False)
@@ -40,6 +44,7 @@ def measure(pipeline, records, progress=None, end_to_end: bool = False) -> dict[
         columns["truth"].append(record.aac24)
         columns["score"].append(result.aac24)
         columns["spread"].append(uncertainty.spread)
+        columns["flagged"].append(any(reason.code not in REFITTED for reason in result.qc_reasons))
         columns["features"].append(uncertainty.features)
         if progress is not None:
             progress(index + 1, len(records))
@@ -49,7 +54,12 @@ def measure(pipeline, records, progress=None, end_to_end: bool = False) -> dict[
 
 
 def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: str, scorer_manifest: dict) -> dict:
-    interval, figures = choose_interval(measured["truth"], measured["score"], measured["spread"], coverage)
+    reference = FeatureReference.fit(measured["features"])
+    flagged = np.array([reference.distance(f) > reference.max_distance for f in measured["features"]])
+    if "flagged" in measured:  # the other checks' reasons, as the pipeline raised them
+        flagged |= measured["flagged"].astype(bool)
+    interval, figures = choose_interval(measured["truth"], measured["score"], measured["spread"], coverage,
+                                        flagged=flagged)
     residual = np.abs(measured["truth"] - measured["score"])
     return {
         "format": FORMAT,
@@ -59,7 +69,7 @@ def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: s
                             "spread_residual_spearman": round(_spearman(measured["spread"], residual), 4)},
         "interval": interval.to_json(),
         "interval_selection": figures,
-        "features": FeatureReference.fit(measured["features"]).to_json(),
+        "features": reference.to_json(),
     }
 
 

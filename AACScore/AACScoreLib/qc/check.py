@@ -10,6 +10,7 @@ from .reference import load_reference
 from .verdict import QCVerdict, Reason, verdict_of
 
 MAX_HALF_WIDTH = 4.0  # an 80% interval wider than +-4 points: an error above 4 (a wrong result) is likely
+SCORE_UNCERTAIN = "score_uncertain"  # the one reason that comes from the interval itself
 
 
 class QualityControl:
@@ -41,10 +42,11 @@ class QualityControl:
         reasons += found
         measured.update(numbers)
         low = high = None
-        if self.interval is not None:
-            low, high = self.interval.interval(aac24, uncertainty.spread)
-            half = self.interval.half_width(uncertainty.spread)
+        if self.interval is not None:  # flagged by the checks above: the wider quantile of flagged results
+            flagged = bool(reasons)
+            low, high = self.interval.interval(aac24, uncertainty.spread, flagged)
+            half = self.interval.half_width(uncertainty.spread, flagged)
             if half > MAX_HALF_WIDTH:
-                reasons.append(Reason("score_uncertain", f"{self.interval.coverage:.0%} interval "
+                reasons.append(Reason(SCORE_UNCERTAIN, f"{self.interval.coverage:.0%} interval "
                                                          f"{low:.1f}-{high:.1f} is wider than +-{MAX_HALF_WIDTH:g}"))
         return QCVerdict(verdict_of(reasons, scored=True), tuple(reasons), low, high, measured)

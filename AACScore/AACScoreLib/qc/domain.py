@@ -14,6 +14,7 @@ import numpy as np
 from .verdict import Reason
 
 DISTANCE_QUANTILE = 0.995
+UNFAMILIAR_IMAGE = "unfamiliar_image"
 
 
 @dataclass
@@ -53,6 +54,6 @@ def domain_reasons(reference: FeatureReference | None, features: np.ndarray) -> 
     distance = reference.distance(features)
     found = []
     if distance > reference.max_distance:
-        found.append(Reason("unfamiliar_image", f"the scorer's features are {distance:.2f} from its reference set "
+        found.append(Reason(UNFAMILIAR_IMAGE, f"the scorer's features are {distance:.2f} from its reference set "
                                                 f"(limit {reference.max_distance:.2f}): unlike the images it learnt from"))
     return found, {"feature_distance": distance}

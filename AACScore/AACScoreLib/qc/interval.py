@@ -6,6 +6,12 @@ much the score rests on a few features; a conformal quantile of |truth - score| 
 images turns it into an interval that covers the truth at the stated rate. `calibrate-qc` also fits the plain
 constant-width conformal interval and keeps whichever is narrower on held-out folds (its figures go in qc.json).
 The point score stays the network's deterministic output.
+
+Results that other checks flag for review (levels counted with doubt, odd body shapes, an unfamiliar image) miss
+by more than the others, and they are most of what changes on images from elsewhere. So when the calibration set
+holds enough of both, the quantile is fitted separately for flagged and unflagged results (Mondrian conformal,
+Vovk et al. 2005): each group is covered at the nominal rate, and a set with more flagged results gets wider
+intervals where it needs them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ MC_SAMPLES = 64
 MC_SEED = 0  # fixed masks: the same image always gets the same interval
 METHODS = ("mc_dropout_conformal", "constant_conformal")
 MIN_GAIN = 1.05
+MIN_GROUP = 20  # calibration cases each of flagged / unflagged needs for its own quantile
 
 
 @dataclass
@@ -57,26 +64,33 @@ class IntervalCalibration:
 
     method: str
     coverage: float  # nominal, e.g. 0.8
-    quantile: float  # conformal quantile of the (scaled) absolute residual
+    quantile: float  # conformal quantile of the (scaled) absolute residual (of unflagged results, with review_quantile)
     floor: float = 0.0  # added to the spread so that a zero spread still gives a width
+    review_quantile: float | None = None  # the quantile of results other checks flag; None: one quantile for all
 
-    def half_width(self, spread: float) -> float:
+    def half_width(self, spread: float, flagged: bool = False) -> float:
+        quantile = self.review_quantile if flagged and self.review_quantile is not None else self.quantile
         if self.method == "constant_conformal":
-            return self.quantile
-        return self.quantile * (spread + self.floor)
+            return quantile
+        return quantile * (spread + self.floor)
 
-    def interval(self, score: float, spread: float) -> tuple[float, float]:
-        half = self.half_width(spread)
+    def interval(self, score: float, spread: float, flagged: bool = False) -> tuple[float, float]:
+        half = self.half_width(spread, flagged)
         return max(0.0, score - half), min(float(MAX_TOTAL), score + half)
 
     def to_json(self) -> dict:
-        return {"method": self.method, "coverage": self.coverage, "quantile": self.quantile, "floor": self.floor}
+        data = {"method": self.method, "coverage": self.coverage, "quantile": self.quantile, "floor": self.floor}
+        if self.review_quantile is not None:
+            data["review_quantile"] = self.review_quantile
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "IntervalCalibration":
         if data.get("method") not in METHODS:
             raise ValueError(f"interval method must be one of {METHODS}, got {data.get('method')!r}")
-        return cls(str(data["method"]), float(data["coverage"]), float(data["quantile"]), float(data.get("floor", 0)))
+        review = data.get("review_quantile")
+        return cls(str(data["method"]), float(data["coverage"]), float(data["quantile"]), float(data.get("floor", 0)),
+                   None if review is None else float(review))
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -99,18 +113,35 @@ def fit_interval(method: str, truth: np.ndarray, score: np.ndarray, spread: np.n
 
 
 def evaluate_interval(calibration: IntervalCalibration, truth: np.ndarray, score: np.ndarray,
-                      spread: np.ndarray) -> dict[str, float]:
-    bounds = np.array([calibration.interval(float(s), float(u)) for s, u in zip(score, spread)])
+                      spread: np.ndarray, flagged: np.ndarray | None = None) -> dict[str, float]:
+    flagged = np.zeros(len(truth), bool) if flagged is None else np.asarray(flagged, bool)
+    bounds = np.array([calibration.interval(float(s), float(u), bool(f)) for s, u, f in zip(score, spread, flagged)])
     covered = (truth >= bounds[:, 0]) & (truth <= bounds[:, 1])
     return {"coverage": float(covered.mean()), "mean_width": float(np.mean(bounds[:, 1] - bounds[:, 0])),
             "n": int(len(truth))}
 
 
+def fit_by_flag(method: str, truth: np.ndarray, score: np.ndarray, spread: np.ndarray, flagged: np.ndarray,
+                coverage: float) -> IntervalCalibration:
+    """One quantile for unflagged and one for flagged results (each group needs MIN_GROUP cases, else one for
+    all); both on the scale (MC-dropout floor) of all cases."""
+    pooled = fit_interval(method, truth, score, spread, coverage)
+    if min(int(flagged.sum()), int((~flagged).sum())) < MIN_GROUP:
+        return pooled
+    scale = 1.0 if method == "constant_conformal" else spread + pooled.floor
+    residual = np.abs(truth - score) / scale
+    ok, review = (conformal_quantile(residual[group], coverage) for group in (~flagged, flagged))
+    return IntervalCalibration(method, coverage, ok, pooled.floor, review)
+
+
 def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, coverage: float = 0.8,
-                    folds: int = 2, seed: int = 0) -> tuple[IntervalCalibration, dict]:
+                    folds: int = 2, seed: int = 0, flagged: np.ndarray | None = None) -> tuple[IntervalCalibration, dict]:
     """Fit every method on all but one fold and measure it on that fold; keep the narrower one whose held-out
-    coverage is nearest the nominal, refitted on all cases. Returns (calibration, the figures per method)."""
+    coverage is nearest the nominal, refitted on all cases. Returns (calibration, the figures per method).
+
+    With `flagged` (which results other QC checks flagged), each method is fitted per group (`fit_by_flag`)."""
     truth, score, spread = (np.asarray(a, float) for a in (truth, score, spread))
+    flagged = np.zeros(len(truth), bool) if flagged is None else np.asarray(flagged, bool)
     order = np.random.default_rng(seed).permutation(len(truth))
     parts = np.array_split(order, folds)
     figures = {}
@@ -119,8 +150,8 @@ def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, co
         for k in range(folds):
             test = parts[k]
             train = np.concatenate([parts[j] for j in range(folds) if j != k])
-            fitted = fit_interval(method, truth[train], score[train], spread[train], coverage)
-            result = evaluate_interval(fitted, truth[test], score[test], spread[test])
+            fitted = fit_by_flag(method, truth[train], score[train], spread[train], flagged[train], coverage)
+            result = evaluate_interval(fitted, truth[test], score[test], spread[test], flagged[test])
             covered.append(result["coverage"] * len(test))
             widths.append(result["mean_width"] * len(test))
         figures[method] = {"held_out_coverage": float(sum(covered) / len(truth)),
@@ -129,4 +160,5 @@ def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, co
     best = min(METHODS, key=lambda m: (abs(figures[m]["held_out_coverage"] - coverage) > 0.05,
                                        figures[m]["held_out_mean_width"] * (1.0 if m == METHODS[-1] else MIN_GAIN)))
     figures["chosen"] = best
-    return fit_interval(best, truth, score, spread, coverage), figures
+    figures["flagged_cases"] = int(flagged.sum())
+    return fit_by_flag(best, truth, score, spread, flagged, coverage), figures

@@ -162,10 +162,37 @@ def test_intervals_cover_new_cases_at_the_nominal_rate_and_the_spread_helps_when
     assert same.method == "constant_conformal"
 
 
+def _flagged_wider(n: int, seed: int, flagged_share: float):
+    """Unflagged results miss by N(0, 1), flagged ones by N(0, 4): the spread says nothing."""
+    rng = np.random.default_rng(seed)
+    flagged = rng.random(n) < flagged_share
+    truth = rng.uniform(4, 20, n)
+    return truth, truth + rng.normal(0, 1, n) * np.where(flagged, 4.0, 1.0), np.ones(n), flagged
+
+
+def test_flagged_results_get_their_own_wider_quantile_and_each_group_is_covered():
+    truth, score, spread, flagged = _flagged_wider(600, 0, 0.3)
+    chosen, figures = interval.choose_interval(truth, score, spread, 0.8, flagged=flagged)
+    assert chosen.method == "constant_conformal" and figures["flagged_cases"] == int(flagged.sum())
+    assert chosen.quantile == pytest.approx(1.28, abs=0.2) and chosen.review_quantile == pytest.approx(5.1, abs=0.8)
+    assert chosen.interval(10.0, 1.0, flagged=True)[1] - 10.0 == pytest.approx(chosen.review_quantile)
+    new = _flagged_wider(6000, 1, 0.6)  # a set from elsewhere: twice the share flagged, still covered
+    for group in (new[3], ~new[3]):
+        got = interval.evaluate_interval(chosen, *(a[group] for a in new[:3]), new[3][group])["coverage"]
+        assert got == pytest.approx(0.8, abs=0.03)
+    pooled = interval.fit_interval("constant_conformal", truth, score, spread, 0.8)
+    assert interval.evaluate_interval(pooled, *new)["coverage"] < 0.7  # one quantile for all under-covers it
+    few = flagged & (np.cumsum(flagged) <= interval.MIN_GROUP - 1)  # too few flagged cases: one quantile
+    assert interval.choose_interval(truth, score, spread, 0.8, flagged=few)[0].review_quantile is None
+
+
 def test_interval_stays_on_the_scale_and_round_trips_through_json():
     calibration = interval.IntervalCalibration("mc_dropout_conformal", 0.8, 2.0, 0.5)
     assert calibration.interval(1.0, 1.0) == (0.0, 4.0) and calibration.interval(23.0, 1.0) == (20.0, 24.0)
     assert interval.IntervalCalibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration
+    mondrian = interval.IntervalCalibration("constant_conformal", 0.8, 1.5, 0.0, 3.5)
+    assert interval.IntervalCalibration.from_json(json.loads(json.dumps(mondrian.to_json()))) == mondrian
+    assert mondrian.interval(10.0, 0.0) == (8.5, 11.5) and mondrian.interval(10.0, 0.0, flagged=True) == (6.5, 13.5)
     with pytest.raises(ValueError):
         interval.IntervalCalibration.from_json({"method": "guess", "coverage": 0.8, "quantile": 1})
 
