@@ -301,9 +301,12 @@ def _load_weights(network, weights: dict, where) -> dict:
 
 def transfer_weights(network, weights: dict, where) -> list[str]:
     """Start `network` from a package's weights, by nnU-Net's pretrained-weights rule: every weight must fit by
-    name and shape, except the segmentation output layers, which are left fresh when the class count differs
-    (nnU-Net's own loader does the same, but unpickles a checkpoint; this reads the package's safetensors).
-    Returns the names left fresh."""
+    name and shape, except the segmentation output layers when the class count differs (nnU-Net's own loader
+    does the same, but unpickles a checkpoint; this reads the package's safetensors).
+
+    Beyond nnU-Net: when classes were appended (L1..L5, then T12 and S1), the output rows of the classes both
+    have keep the base's weights, so the network starts as the base for those and learns only the new rows.
+    Returns the names of the output layers left wholly or partly fresh."""
     state = network.state_dict()
     fresh = []
     for keys in _storage_groups(state).values():
@@ -312,6 +315,11 @@ def transfer_weights(network, weights: dict, where) -> list[str]:
         if not shape_fits:
             if ".seg_layers." in keys[0]:
                 fresh.append(keys[0])
+                if given is not None and _classes_appended(weights[given].shape, state[keys[0]].shape):
+                    value = state[keys[0]].clone()
+                    value[: weights[given].shape[0]] = weights[given].to(value.dtype)
+                    for key in keys:
+                        state[key] = value
                 continue
             raise ModelPackageError(f"{where}: weight {keys[0]} does not fit the network being trained "
                                     f"(another architecture?); fine-tune with the base package's plans")
@@ -320,6 +328,11 @@ def transfer_weights(network, weights: dict, where) -> list[str]:
             state[key] = value
     network.load_state_dict(state, strict=True)
     return fresh
+
+
+def _classes_appended(base_shape, new_shape) -> bool:
+    return len(base_shape) == len(new_shape) and base_shape[0] < new_shape[0] and \
+        tuple(base_shape[1:]) == tuple(new_shape[1:])
 
 
 def load_segmenter_package(package: str | Path | ModelPackage | None = None, models_dir=None) -> LoadedSegmenter:

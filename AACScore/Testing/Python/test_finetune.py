@@ -217,8 +217,13 @@ def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set
     _, base, _ = toy_set_and_base
     loaded = load_segmenter_package(base)
     more_classes = dict(loaded.dataset_json, labels={**loaded.dataset_json["labels"], "T12": 6, "S1": 7})
-    fresh = transfer_weights(build_network(loaded.plans, more_classes), loaded.fold_weights[0], "base")
+    network = build_network(loaded.plans, more_classes)
+    fresh = transfer_weights(network, loaded.fold_weights[0], "base")
     assert fresh and all(".seg_layers." in name for name in fresh)
+    for name in fresh:  # background and L1..L5 keep the base's output rows; T12 and S1 start fresh
+        base_rows = loaded.fold_weights[0][name]
+        assert network.state_dict()[name].shape[0] == base_rows.shape[0] + 2
+        assert torch.equal(network.state_dict()[name][: base_rows.shape[0]], base_rows.float())
     wider = json.loads(json.dumps(loaded.plans))
     wider["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
     with pytest.raises(ModelPackageError, match="does not fit the network being trained"):
