@@ -61,6 +61,8 @@ def phantom_dataset(phantom: Phantom):
     s = phantom.dataset
     max_value = 2 ** s["bits_stored"] - 1
     stored = (max_value - phantom.pixels).astype(np.uint16) if s["photometric"] == "MONOCHROME1" else phantom.pixels
+    allocated = 8 if s["bits_stored"] <= 8 else 16  # 8-bit (DXA-like) images in 8-bit words, as devices write
+    stored = stored.astype(np.uint8 if allocated == 8 else np.uint16)  # (and pydicom's RLE encoder needs them)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray, For Presentation
@@ -100,7 +102,7 @@ def phantom_dataset(phantom: Phantom):
     ds.Rows, ds.Columns = phantom.pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = s["photometric"]
-    ds.BitsAllocated = 16
+    ds.BitsAllocated = allocated
     ds.BitsStored = s["bits_stored"]
     ds.HighBit = s["bits_stored"] - 1
     ds.PixelRepresentation = 0

@@ -215,3 +215,18 @@ def test_randomise_is_fast_for_a_crop():
         randomise(image, np.random.default_rng(k), labels)
         times.append(time.perf_counter() - began)
     assert np.median(times) < 0.15  # about 0.035 s measured on 2 shared cores; generous for loaded CI machines
+
+
+def test_eight_bit_images_are_written_in_eight_bit_words_and_rle_reads_back(tmp_path):
+    """Phantom 11 of seed 9331 is an 8-bit DXA-like image saved as RLE: in 16-bit words pydicom's RLE encoder wrote
+    one byte segment where readers expect two, and the file could not be decoded."""
+    from AACScoreLib.io.radiograph import read_radiograph
+    from AACScoreLib.phantoms.generator import write_phantom
+    from AACScoreLib.phantoms.varied import generate_varied
+
+    phantom = generate_varied(9331, 11, (0.25, 0.6, 0.15), (1500, 3000))
+    assert phantom.dataset["transfer_syntax_name"] == "RLE Lossless" and phantom.dataset["bits_stored"] == 8
+    radiograph = read_radiograph(write_phantom(phantom, tmp_path))
+    assert radiograph.pixels.shape == phantom.pixels.shape
+    # the same image, up to the reader's rescale and MONOCHROME1 inversion
+    assert abs(np.corrcoef(radiograph.pixels.ravel(), phantom.pixels.ravel())[0, 1]) > 0.999
