@@ -227,10 +227,11 @@ def test_a_level_shifted_label_map_gets_review_and_the_true_one_does_not(demo_pi
 
 
 def test_results_say_how_the_levels_were_counted(demo_pipeline, phantoms):
-    """The demo segmenter has no context classes: it counts from its own L1 and L5, which agree on a phantom."""
+    """The demo segmenter has context classes: it counts down from T12 and up from S1, which agree on a phantom."""
     result = demo_pipeline.run(phantoms[1], heatmap=False)
-    assert result.levels is not None and result.levels.from_above == "L1" and result.levels.from_below == "L5"
-    assert result.record()["levels"] == result.levels.summary() == "L1/L5 agree"
+    assert result.levels is not None and result.levels.from_above == "T12" and result.levels.from_below == "S1"
+    assert result.record()["levels"] == result.levels.summary() == "T12/S1 agree"
+    assert result.context is not None and {6, 7} <= set(np.unique(result.context))
     assert result.status == "ok", result.message
     user = demo_pipeline.run(phantoms[1], _labels_of(phantoms[1]), heatmap=False)
     assert user.levels is None and user.record()["levels"] == "user"
