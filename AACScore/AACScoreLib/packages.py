@@ -95,7 +95,8 @@ class ModelPackage:
 
 
 def package_reference(package: ModelPackage) -> dict:
-    """How a fine-tuned package names its base: name, version and the sha256 of every file the base pins."""
+    """How a package names the one it was fine-tuned or initialised from: name, version and the sha256 of every
+    file that base pins."""
     return {"name": package.name, "version": package.version, "kind": package.kind,
             "files_sha256": dict(sorted(package.files.items()))}
 

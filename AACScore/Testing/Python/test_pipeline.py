@@ -224,6 +224,17 @@ def test_a_level_shifted_label_map_gets_review_and_the_true_one_does_not(demo_pi
         assert "levels_differ_from_segmenter" in [r.code for r in result.qc_reasons]
         row = result.record()
         assert row["qc"] == "review" and "levels_differ_from_segmenter:" in row["qc_reasons"]
+        _assert_interval_of_its_group(demo_pipeline, result, flagged=True)
+    _assert_interval_of_its_group(demo_pipeline, honest, flagged=bool(honest.qc_reasons))
+
+
+def _assert_interval_of_its_group(pipeline, result, flagged: bool) -> None:
+    """The demo scorer's qc.json has a wider quantile for flagged results: each result gets its group's width."""
+    calibration = pipeline.quality.interval
+    assert calibration.review_quantile is not None and calibration.review_quantile > calibration.quantile
+    half = calibration.review_quantile if flagged else calibration.quantile
+    assert (result.aac24_low, result.aac24_high) == pytest.approx((max(0.0, result.aac24 - half),
+                                                                   min(24.0, result.aac24 + half)))
 
 
 def test_results_say_how_the_levels_were_counted(demo_pipeline, phantoms):
