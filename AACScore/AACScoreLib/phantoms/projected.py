@@ -6,7 +6,9 @@ processes, ribs on the rib-bearing vertebrae, sacrum, coccyx, iliac wings and fe
 calcified plaque on its walls, iliac arteries, the body outline with subcutaneous fat, lungs, liver, kidneys, psoas
 and bowel gas. A point source at 1000–1800 mm, slightly rotated about the vertical axis and tilted, projects it:
 double endplates, double posterior walls and ribs, and the sacrum seen through the iliac wings come from geometry.
-Detector blur, scatter, quantum noise, the log transform and a processing curve then form the image.
+Detector blur, scatter, quantum noise, the log transform and a processing curve then form the image. Each phantom's
+plaque has its own habit (lines, patches or punctate specks), density and wall thickness, drawn from a stream of
+its own.
 
 Numbering follows the usual counting convention: L1 is the first vertebra below the lowest rib-bearing one, counted
 down; 4 or 6 lumbar-type vertebrae (a sacralised L5, or an L6) are marked `transitional` in the truth.
@@ -31,12 +33,15 @@ from ..geometry.spine import ANTERIOR_MARGIN, SpineGeometry, analyze_spine
 from ..io.labelmaps import vertebra_labels
 from .anatomy import BOUNDARY_NAMES, Placement, blur, smooth_noise, upsample
 from .drawn import burn_in_markers, collimate, dicom_settings, display_pixels, drawn_look
-from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, Phantom, arc_length, calcified_fractions,
-                    phantom_name, place_plaques, target_subscores, wall_segment_spans)
+from .truth import (DEFAULT_SEVERITY, DEFAULT_SIZE_RANGE, END_MARGIN_MM, FRACTION_RANGES, GAP_MM, Phantom, arc_length,
+                    calcified_fractions, phantom_name, place_plaques, target_subscores, wall_segment_spans)
 from .volume import Convex, ConeBeam, Projector, ellipsoid, elliptic_prism, intersect, rotation_matrix, tube
 
 FAMILY = "projected"
 _CODE = 2  # tells this family's random streams apart from the drawn families' (0 and 1)
+_PLAQUE_STREAM = 1  # the plaque's own stream: its look can change without moving anatomy, beam or targets
+HABITS = ("line", "patchy", "punctate")
+_HABIT_WEIGHTS = (0.4, 0.3, 0.3)
 _SPACING_MM = (0.1, 0.25)
 _RENDER_MM = 0.45  # pixel of the grid the smooth anatomy is projected on before upsampling
 _MU_SOFT = 0.020  # soft tissue attenuation per mm (about 60 keV); everything else is excess over it
@@ -634,10 +639,33 @@ def _band_clearance(geometry: SpineGeometry, walls: dict[str, np.ndarray]) -> fl
 # ------------------------------------------------------------------------------------------------------ plaques
 
 
+def plaque_habit(rng: np.random.Generator) -> dict:
+    """How one phantom's calcification looks, so that the scorer meets more than one kind of plaque: its habit
+    (continuous lines, patches, or many small punctate specks), a density factor from faint to dense on the wall's
+    attenuation and a wall thickness (mm) from thin to thick."""
+    return dict(habit=str(rng.choice(HABITS, p=_HABIT_WEIGHTS)),
+                density=float(np.exp(rng.uniform(np.log(0.3), np.log(1.6)))),
+                thick_mm=float(np.exp(rng.uniform(np.log(1.0), np.log(4.0)))))
+
+
+def _segment_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int,
+                     habit: str) -> list[tuple[float, float]]:
+    """Plaque intervals (mm) of one wall segment in the phantom's habit; the union still realises `subscore`."""
+    if habit == "line" or subscore == 0:
+        return place_plaques(rng, span, subscore)
+    if habit == "patchy":
+        return place_plaques(rng, span, subscore, int(rng.integers(2, 7)))
+    # punctate: specks of about 1-4 mm, as many as the calcified length needs (3 to 12, fewer when they cannot fit)
+    covered = np.mean(FRACTION_RANGES[subscore]) * (span[1] - span[0])
+    count = int(np.clip(round(covered / rng.uniform(1.0, 4.0)), 3, 12))
+    return place_plaques(rng, span, subscore, count, GAP_MM * rng.uniform(1.0, 2.0))
+
+
 def _deposits(rng: np.random.Generator, targets: dict[str, int], walls: dict[str, np.ndarray], spacing: float,
-              geometry: SpineGeometry, aorta: dict, iliacs: list) -> list[dict]:
+              geometry: SpineGeometry, aorta: dict, iliacs: list, habit: str) -> list[dict]:
     """Scored plaques realising the targets on the projected walls (placed in mm along them, as the generator does),
-    mapped back to the aorta's centreline; plus unscored ones above T12/L1 and on the iliac arteries."""
+    mapped back to the aorta's centreline; plus unscored ones above T12/L1 and on the iliac arteries (several
+    small ones where the habit is not a line)."""
     deposits = []
     burden = sum(targets.values()) / 24.0
     for wall_name, wall in walls.items():
@@ -645,12 +673,16 @@ def _deposits(rng: np.random.Generator, targets: dict[str, int], walls: dict[str
         spans = wall_segment_spans(wall, geometry.boundaries, geometry.boundary_directions) * spacing
         pieces = []
         for level, span in zip(kauppila.SCORED_LEVELS, spans):
-            pieces += [(level, a, b) for a, b in place_plaques(rng, tuple(span), targets[f"{level}{wall_name}"])]
+            pieces += [(level, a, b) for a, b in _segment_plaques(rng, tuple(span), targets[f"{level}{wall_name}"],
+                                                                  habit)]
         if rng.random() < 0.15 + 0.6 * burden:  # calcification above the scored aorta (not counted)
             top = spans[0][0] - END_MARGIN_MM - rng.uniform(1.0, 10.0)
-            length = rng.uniform(2.0, 12.0)
-            if top - length > 0:
+            for _ in range(1 if habit == "line" else int(rng.integers(1, 5))):
+                length = rng.uniform(2.0, 12.0) if habit == "line" else rng.uniform(1.0, 5.0)
+                if top - length <= 0:
+                    break
                 pieces.append((None, top - length, top))
+                top -= length + rng.uniform(GAP_MM, 8.0)
         for level, start, end in pieces:
             s0, s1 = np.interp([start, end], arc, aorta["arc"])
             deposits.append(dict(wall=wall_name, level=level, start_px=start / spacing, end_px=end / spacing,
@@ -658,19 +690,22 @@ def _deposits(rng: np.random.Generator, targets: dict[str, int], walls: dict[str
     for i, (line, radius) in enumerate(iliacs):
         if rng.random() < 0.1 + 0.6 * burden:
             s = arc_length(line)
-            start = rng.uniform(5.0, s[-1] * 0.6)
-            deposits.append(dict(wall=f"iliac{i}{'A' if rng.random() < 0.5 else 'P'}", level=None, centre=line,
-                                 radius=np.full(len(line), radius),
-                                 s=(start, min(s[-1], start + rng.uniform(3.0, 20.0)))))
+            for _ in range(1 if habit == "line" else int(rng.integers(1, 4))):
+                start = rng.uniform(5.0, s[-1] * 0.6)
+                length = rng.uniform(3.0, 20.0) if habit == "line" else rng.uniform(1.0, 5.0)
+                deposits.append(dict(wall=f"iliac{i}{'A' if rng.random() < 0.5 else 'P'}", level=None, centre=line,
+                                     radius=np.full(len(line), radius), s=(start, min(s[-1], start + length))))
     return deposits
 
 
-def _plaque_terms(beam: ConeBeam, deposit: dict, rng: np.random.Generator, look: dict) -> list[tuple[Convex, float]]:
+def _plaque_terms(beam: ConeBeam, deposit: dict, rng: np.random.Generator, look: dict,
+                  habit: dict) -> list[tuple[Convex, float]]:
     """A deposit as short pieces of a tube wall sector: radially from the wall inwards by its thickness, around the
     wall's silhouette direction by +-alpha, so that it lines the wall drawn on the image. The pieces end on planes
     through the source and the wall's silhouette direction: each end then projects onto one line across the wall,
     so the plaque covers exactly its interval of the drawn wall however oblique the rays. Thickness, angle and
-    density vary along it (patchy or smooth) but never vanish, so the whole interval reads as calcified."""
+    density vary along it (patchy or smooth) but never vanish, so the whole interval reads as calcified. `habit`
+    (plaque_habit) scales the density and sets the thickness of the phantom's plaque."""
     centre, radius = deposit["centre"], deposit["radius"]
     s_all = np.arange(len(centre)) * _STEP_MM  # centrelines are sampled every _STEP_MM of this parameter
     s0, s1 = deposit["s"]
@@ -687,9 +722,9 @@ def _plaque_terms(beam: ConeBeam, deposit: dict, rng: np.random.Generator, look:
         normal = np.cross(point - beam.source, np.cross(tangent, point - beam.source))  # along the tangent
         ends.append((point, normal / np.linalg.norm(normal), s))
     patchy = rng.random() < look["patchy"]
-    thick = rng.uniform(0.6, 2.5)
+    thick = float(np.clip(habit["thick_mm"] * rng.uniform(0.8, 1.25), 1.0, 5.0))
     alpha = np.radians(rng.uniform(25.0, 70.0))
-    density = rng.uniform(0.02, 0.08)
+    density = rng.uniform(0.02, 0.08) * habit["density"]
     terms = []
     for (p0, n0, a), (p1, n1, b) in zip(ends[:-1], ends[1:]):
         r = float(np.interp(0.5 * (a + b), s_all, radius))
@@ -873,8 +908,11 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     look = drawn_look(rng, rng.random() < 0.5)
     # thickness from belly to back spans several times the bone contrast: processing compresses it strongly
     look.update(latitude=rng.uniform(0.05, 0.3), eq_sigma_mm=rng.uniform(6.0, 25.0), detail=rng.uniform(1.2, 2.0))
-    deposits = _deposits(rng, targets, walls, beam.spacing, geometry, anatomy.aorta, anatomy.iliacs)
-    plaques = [(d["level"] is not None, t) for d in deposits for t in _plaque_terms(beam, d, rng, look)]
+    plaque_rng = np.random.default_rng([seed, index, _CODE, _PLAQUE_STREAM])
+    habit = plaque_habit(plaque_rng)
+    deposits = _deposits(plaque_rng, targets, walls, beam.spacing, geometry, anatomy.aorta, anatomy.iliacs,
+                         habit["habit"])
+    plaques = [(d["level"] is not None, t) for d in deposits for t in _plaque_terms(beam, d, plaque_rng, look, habit)]
     factor = max(1, int(round(_RENDER_MM / beam.spacing)))
     place = Placement(np.eye(2), np.zeros(2), beam.spacing, beam.shape, factor)
     key_px = np.vstack([beam.project(anatomy.vertebra(n).rim) for n in kauppila.VERTEBRAE]
@@ -898,7 +936,8 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     settings["markers"] = burn_in_markers(rng, pixels, place, key_px, field_, settings["marker_letter"], marker_value)
     truth = _truth(geometry, walls, deposits, targets, anatomy, beam, g, labels, settings)
     truth.update(name=phantom_name(seed, index, FAMILY), seed=seed, index=index, style=FAMILY, family=FAMILY,
-                 rejected_draws=rejected)
+                 rejected_draws=rejected, plaque={k: round(v, 3) if isinstance(v, float) else v
+                                                  for k, v in habit.items()})
     return Phantom(truth["name"], pixels, labels, truth, settings, plaque_mask)
 
 

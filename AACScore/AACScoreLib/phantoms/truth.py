@@ -120,17 +120,23 @@ def target_subscores(seed: int, index: int, code: int, rng: np.random.Generator,
     return sample_subscores((offset + (index + 1) * 0.6180339887498949) % 1.0, rng, severity)
 
 
-def place_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int) -> list[tuple[float, float]]:
-    """Plaque intervals (arc positions) inside one wall segment whose union realises `subscore` (1 to 3 pieces)."""
+def place_plaques(rng: np.random.Generator, span: tuple[float, float], subscore: int, pieces: int | None = None,
+                  gap: float = GAP_MM) -> list[tuple[float, float]]:
+    """Plaque intervals (arc positions) inside one wall segment whose union realises `subscore`: 1 to 3 pieces, or
+    `pieces` when given. A count that cannot fit `gap` apart at the least fraction of the subscore is cut down, so
+    the drawn fraction never falls below its range (a nearly full segment holds only a few pieces)."""
     if subscore == 0:
         return []
     top, bottom = span
     length = bottom - top
     margin = max(END_MARGIN_MM, 0.05 * length)
     low, high = FRACTION_RANGES[subscore]
-    pieces = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15] if subscore > 1 else [0.7, 0.3, 0.0]))
-    fraction = rng.uniform(low, min(high, (length - 2 * margin - (pieces - 1) * GAP_MM) / length))
-    return lay_out_pieces(rng, top, length, margin, fraction * length, pieces)
+    if pieces is None:
+        pieces = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15] if subscore > 1 else [0.7, 0.3, 0.0]))
+    fits = 1 + int((length - 2 * margin - low * length) // gap)
+    pieces = max(1, min(pieces, fits))
+    fraction = rng.uniform(low, min(high, (length - 2 * margin - (pieces - 1) * gap) / length))
+    return lay_out_pieces(rng, top, length, margin, fraction * length, pieces, gap)
 
 
 def lay_out_pieces(rng: np.random.Generator, top: float, length: float, margin: float, covered: float,

@@ -141,6 +141,45 @@ def test_subscores_measured_again_from_the_projected_plaque_equal_the_truth(phan
     assert any(p.truth["aac24"] > 0 for p in phantoms) and any(p.plaque_mask.any() for p in phantoms)
 
 
+def test_plaque_habits_vary_and_still_realise_the_targets(phantoms):
+    """Line, patchy and punctate plaque occur over 12 phantoms, with faint to dense and thin to thick walls; every
+    phantom's truth, measured again from its piece spans, equals the targets its seed and index set, punctate
+    ones included, whose specks stay at least GAP_MM apart."""
+    from AACScoreLib.phantoms.truth import DEFAULT_SEVERITY, GAP_MM, calcified_fractions, target_subscores
+
+    more = phantoms + [projected.generate_projected(SEED, index, size_range=SMALL) for index in range(8, 12)]
+    habits = [p.truth["plaque"]["habit"] for p in more]
+    assert set(habits) == set(projected.HABITS), habits
+    density = [p.truth["plaque"]["density"] for p in more]
+    thick = [p.truth["plaque"]["thick_mm"] for p in more]
+    assert min(density) < 0.6 and max(density) > 1.0 and min(thick) < 1.5 and max(thick) > 2.5
+    for index, phantom in enumerate(more):
+        truth = phantom.truth
+        rng = np.random.default_rng([SEED, index, projected._CODE])
+        targets = target_subscores(SEED, index, projected._CODE, rng, DEFAULT_SEVERITY)
+        assert truth["subscores"] == targets, phantom.name
+        for wall, key in (("A", "anterior_wall"), ("P", "posterior_wall")):
+            spans = [(d["start_px"], d["end_px"]) for d in truth["deposits"] if d["wall"] == wall]
+            fractions = calcified_fractions(np.array(truth["aorta"][key]), spans, np.array(truth["boundaries"]),
+                                            np.array(truth["boundary_directions"]))
+            for level, fraction in zip(kauppila.SCORED_LEVELS, fractions):
+                assert kauppila.wall_subscore(fraction) == targets[f"{level}{wall}"], (phantom.name, level, wall)
+    punctate = [p for p in more if p.truth["plaque"]["habit"] == "punctate"]
+    counted = [d for p in punctate for d in p.truth["deposits"] if d["level"]]
+    assert counted
+    for phantom in punctate:
+        spacing = phantom.truth["spacing"][0]
+        for wall in "AP":
+            for level in kauppila.SCORED_LEVELS:
+                spans = sorted((d["start_px"], d["end_px"]) for d in phantom.truth["deposits"]
+                               if d["wall"] == wall and d["level"] == level)
+                gaps = [(b[0] - a[1]) * spacing for a, b in zip(spans[:-1], spans[1:])]
+                assert all(g >= GAP_MM - 1e-3 for g in gaps), (phantom.name, level, wall)
+    lengths = [(d["end_px"] - d["start_px"]) * p.truth["spacing"][0] for p in punctate for d in p.truth["deposits"]
+               if d["level"]]
+    assert np.median(lengths) < 4.0
+
+
 def test_a_written_phantom_reads_back(phantoms, tmp_path):
     phantom = next(p for p in phantoms if p.dataset["photometric"] == "MONOCHROME1")
     path = generator.write_phantom(phantom, tmp_path)
