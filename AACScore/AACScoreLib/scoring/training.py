@@ -66,6 +66,7 @@ class TrainSettings:
     rotation: float = 30.0  # largest augmentation rotation in degrees
     randomise: float = 0.0  # probability that a training crop is SynthSeg-style randomised (beyond the paper)
     randomise_strength: float = 1.0
+    randomise_copies: int = 0  # randomised copies of every training crop, made once before training
     precision: str = "bf16"  # mixed precision on CUDA: "bf16", "fp16" (with loss scaling) or "fp32"
     time_budget_minutes: float | None = None  # train at most `epochs`, fewer if the budget ends first
     seed: int = 0
@@ -207,7 +208,7 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
 
     from ..io.atomic import write_bytes_atomic
     from ..segmentation.training import epochs_within_budget
-    from .data import TrainingCrops, augment_batch
+    from .data import TrainingCrops, augment_batch, with_randomised_copies
     from .model import batchnorm_modules, build_model, freeze_stages
 
     s = settings
@@ -219,6 +220,13 @@ def train(train_set, val_set, settings: TrainSettings, work_dir: str | Path, *, 
         raise ValueError(f"precision must be one of {PRECISIONS}, got {s.precision!r}")
     if s.subscores_head and train_set.subscores is None:
         raise AACScoreError("--subscores-head needs the eight subscore columns L1A..L4P in the training data")
+    if s.randomise_copies < 0:
+        raise ValueError(f"randomise_copies must be 0 or more, got {s.randomise_copies}")
+    if s.randomise_copies:
+        began = time.monotonic()
+        train_set = with_randomised_copies(train_set, s.randomise_copies, s.randomise_strength, s.seed, loader_workers)
+        log(f"made {s.randomise_copies} randomised copies of each training crop ({len(train_set)} crops) in "
+            f"{time.monotonic() - began:.0f} s")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(s.device)
@@ -537,6 +545,10 @@ def add_cli(subparsers) -> None:
                         "bias field, gamma, blur, resolution, noise) before the paper's augmentations; beyond the "
                         "paper, for radiographs from elsewhere (default 0: off)")
     p.add_argument("--randomise-strength", type=float, default=d.randomise_strength)
+    p.add_argument("--randomise-copies", type=int, default=d.randomise_copies, metavar="K",
+                   help="also train on K SynthSeg-style randomised copies of every training crop, made once before "
+                        "training by --loader-workers processes (beyond the paper; costs no CPU per iteration, so a "
+                        "GPU is not held back by loader processes randomising on the fly as with --randomise)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="processes preparing (randomising) the next batches while the network trains")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
@@ -613,10 +625,13 @@ def _run(args: argparse.Namespace) -> int:
         subscore_weight=args.subscore_weight, epochs=args.epochs, batch=args.batch, lr=args.lr,
         warmup_iterations=args.warmup, val_fraction=args.val_fraction, val_every=args.val_every,
         patience=args.patience, clip_grad_norm=args.clip_grad, augment=args.augment, rotation=args.rotation,
-        randomise=args.randomise, randomise_strength=args.randomise_strength, precision=args.precision,
+        randomise=args.randomise, randomise_strength=args.randomise_strength,
+        randomise_copies=args.randomise_copies, precision=args.precision,
         time_budget_minutes=args.time_budget_minutes, seed=args.seed, device=args.device)
     if not 0.0 <= settings.randomise <= 1.0:
         raise AACScoreError(f"--randomise is a probability in [0, 1], got {settings.randomise}")
+    if settings.randomise_copies < 0:
+        raise AACScoreError(f"--randomise-copies must be 0 or more, got {settings.randomise_copies}")
     if settings.time_budget_minutes is not None and settings.time_budget_minutes <= 0:
         raise AACScoreError(f"--time-budget-minutes must be positive, got {settings.time_budget_minutes}")
     out = Path(args.out)

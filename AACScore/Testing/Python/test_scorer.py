@@ -311,6 +311,28 @@ def test_randomised_training_does_not_depend_on_the_loader_processes(tmp_path):
     assert seen["inline"] == seen["workers"] != seen["plain"]  # the randomised crops are what the network saw
 
 
+def test_randomised_copies_keep_the_targets_and_depend_only_on_seed_crop_and_copy(tmp_path):
+    from AACScoreLib.scoring.data import with_randomised_copies
+
+    data = synthetic_set(3)
+    made = with_randomised_copies(data, 2, seed=4)
+    assert len(made) == 9 and made.names[3:6] == [f"{name}#r1" for name in data.names]
+    assert torch.equal(made.crops[:3], data.crops) and made.crops.dtype == data.crops.dtype
+    assert torch.equal(made.totals, data.totals.repeat(3)) and torch.equal(made.subscores[6:], data.subscores)
+    assert not torch.allclose(made.crops[3].float(), data.crops[0].float(), atol=0.05)
+    assert not torch.equal(made.crops[3], made.crops[6])  # copy 1 and copy 2 of the same crop differ
+    assert 0.0 <= float(made.crops.min()) and float(made.crops.max()) <= 1.0
+    assert torch.equal(with_randomised_copies(data, 2, seed=4, workers=2).crops, made.crops)
+    assert with_randomised_copies(data, 0, seed=4) is data
+
+    quiet = dict(log=lambda _: None)
+    model, result = train(data.subset(range(2)), data.subset([2]), tiny_settings(epochs=1, batch=2, randomise_copies=1,
+                                                                                augment="none"), tmp_path, **quiet)
+    assert result.iterations == 2  # 2 crops and their 2 copies: two batches of 2 (without copies: one)
+    with pytest.raises(ValueError, match="randomise_copies"):
+        train(data.subset(range(2)), data.subset([2]), tiny_settings(randomise_copies=-1), tmp_path / "bad", **quiet)
+
+
 def test_time_budget_stops_after_the_epochs_that_fit(tmp_path):
     data = synthetic_set(12)
     train_set, val_set = data.subset(range(10)), data.subset(range(10, 12))
