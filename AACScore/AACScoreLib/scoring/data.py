@@ -298,8 +298,7 @@ class TrainingCrops:
         if self.probability > 0:
             rng = np.random.default_rng([self.seed, draw])
             if rng.random() < self.probability:
-                image = randomiser()(crop[0].numpy(), rng, strength=self.strength)
-                crop = torch.from_numpy(normalise_crop(image))[None]
+                crop = torch.from_numpy(randomised_crop(crop[0].numpy(), rng, self.strength))[None]
         return crop
 
 
@@ -332,7 +331,12 @@ def with_randomised_copies(crop_set: CropSet, copies: int, strength: float = 1.0
 def _randomised_copy(job: tuple) -> np.ndarray:
     crop, seed, index, copy, strength = job
     rng = np.random.default_rng([seed, index, copy, 0x5C0])  # a stream apart from TrainingCrops' (seed, draw)
-    return normalise_crop(randomiser()(crop.astype(np.float32), rng, strength=strength))
+    return randomised_crop(crop.astype(np.float32), rng, strength)
+
+
+def randomised_crop(crop: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """A crop SynthSeg-style randomised and normalised again (percentiles 1..99), as the scorer normalises any crop."""
+    return normalise_crop(randomiser()(crop, rng, strength=strength))
 
 
 def randomiser() -> Callable:

@@ -47,8 +47,8 @@ def _score(url: str, out: Path, *extra: str) -> int:
 
 def test_phantoms_go_through_orthanc_and_come_back_equal(orthanc, tmp_path, monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
-    # small phantoms that the demo models all score (this test is about DICOMweb; with segmenter 2.0, phantom 1 of
-    # seed 1808 at this size is an error row: a malformed L1)
+    # small phantoms that the demo models all score: this test is about DICOMweb, not about hard cases (phantom 1
+    # of seed 1808 at this size gave segmenter 2.0 a malformed L1, an error row)
     phantoms = write_phantoms(tmp_path / "phantoms", 3, seed=1809, size_range=(500, 600))
     server = _server(orthanc)
     server.store([pydicom.dcmread(path) for path in phantoms] + [pydicom.dcmread(CORPUS / "CT_small.dcm")])
