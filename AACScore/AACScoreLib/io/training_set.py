@@ -6,7 +6,9 @@ Why this layout: the folder is an nnU-Net v2 raw dataset (`dataset.json`, `image
 DICOM header, hence no patient identifiers, is ever copied (text burned into the pixels stays; say so to users).
 A case is named by a hash of its pixels, so adding the same radiograph again updates its labels and scores
 instead of adding a duplicate. `cases.csv` records, per case, when it was added, the sha256 of the source file
-(to recognise it later without keeping its path, which may hold a name) and whether it has scores.
+(to recognise it later without keeping its path, which may hold a name), whether it has scores and which context
+classes (T12 = 6, S1 = 7: the vertebra above L1 and the top of the sacrum) its label map holds: a segmenter with
+context classes counts levels from them, and fine-tuning it keeps them only when the cases carry them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from ..errors import AACScoreError
-from ..kauppila import SUBSCORE_COLUMNS, VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, SUBSCORE_COLUMNS, VERTEBRAE
 from .atomic import atomic_path, write_text_atomic
 from .radiograph import Radiograph
 
@@ -34,18 +36,20 @@ SCORES_CSV = "scores.csv"
 IMAGES = "imagesTr"
 LABELS = "labelsTr"
 FILE_ENDING = ".nrrd"
-CASE_COLUMNS = ("case", "added", "source_sha256", "rows", "cols", "row_mm", "col_mm", "has_scores")
+CASE_COLUMNS = ("case", "added", "source_sha256", "rows", "cols", "row_mm", "col_mm", "has_scores", "context")
 SCORE_COLUMNS = ("file", "labels", "aac24", *SUBSCORE_COLUMNS)
 
 
 @dataclass(frozen=True)
 class TrainingCase:
-    """One stored case: its radiograph and label map files, and its scores when a rater gave them."""
+    """One stored case: its radiograph and label map files, its scores when a rater gave them, and the context
+    classes (T12, S1) its label map holds."""
 
     case: str
     image: Path
     labels: Path
     scores: dict[str, int] | None
+    context: tuple[str, ...] = ()
 
 
 def parse_scores(text: str) -> dict[str, int]:
@@ -98,7 +102,8 @@ class TrainingSet:
             scored = scores.get(image)
             out.append(TrainingCase(row["case"], self.folder / image,
                                     self.folder / LABELS / f"{row['case']}{FILE_ENDING}",
-                                    {n: int(scored[n]) for n in SUBSCORE_COLUMNS} if scored else None))
+                                    {n: int(scored[n]) for n in SUBSCORE_COLUMNS} if scored else None,
+                                    tuple(name for name in (row.get("context") or "").split() if name in CONTEXT_LABELS)))
         return out
 
     def counts(self) -> dict[str, int]:
@@ -128,6 +133,7 @@ class TrainingSet:
             source_sha256: str = "") -> TrainingCase:
         """Store a radiograph with its corrected L1..L5 label map (and the eight subscores, when rated).
 
+        The label map may also hold T12 = 6 and S1 = 7 (context classes); other values are refused.
         Refused, with nothing written: a label map of another size, one without all of L1..L5, a radiograph
         without pixel spacing (the segmenter trains in millimetres), scores outside 0..3."""
         where = radiograph.path
@@ -137,6 +143,11 @@ class TrainingSet:
         missing = [name for value, name in enumerate(VERTEBRAE, start=1) if not np.any(labels == value)]
         if missing:
             raise AACScoreError(f"{where}: the label map lacks {', '.join(missing)}; a training case needs L1..L5")
+        unknown = sorted(set(np.unique(labels).tolist()) - {0, *range(1, len(VERTEBRAE) + 1), *CONTEXT_LABELS.values()})
+        if unknown:
+            raise AACScoreError(f"{where}: the label map holds values {unknown}; a training case has 0, L1..L5 = 1..5, "
+                                f"T12 = 6 and S1 = 7")
+        context = [name for name, value in CONTEXT_LABELS.items() if np.any(labels == value)]
         if radiograph.spacing is None:
             raise AACScoreError(f"{where}: pixel spacing unknown; a training case needs it (DICOM or NRRD input)")
         if scores is not None:
@@ -148,7 +159,7 @@ class TrainingSet:
             image = self.folder / IMAGES / f"{case}_0000{FILE_ENDING}"
             label_file = self.folder / LABELS / f"{case}{FILE_ENDING}"
             _write_nrrd(image, _storage_pixels(radiograph.pixels), radiograph.spacing)
-            _write_nrrd(label_file, np.where(labels <= len(VERTEBRAE), labels, 0).astype(np.uint8), radiograph.spacing)
+            _write_nrrd(label_file, labels.astype(np.uint8), radiograph.spacing)
             rows = {row["case"]: row for row in self._read_csv(CASES_CSV)}
             old = rows.get(case, {})
             rows[case] = {
@@ -157,6 +168,7 @@ class TrainingSet:
                 "rows": labels.shape[0], "cols": labels.shape[1],
                 "row_mm": f"{radiograph.spacing[0]:.6g}", "col_mm": f"{radiograph.spacing[1]:.6g}",
                 "has_scores": "yes" if scores is not None or old.get("has_scores") == "yes" else "no",
+                "context": " ".join(context),
             }
             scored = {row["file"]: row for row in self._read_csv(SCORES_CSV)}
             key = f"{IMAGES}/{image.name}"
@@ -165,7 +177,7 @@ class TrainingSet:
                                "aac24": sum(scores.values()), **scores}
             self._write_csv(SCORES_CSV, SCORE_COLUMNS, [scored[k] for k in sorted(scored)])
             self._write_csv(CASES_CSV, CASE_COLUMNS, [rows[k] for k in sorted(rows)])
-            self._write_dataset_json(len(rows))
+            self._write_dataset_json(len(rows), any(row.get("context") for row in rows.values()))
         return next(c for c in self.cases() if c.case == case)
 
     def _write_csv(self, name: str, columns: tuple[str, ...], rows: list[dict]) -> None:
@@ -175,13 +187,16 @@ class TrainingSet:
         writer.writerows(rows)
         write_text_atomic(self.folder / name, buffer.getvalue())
 
-    def _write_dataset_json(self, n_cases: int) -> None:
-        """nnU-Net v2's raw dataset description; SimpleITKIO reads 2D NRRD with its spacing."""
+    def _write_dataset_json(self, n_cases: int, context: bool) -> None:
+        """nnU-Net v2's raw dataset description; SimpleITKIO reads 2D NRRD with its spacing. T12 and S1 are
+        declared once any case holds them (nnU-Net then trains them as classes too)."""
+        labels = {name: i for i, name in enumerate(VERTEBRAE, start=1)}
         description = {
             "name": "AACScore training set",
-            "description": "Lateral lumbar radiographs with corrected L1-L5 vertebral bodies (AACScore).",
+            "description": "Lateral lumbar radiographs with corrected L1-L5 vertebral bodies (AACScore)"
+                           + (", with T12 and the top of the sacrum (S1) where drawn." if context else "."),
             "channel_names": {"0": "radiograph"},
-            "labels": {"background": 0, **{name: i for i, name in enumerate(VERTEBRAE, start=1)}},
+            "labels": {"background": 0, **labels, **(CONTEXT_LABELS if context else {})},
             "numTraining": n_cases,
             "file_ending": FILE_ENDING,
             "overwrite_image_reader_writer": "SimpleITKIO",

@@ -304,9 +304,9 @@ def transfer_weights(network, weights: dict, where) -> list[str]:
     name and shape, except the segmentation output layers when the class count differs (nnU-Net's own loader
     does the same, but unpickles a checkpoint; this reads the package's safetensors).
 
-    Beyond nnU-Net: when classes were appended (L1..L5, then T12 and S1), the output rows of the classes both
-    have keep the base's weights, so the network starts as the base for those and learns only the new rows.
-    Returns the names of the output layers left wholly or partly fresh."""
+    Beyond nnU-Net: when classes were appended or dropped at the end (L1..L5, then T12 and S1), the output rows
+    of the classes both have keep the base's weights, so the network starts as the base for those and learns only
+    the new rows. Returns the names of the output layers left wholly or partly fresh."""
     state = network.state_dict()
     fresh = []
     for keys in _storage_groups(state).values():
@@ -315,9 +315,10 @@ def transfer_weights(network, weights: dict, where) -> list[str]:
         if not shape_fits:
             if ".seg_layers." in keys[0]:
                 fresh.append(keys[0])
-                if given is not None and _classes_appended(weights[given].shape, state[keys[0]].shape):
+                if given is not None and _same_but_class_count(weights[given].shape, state[keys[0]].shape):
                     value = state[keys[0]].clone()
-                    value[: weights[given].shape[0]] = weights[given].to(value.dtype)
+                    shared = min(weights[given].shape[0], value.shape[0])
+                    value[:shared] = weights[given][:shared].to(value.dtype)
                     for key in keys:
                         state[key] = value
                 continue
@@ -330,9 +331,8 @@ def transfer_weights(network, weights: dict, where) -> list[str]:
     return fresh
 
 
-def _classes_appended(base_shape, new_shape) -> bool:
-    return len(base_shape) == len(new_shape) and base_shape[0] < new_shape[0] and \
-        tuple(base_shape[1:]) == tuple(new_shape[1:])
+def _same_but_class_count(base_shape, new_shape) -> bool:
+    return len(base_shape) == len(new_shape) and tuple(base_shape[1:]) == tuple(new_shape[1:])
 
 
 def load_segmenter_package(package: str | Path | ModelPackage | None = None, models_dir=None) -> LoadedSegmenter:

@@ -398,11 +398,36 @@ def read_vertebra_labels(segmentation_node, volume_node) -> np.ndarray:
     if problems:
         raise GeometryError(f"segmentation '{segmentation_node.GetName()}' has {' and '.join(problems)} "
                             f"(segments: {', '.join(names) or 'none'})")
+    return _export_named_segments(segmentation_node, volume_node, VERTEBRAE)
+
+
+def read_context_labels(segmentation_node, volume_node) -> np.ndarray | None:
+    """The segments named T12 and S1 (AACScore's or a person's) as a uint8 map 6 = T12, 7 = S1 on the
+    radiograph's grid, for a training case; None when there is neither. A name used by two segments is refused."""
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    doubled = [name for name in CONTEXT_LABELS if names.count(name) > 1]
+    if doubled:
+        raise GeometryError(f"segmentation '{segmentation_node.GetName()}' has {len(doubled)} name(s) used twice: "
+                            f"{', '.join(doubled)}; keep one segment of each")
+    present = [name for name in CONTEXT_LABELS if name in names]
+    if not present:
+        return None
+    exported = _export_named_segments(segmentation_node, volume_node, present)
+    context = np.zeros_like(exported)
+    for index, name in enumerate(present, 1):
+        context[exported == index] = CONTEXT_LABELS[name]
+    return context
+
+
+def _export_named_segments(segmentation_node, volume_node, names) -> np.ndarray:
+    """The segments of these names as a uint8 label map on the radiograph's grid, the k-th name as label k."""
+    segmentation = segmentation_node.GetSegmentation()
     segment_ids = vtk.vtkStringArray()
-    for vertebra in VERTEBRAE:
-        segment_ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(vertebra))
+    for name in names:
+        segment_ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(name))
     with _temporary_labelmap(segmentation_node.GetScene()) as labelmap:
-        # the exported label of a segment is its position in segment_ids plus one: L1..L5 -> 1..5
+        # the exported label of a segment is its position in segment_ids plus one
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation_node, segment_ids, labelmap, volume_node):
             raise GeometryError(f"segmentation '{segmentation_node.GetName()}' could not be exported "

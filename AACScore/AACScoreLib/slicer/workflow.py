@@ -610,8 +610,8 @@ class Workflow:
 
     def add_to_training_set(self, volume_node, folder: str | Path, rater: str | None = None,
                             segmentation_node=None):
-        """Store this radiograph with its (corrected) vertebra segments, and the rater's subscores when that rater
-        has scored it, in a training set folder (io/training_set.py: nnU-Net raw layout, no DICOM header kept).
+        """Store this radiograph with its (corrected) vertebra segments, the T12/S1 segments when there are any,
+        and the rater's subscores when that rater has scored it, in a training set folder (io/training_set.py: nnU-Net raw layout, no DICOM header kept).
         Returns the stored case and the set's counts."""
         from ..io.training_set import TrainingSet
 
@@ -619,6 +619,9 @@ class Workflow:
         if segmentation_node is None:
             raise AACScoreError(f"'{volume_node.GetName()}' has no vertebra segmentation to store; segment it first")
         labels = aac_scene.read_vertebra_labels(segmentation_node, volume_node)
+        context = aac_scene.read_context_labels(segmentation_node, volume_node)
+        if context is not None:  # T12/S1 where no vertebra is: a fine-tuned segmenter keeps its context classes
+            labels = np.where(labels == 0, context, labels)
         rated = self.rating(volume_node, rater) if rater and rater.strip() else None
         if rater and rater.strip() and rated is None:
             raise AACScoreError(f"{rater.strip()} has not rated '{volume_node.GetName()}'; save the rating first, "

@@ -214,7 +214,8 @@ class Server:
                                       log=lambda text: print(text, file=sys.stderr), on_epoch_end=epoch_done)
         elif kind == "segmenter":
             package = finetune_segmenter(params["data"], params["out"], params.get("base"),
-                                         SegmenterFinetuneSettings(**options))
+                                         SegmenterFinetuneSettings(**options),
+                                         log=lambda text: print(text, file=sys.stderr))
         else:
             raise AACScoreError(f"fine-tuning kind must be segmenter or scorer, got {kind!r}")
         return {"kind": kind, "path": str(package)}

@@ -110,6 +110,28 @@ def test_bad_cases_are_refused_with_nothing_written(tmp_path):
     assert dataset.counts() == {"cases": 0, "scored": 0}
 
 
+def test_training_set_keeps_t12_and_s1_where_drawn(tmp_path):
+    import nrrd
+
+    dataset = TrainingSet(tmp_path / "set")
+    pixels, labels = toy_spine(0)
+    radiograph = Radiograph(pixels.astype(np.float32), (1.25, 1.25), "test", "toy0.nrrd", "NRRD")
+    with pytest.raises(AACScoreError, match=r"toy0.nrrd: the label map holds values \[9\]"):
+        dataset.add(radiograph, np.where(labels == 7, 9, labels).astype(np.uint8))
+    assert not (tmp_path / "set" / "cases.csv").exists()
+    dataset.add(Radiograph(pixels[::-1].astype(np.float32), (1.25, 1.25), "test", "flipped.nrrd", "NRRD"),
+                np.where(labels[::-1] > 5, 0, labels[::-1]))
+    assert json.loads((dataset.folder / "dataset.json").read_text())["labels"] == {
+        "background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5}
+    case = dataset.add(radiograph, labels)
+    assert case.context == ("T12", "S1")
+    assert [c.context for c in dataset.cases()].count(()) == 1
+    stored, _ = nrrd.read(str(case.labels), index_order="C")
+    assert np.array_equal(stored, labels)
+    assert json.loads((dataset.folder / "dataset.json").read_text())["labels"] == {
+        "background": 0, "L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 6, "S1": 7}
+
+
 # ---------------------------------------------------------------------------------------------- scorer
 
 
@@ -211,6 +233,42 @@ def test_segmenter_finetuning_starts_from_the_base_package(toy_set_and_base):
     assert set(rows[0]) >= {"L1", "L5", "levels_right", "status"}
 
 
+def test_finetuning_keeps_the_context_classes_only_when_the_cases_draw_them(toy_set_and_base):
+    """A base with T12/S1: cases that draw them keep them; cases without them would teach that T12 and the sacrum
+    are background, so the fine-tuned model has L1..L5 only and starts from the base's rows for those."""
+    from AACScoreLib.segmentation.training import train_segmenter
+
+    dataset, _, root = toy_set_and_base
+    assert all(case.context == ("T12", "S1") for case in dataset.cases())
+    base, _ = train_segmenter([], root / "context-base", name="toy-context", version="1", epochs=1,
+                              iterations_per_epoch=1, patch_size=(64, 48), features=(4, 8, 16), batch_size=2,
+                              device="cpu", cases=[(case.image, case.labels) for case in dataset.cases()],
+                              context=True)
+    settings = SegmenterFinetuneSettings(epochs=1, iterations_per_epoch=1, batch_size=2, device="cpu")
+    said: list[str] = []
+    kept = finetune_segmenter(dataset.folder, root / "kept", base, settings, work=root / "work-kept", log=said.append)
+    assert read_package(kept).manifest["labels"] == ["L1", "L2", "L3", "L4", "L5", "T12", "S1"]
+    assert said == ["fine-tuning with the context classes S1, T12 (4 of 4 cases draw them)",
+                    "context-base names no training phantoms: fine-tuning on the cases alone, without replay"]
+    plain = TrainingSet(root / "plain")
+    for case in dataset.cases():
+        labels = read_label_map_of(case)
+        plain.add(read_radiograph(case.image), np.where(labels > 5, 0, labels))
+    said.clear()
+    dropped = finetune_segmenter(plain.folder, root / "dropped", base, settings, work=root / "work-dropped",
+                                 log=said.append)
+    assert read_package(dropped).manifest["labels"] == ["L1", "L2", "L3", "L4", "L5"]
+    assert "no case draws them: the fine-tuned segmenter labels L1-L5 only" in said[0]
+    log = next((root / "work-dropped" / "results").rglob("training_log_*.txt")).read_text()
+    assert "started from the base segmenter's weights; fresh: ['" in log
+
+
+def read_label_map_of(case) -> np.ndarray:
+    from AACScoreLib.io.labelmaps import read_label_map
+
+    return read_label_map(case.labels, context=True)
+
+
 def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set_and_base):
     from AACScoreLib.segmentation.package import build_network, load_segmenter_package, transfer_weights
 
@@ -224,6 +282,10 @@ def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set
         base_rows = loaded.fold_weights[0][name]
         assert network.state_dict()[name].shape[0] == base_rows.shape[0] + 2
         assert torch.equal(network.state_dict()[name][: base_rows.shape[0]], base_rows.float())
+    fewer = dict(loaded.dataset_json, labels={k: v for k, v in loaded.dataset_json["labels"].items() if v < 5})
+    network = build_network(loaded.plans, fewer)
+    for name in transfer_weights(network, loaded.fold_weights[0], "base"):  # L5 dropped: the rows before it kept
+        assert torch.equal(network.state_dict()[name], loaded.fold_weights[0][name][:5].float())
     wider = json.loads(json.dumps(loaded.plans))
     wider["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
     with pytest.raises(ModelPackageError, match="does not fit the network being trained"):
@@ -245,6 +307,27 @@ def test_train_segmenter_can_start_from_a_package_and_add_context_classes(toy_se
     assert trained.manifest["labels"][-2:] == ["T12", "S1"]
     log = next((tmp_path / "work" / "results").rglob("training_log_*.txt")).read_text()
     assert "started from the base segmenter's weights; fresh: ['" in log and "seg_layers" in log
+
+
+def test_finetuning_can_replay_the_bases_own_training_phantoms(toy_set_and_base, tmp_path):
+    from AACScoreLib.segmentation.training import train_segmenter
+    from AACScoreLib.phantoms.generator import phantom_sources
+
+    dataset, toy_base, _ = toy_set_and_base
+    settings = SegmenterFinetuneSettings(epochs=1, iterations_per_epoch=1, batch_size=2, device="cpu", replay=1)
+    with pytest.raises(AACScoreError, match="names no training phantoms to replay; fine-tune it with --replay 0"):
+        finetune_segmenter(dataset.folder, tmp_path / "refused", toy_base, settings, log=lambda _: None)
+    assert not (tmp_path / "refused").exists()
+    base, _ = train_segmenter([], tmp_path / "base", name="toy-phantoms", version="1", epochs=1, iterations_per_epoch=1,
+                              patch_size=(64, 48), features=(4, 8, 16), batch_size=2, device="cpu",
+                              phantoms=phantom_sources(2, 77, ("alt", "projected"), context=True), context=True,
+                              training_note={"phantoms": {"n": 2, "seed": 77, "styles": ["alt", "projected"]}})
+    tuned = finetune_segmenter(dataset.folder, tmp_path / "tuned", base, settings, work=tmp_path / "work",
+                               log=lambda _: None)
+    data = read_package(tuned).manifest["training_data"]
+    assert data["replayed_phantoms"] == {"n": 1, "seed": 77, "families": ["alt"]}
+    assert data["n_cases"] == len(dataset.cases())  # the user's cases; the replayed phantom trains beside them
+    assert len(list((tmp_path / "work" / "raw").rglob("labelsTr/*"))) == len(dataset.cases()) + 1
 
 
 def test_levels_right_needs_every_level_on_its_own_body():

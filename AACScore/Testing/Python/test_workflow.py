@@ -628,6 +628,15 @@ def test_add_to_training_set_stores_the_corrected_segments_and_the_raters_scores
     case, counts = workflow.add_to_training_set(volume, tmp_path / "set", rater="Ann")
     assert counts == {"cases": 1, "scored": 1} and sum(case.scores.values()) == 7
     assert TrainingSet(tmp_path / "set").cases()[0].scores == case.scores
+    assert case.context == ()
+    context = np.zeros_like(corrected)
+    context[4:19, 55:100] = 6  # a T12 segment above L1 (from a segmenter with context classes, or drawn)
+    context[32:36, 55:100] = 6  # where it overlaps L1, L1 wins
+    aac_scene.write_context_segments(segmentation, volume, context)
+    case, counts = workflow.add_to_training_set(volume, tmp_path / "set", rater="Ann")
+    assert counts == {"cases": 1, "scored": 1} and case.context == ("T12",)
+    assert np.array_equal(read_label_map(case.labels, context=True), np.where(corrected == 0, context, corrected))
+    assert np.array_equal(read_label_map(case.labels), corrected)
 
 # ----------------------------------------------------------------------------------------------- panel fixes
 
