@@ -219,11 +219,9 @@ def _keeps_context(loaded, cases: Sequence[TrainingCase], log: Log) -> bool:
     cases carry it (Slicer stores the T12/S1 segments with the case; `dataset add` reads 6 = T12, 7 = S1);
     otherwise the new model has L1..L5 only, starts from the base's rows for those, and counts levels without
     context (said in the log)."""
-    from .kauppila import CONTEXT_LABELS
-    from .io.labelmaps import context_of_segment
+    from .segmentation.package import context_classes
 
-    base_context = sorted({context_of_segment(str(name)) for name in loaded.dataset_json.get("labels", {})}
-                          & set(CONTEXT_LABELS))
+    base_context = sorted(context_classes(loaded.package.manifest))
     drawn = sum(bool(case.context) for case in cases)
     if base_context and not drawn:
         log(f"{loaded.package.path.name} has the context classes {', '.join(base_context)}, but no case draws them: "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelPackageError
-from ..kauppila import VERTEBRAE
+from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from ..io.labelmaps import context_of_segment, vertebra_of_segment
 from .dataset import DEFAULT_LONG_SIDE_PX
 from ..packages import ModelPackage, find_package, load_safetensors, read_verified, verify_package, write_package
@@ -72,6 +72,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ModelPackageError(f"{path}: has no 'network_weights'; not an nnU-Net checkpoint")
     return checkpoint
+
+
+def label_values(manifest: dict) -> dict[str, int]:
+    """{'L1': network output index, ...} of a segmenter package (L1..L5 = 1..5 for packages from before context)."""
+    return manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
+
+
+def context_classes(manifest: dict) -> tuple[str, ...]:
+    """The context classes (T12, S1) a segmenter package has, in CONTEXT_LABELS order; () for L1..L5 only."""
+    values = label_values(manifest)
+    return tuple(name for name in CONTEXT_LABELS if name in values)
 
 
 def _labels_by_level(dataset_json: dict, where: Path) -> dict[str, int]:

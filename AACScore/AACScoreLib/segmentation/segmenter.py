@@ -131,7 +131,7 @@ class Segmenter:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        from .package import CONFIGURATION
+        from .package import CONFIGURATION, context_classes, label_values
 
         self.package = loaded.package
         self.manifest = loaded.package.manifest
@@ -156,10 +156,10 @@ class Segmenter:
                                              loaded.fold_weights, loaded.dataset_json,
                                              self.manifest["architecture"].get("trainer") or "nnUNetTrainer",
                                              mirror_axes)
-        label_values = self.manifest.get("label_values") or {name: i + 1 for i, name in enumerate(VERTEBRAE)}
-        context = tuple(name for name in CONTEXT_LABELS if name in label_values)
+        values = label_values(self.manifest)
+        context = context_classes(self.manifest)
         self.classes = VERTEBRAE + context  # the channels after background, as `ordered_channels` orders them
-        self.channel_of_class = [int(label_values[name]) for name in self.classes]
+        self.channel_of_class = [int(values[name]) for name in self.classes]
         # label value of each reordered channel: 0, 1..5 = L1..L5, then 6 = T12 / 7 = S1 for those the model has
         self.value_of_channel = np.array([0, *range(1, len(VERTEBRAE) + 1), *(CONTEXT_LABELS[n] for n in context)],
                                          np.uint8)

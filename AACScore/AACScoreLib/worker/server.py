@@ -211,14 +211,18 @@ class Server:
                 context.check()
 
             package = finetune_scorer(params["data"], params["out"], params.get("base"), settings,
-                                      log=lambda text: print(text, file=sys.stderr), on_epoch_end=epoch_done)
+                                      log=_to_stderr, on_epoch_end=epoch_done)
         elif kind == "segmenter":
             package = finetune_segmenter(params["data"], params["out"], params.get("base"),
-                                         SegmenterFinetuneSettings(**options),
-                                         log=lambda text: print(text, file=sys.stderr))
+                                         SegmenterFinetuneSettings(**options), log=_to_stderr)
         else:
             raise AACScoreError(f"fine-tuning kind must be segmenter or scorer, got {kind!r}")
         return {"kind": kind, "path": str(package)}
+
+
+def _to_stderr(text: str) -> None:
+    """A job's log: stderr, because stdout carries the protocol's JSON lines."""
+    print(text, file=sys.stderr)
 
 
 def write_nrrd(path: Path, array: np.ndarray) -> None:

@@ -250,9 +250,11 @@ def test_finetuning_keeps_the_context_classes_only_when_the_cases_draw_them(toy_
     assert read_package(kept).manifest["labels"] == ["L1", "L2", "L3", "L4", "L5", "T12", "S1"]
     assert said == ["fine-tuning with the context classes S1, T12 (4 of 4 cases draw them)",
                     "context-base names no training phantoms: fine-tuning on the cases alone, without replay"]
+    from AACScoreLib.io.labelmaps import read_label_map
+
     plain = TrainingSet(root / "plain")
     for case in dataset.cases():
-        labels = read_label_map_of(case)
+        labels = read_label_map(case.labels, context=True)
         plain.add(read_radiograph(case.image), np.where(labels > 5, 0, labels))
     said.clear()
     dropped = finetune_segmenter(plain.folder, root / "dropped", base, settings, work=root / "work-dropped",
@@ -261,12 +263,6 @@ def test_finetuning_keeps_the_context_classes_only_when_the_cases_draw_them(toy_
     assert "no case draws them: the fine-tuned segmenter labels L1-L5 only" in said[0]
     log = next((root / "work-dropped" / "results").rglob("training_log_*.txt")).read_text()
     assert "started from the base segmenter's weights; fresh: ['" in log
-
-
-def read_label_map_of(case) -> np.ndarray:
-    from AACScoreLib.io.labelmaps import read_label_map
-
-    return read_label_map(case.labels, context=True)
 
 
 def test_weights_of_another_plan_are_refused_but_new_classes_start_fresh(toy_set_and_base):
