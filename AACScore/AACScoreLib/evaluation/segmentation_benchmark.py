@@ -101,7 +101,7 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
                                progress: Callable[[str], None] | None = None) -> dict:
     """Segment `n` phantoms of each family (made in memory) and, with `sacrum_cropped`, each again cut just below
     L5; returns the figures per family and set, and every case."""
-    from ..phantoms.families import HELD_OUT_FAMILY
+    from ..phantoms.families import FAMILIES
     from ..phantoms.generator import check_styles, generate_phantom, read_back
 
     families = check_styles(families)
@@ -124,7 +124,7 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
                 cases.append(case)
             if progress:
                 progress(f"{family} {index + 1}/{n}")
-        results[family] = {"held_out_family": family == HELD_OUT_FAMILY, "seen_in_training": family in trained_on,
+        results[family] = {"held_out_family": FAMILIES[family].held_out, "seen_in_training": family in trained_on,
                            **{name: summarise(items) for name, items in by_set.items()}}
     return {
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",

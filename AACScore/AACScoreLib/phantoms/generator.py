@@ -268,8 +268,8 @@ def add_cli(subparsers) -> None:
                         help="random seed; (seed, index, family, severity, size range) fix a phantom")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--family", "--style", dest="style", choices=STYLES, default="default",
-                        help=f"phantom family (--list-families describes them); {HELD_OUT_FAMILY} is held out of "
-                             "all training; --style is its older name")
+                        help=f"phantom family (--list-families describes them); {HELD_OUT_FAMILY} and its "
+                             "site variant are held out of all training; --style is its older name")
     parser.add_argument("--list-families", action="store_true", help="print the phantom families and exit")
     parser.add_argument("--severity", type=lambda t: _numbers(t, 3), default=DEFAULT_SEVERITY,
                         help="share of no/mild, moderate, severe phantoms (default 0.25,0.60,0.15)")

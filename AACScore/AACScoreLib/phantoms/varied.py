@@ -14,6 +14,9 @@ facings, collimation, grids, burned-in text, unsharp masking, equalisation, cont
 Numbering (the truth follows it): L1 is the first vertebra below the lowest rib-bearing one, L1..L5 counted
 downwards. A sixth lumbar-type vertebra is "L6" (unlabelled, 0 in the label map); a sacralised L5 (four free
 lumbar-type vertebrae, the fifth fused with the sacrum) counts as L5. Both are marked in truth["transitional"].
+
+The "site" family is this one with the look drawn once per site instead of once per image (`generate_site`): a
+site's cohort looks alike, which is what fine-tuning on a group's own cases meets; it is held out too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from .truth import (END_MARGIN_MM, FRACTION_RANGES, GAP_MM, Phantom, arc_length,
 
 FAMILY = "varied"
 _FAMILY_CODE = 2  # seeds the family's random stream apart from default (0) and alt (1)
+SITE_FAMILY = "site"
+SITE_SEEDS = 100  # seeds s*100 .. s*100+99 are one site's images, so a training seed and the next test seed share it
+_SITE_CODE = 7  # seeds a site's look apart from any image's stream
 THORACIC: tuple[str, ...] = ("T8", "T9", "T10", "T11", "T12")
 _HEIGHT_MM = dict(T8=19.5, T9=20.5, T10=21.5, T11=23.0, T12=24.5, L1=26.0, L2=27.0, L3=27.5, L4=27.5, L5=26.5,
                   L6=26.0, S1=24.0)
@@ -45,9 +51,16 @@ DXA_SHARE = 0.15
 INVERTED_SHARE = 0.15  # bone dark in the stored display values (besides MONOCHROME1 files)
 
 
-def generate_varied(seed: int, index: int, severity: Sequence[float], size_range: tuple[int, int]) -> Phantom:
-    """One phantom of the varied family, fully determined by its arguments."""
+def generate_varied(seed: int, index: int, severity: Sequence[float], size_range: tuple[int, int],
+                    site: int | None = None) -> Phantom:
+    """One phantom of the varied family, fully determined by its arguments. With `site`, the phantom is of the
+    "site" family instead: the same anatomy and plaque, and the look every image of that site shares."""
     rng = np.random.default_rng([seed, index, _FAMILY_CODE])
+
+    def look_rng(part: int) -> np.random.Generator:  # a site draws each part of its look from a stream of its own
+        return rng if site is None else np.random.default_rng([site, _FAMILY_CODE, _SITE_CODE, part])
+
+    family = FAMILY if site is None else SITE_FAMILY
     targets = target_subscores(seed, index, _FAMILY_CODE, rng, severity)
     for _ in range(30):  # redraw the rare anatomy whose aorta does not cross the segment boundaries in order
         anatomy, info = build_varied_anatomy(rng)
@@ -61,8 +74,9 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
     else:
         raise RuntimeError(f"no varied anatomy with a usable aorta for seed {seed} index {index}")
     deposits = varied_deposits(rng, anatomy, targets, spans)
-    info["dxa_like"] = bool(rng.random() < DXA_SHARE)
-    look = varied_look(rng, info)
+    site_look = look_rng(0)
+    info["dxa_like"] = bool(site_look.random() < DXA_SHARE)
+    look = varied_look(site_look, info)
 
     acq = varied_acquisition(rng, size_range, anatomy, spans, info)
     place, att, label_map, shutter, field_ = form_image(anatomy, acq, look, rng)
@@ -72,15 +86,16 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
     if hidden is not None:
         plaque_mask &= ~hidden
 
-    bits = 8 if info["dxa_like"] else int(rng.choice([10, 12, 14, 16]))
+    site_detector = look_rng(1)
+    bits = 8 if info["dxa_like"] else int(site_detector.choice([10, 12, 14, 16]))
     pixels = process(att, place, look, rng, bits, shutter, field_)
     del att
     if hidden is not None:  # a straight shutter edge, blanked black or white by the processing
         pixels[hidden] = 0 if rng.random() < 0.5 else int((2**bits - 1) * look["headroom"])
-    info["inverted_look"] = bool(rng.random() < INVERTED_SHARE)
+    info["inverted_look"] = bool(site_detector.random() < INVERTED_SHARE)
     if info["inverted_look"]:
         pixels = (2**bits - 1 - pixels).astype(np.uint16)
-    settings = dicom_settings(rng, seed, index, FAMILY, place, acq, bits)
+    settings = dicom_settings(look_rng(2), seed, index, family, place, acq, bits)
     settings["markers"] = burn_in_markers(rng, pixels, place, acq["key_px"], field_, settings["marker_letter"],
                                           2**bits - 1)
     truth = measure_truth(anatomy, place, acq, deposits, targets, settings)
@@ -93,9 +108,18 @@ def generate_varied(seed: int, index: int, severity: Sequence[float], size_range
                 excluded_deposits=sum(1 for d in deposits if not d["level"]))
     info["sacrum_in_view"] = info["s1_in_view_fraction"] > 0
     info["t12_in_view"] = info["t12_in_view_fraction"] > 0
-    truth.update(name=phantom_name(seed, index, FAMILY), seed=seed, index=index, style=FAMILY, family=FAMILY,
+    if site is not None:
+        info["site"] = site
+    truth.update(name=phantom_name(seed, index, family), seed=seed, index=index, style=family, family=family,
                  transitional=info.pop("transitional"), varied=info)
     return Phantom(truth["name"], pixels, label_map, truth, settings, plaque_mask)
+
+
+def generate_site(seed: int, index: int, severity: Sequence[float], size_range: tuple[int, int]) -> Phantom:
+    """One phantom of the "site" family: varied anatomy, plaque, positioning and field of view per image, and one
+    look per site (seed // SITE_SEEDS): densities, processing, detector, DXA-like or not, inversion and DICOM
+    encoding, as one site's protocol gives. It measures fine-tuning on a cohort that looks alike."""
+    return generate_varied(seed, index, severity, size_range, site=seed // SITE_SEEDS)
 
 
 def _shutter_edges(label_map: np.ndarray, anatomy: Anatomy, place: Placement, info: dict) -> np.ndarray | None:

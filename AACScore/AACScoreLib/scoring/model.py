@@ -161,6 +161,27 @@ def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def adapt_batchnorm(model: ScorerNet, crops: torch.Tensor, batch: int = 16) -> None:
+    """Re-estimate the backbone's BatchNorm statistics from a cohort's crops (N, 1, H, W) (AdaBN, Li et al. 2018).
+
+    Why: those statistics are what depends most on how a site's images look, and estimating them needs no scores.
+    Weights and the head's BatchNorm (on pooled features) are kept; the model is left in eval mode."""
+    layers = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over every batch, not a running one
+        layer.train()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(crops), batch):
+            model.features(crops[start:start + batch].to(device, torch.float32))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+
+
 def build_model(architecture: dict[str, Any] | None = None, imagenet_weights: str | Path | None = None) -> ScorerNet:
     """A new network; ImageNet initialisation of the backbone from a local torchvision file when one is given."""
     model = ScorerNet(architecture)

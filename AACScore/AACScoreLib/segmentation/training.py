@@ -28,7 +28,7 @@ from ..kauppila import VERTEBRAE
 from ..packages import package_reference, timestamped_version
 from .dataset import (DEFAULT_LONG_SIDE_PX, WINDOW_PERCENTILES, WORKING_SPACING_MM, dataset_name,
                              export_dataset, phantom_cases, read_export_summary)
-from ..phantoms.families import HELD_OUT_FAMILY
+from ..phantoms.families import FAMILIES
 from ..phantoms.generator import PhantomSource, parse_styles, phantom_sources, write_phantoms
 
 PLANS_NAME = "AACScorePlans"
@@ -407,8 +407,9 @@ def starting_package(name: str, patch_size: tuple[int, int]):
 def _train_command(args) -> int:
     data = [Path(folder) for folder in args.data]
     styles = parse_styles(args.phantom_styles)
-    if HELD_OUT_FAMILY in styles and not args.include_held_out:
-        raise AACScoreError(f"phantom family {HELD_OUT_FAMILY} is held out of all training (it measures how models "
+    held_out = [style for style in styles if FAMILIES[style].held_out]
+    if held_out and not args.include_held_out:
+        raise AACScoreError(f"phantom family {', '.join(held_out)} is held out of all training (it measures how models "
                             f"meet an unseen generator); add --include-held-out to train on it anyway")
     phantoms = phantom_sources(args.phantoms, args.seed, styles, args.context_classes) if args.phantoms else []
     if not data and not phantoms and not args.resume:

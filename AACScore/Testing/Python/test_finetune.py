@@ -181,6 +181,57 @@ def test_scorer_finetuning_needs_rated_cases(tmp_path, tiny_scorer_package):
         finetune_scorer(dataset.folder, tmp_path / "out", tiny_scorer_package)
 
 
+def test_batchnorm_adaptation_re_estimates_the_backbones_statistics_only(tiny_scorer_package):
+    from AACScoreLib.scoring.model import INPUT_MEAN, INPUT_STD, adapt_batchnorm, model_from_state
+
+    architecture = tiny_scorer_package.manifest["architecture"]
+    base = load_safetensors(tiny_scorer_package, architecture["weights"])
+    model = model_from_state(architecture, base)
+    crops = torch.rand(20, 1, 64, 32, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.7  # a bright, flat look
+    adapt_batchnorm(model, crops, batch=10)
+    with torch.no_grad():  # the stem's statistics are now those of its input over these crops
+        stem_input = model.backbone.conv1((crops - INPUT_MEAN) / INPUT_STD)
+    assert torch.allclose(model.backbone.bn1.running_mean, stem_input.mean((0, 2, 3)), atol=1e-4)
+    after = model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k].float(), after[k].float())}
+    assert changed and all(k.startswith("backbone.") and k.endswith(("running_mean", "running_var",
+                                                                     "num_batches_tracked")) for k in changed)
+    assert not model.training and model.backbone.bn1.momentum == 0.1  # eval mode, momentum as it was
+
+
+def test_scorer_adaptation_uses_every_case_and_needs_no_scores(tmp_path, tiny_scorer_package):
+    dataset = TrainingSet(tmp_path / "set")
+    for index in range(10):  # two rated cases, eight only segmented
+        phantom, radiograph, scores = phantom_case(8210, index)
+        dataset.add(radiograph, phantom.labels, scores if index < 2 else None)
+    base = str(tiny_scorer_package.path)
+    assert cli_main(["finetune", "scorer", "--data", str(dataset.folder), "--from", base, "--epochs", "0",
+                     "--adapt-batchnorm", "--device", "cpu", "--out", str(tmp_path / "adapted")]) == 0
+    adapted = verify_package(tmp_path / "adapted")
+    assert adapted.manifest["training_data"]["batchnorm_statistics"] == "adapted to 10 cases"
+    before, after = (load_safetensors(package, "weights.safetensors") for package in (tiny_scorer_package, adapted))
+    statistics = {k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in statistics)
+    assert not torch.equal(before["backbone.bn1.running_mean"], after["backbone.bn1.running_mean"])
+
+    tuned = finetune_scorer(dataset.folder, tmp_path / "tuned", base,
+                            ScorerFinetuneSettings(epochs=1, batch=2, adapt_batchnorm=True, device="cpu"),
+                            log=lambda _: None)
+    data = read_package(tuned).manifest["training_data"]
+    assert data["batchnorm_statistics"] == "adapted to 10 cases, then kept" and data["n_cases"] == 2
+    few = dataset.cases()[:9]
+    with pytest.raises(AACScoreError, match="needs 10 or more cases .it has 9."):
+        finetune_scorer(dataset.folder, tmp_path / "few", base, ScorerFinetuneSettings(epochs=0, adapt_batchnorm=True),
+                        cases=few)
+    with pytest.raises(AACScoreError, match="0 epochs would leave the scorer as it is"):
+        finetune_scorer(dataset.folder, tmp_path / "same", base, ScorerFinetuneSettings(epochs=0))
+
+
+def test_segmenter_finetuning_needs_an_epoch(scored_set, tmp_path):
+    with pytest.raises(AACScoreError, match="needs 1 epoch or more, got 0"):
+        finetune_segmenter(scored_set.folder, tmp_path / "out", None, SegmenterFinetuneSettings(epochs=0))
+
+
 def test_crossval_of_the_scorer_writes_the_papers_statistics(scored_set, tiny_scorer_package, tmp_path):
     settings = ScorerFinetuneSettings(epochs=1, batch=2, device="cpu")
     results = crossval("scorer", scored_set.folder, tmp_path / "cv", folds=2, base=str(tiny_scorer_package.path),
@@ -344,6 +395,7 @@ def test_learning_curve_starts_each_size_from_the_base(tmp_path, tiny_scorer_pac
                            seed=8500, scorer_settings=settings, size_range=SMALL, log=lambda _: None)
     assert [row["cases"] for row in curve["rows"]] == [0, 2]
     assert all(row["n_test"] == 2 and row["errors"] == 0 for row in curve["rows"])
-    assert json.loads((tmp_path / "curve" / "curve.json").read_text())["test_seed"] == 8501
+    written = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert written["test_seed"] == 8501 and written["settings"]["epochs"] == 1  # the recipe measured
     tuned = read_package(tmp_path / "curve" / "scorer-2")
     assert tuned.manifest["training_data"]["fine_tuned_from"]["name"] == "tiny-scorer"

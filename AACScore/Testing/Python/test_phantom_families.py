@@ -1,5 +1,5 @@
 """Phantom families: the registry, the held-out "varied" family's anatomy, field of view and calcification truth,
-context labels, the plaque mask, and the training-time randomisation."""
+its "site" variant (one look per site), context labels, the plaque mask, and the training-time randomisation."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def varied():
 
 def test_registry_names_the_styles_and_holds_varied_out():
     assert generator.STYLES == tuple(FAMILIES) and {"default", "alt", "varied"} <= set(FAMILIES)
-    assert HELD_OUT_FAMILY == "varied" and [n for n, f in FAMILIES.items() if f.held_out] == ["varied"]
+    assert HELD_OUT_FAMILY == "varied" and [n for n, f in FAMILIES.items() if f.held_out] == ["varied", "site"]
     assert all(family.description and "\n" not in family.description for family in FAMILIES.values())
     assert generator.generate_phantom(1, "varied", 0, size_range=TINY).name == "phantom_varied_s1_0000"
     with pytest.raises(ValueError, match="style must be one of"):
@@ -61,6 +61,24 @@ def test_determinism_per_seed_index_and_family():
     d = generator.generate_phantom(9, "alt", 3, size_range=TINY)
     assert a.pixels.shape != c.pixels.shape or not np.array_equal(a.pixels, c.pixels)
     assert a.pixels.shape != d.pixels.shape or not np.array_equal(a.pixels, d.pixels)
+
+
+def test_site_family_shares_one_look_per_site_and_varies_the_patients():
+    def look(phantom):  # what a site's protocol fixes: the look and the DICOM encoding, not UIDs or dates of study
+        return ({key: value for key, value in phantom.dataset.items() if "uid" not in key.lower()
+                 and key not in ("markers", "patient_orientation")},
+                phantom.truth["varied"]["dxa_like"], phantom.truth["varied"]["inverted_look"])
+
+    first, other_patient, test_seed = (generator.generate_phantom(seed, "site", index, size_range=TINY)
+                                       for seed, index in ((8900, 0), (8900, 1), (8901, 0)))
+    other_site = generator.generate_phantom(9100, "site", 0, size_range=TINY)
+    assert first.name == "phantom_site_s8900_0000" and first.truth["family"] == "site"
+    assert first.truth["varied"]["site"] == test_seed.truth["varied"]["site"] == 89
+    assert look(first) == look(other_patient) == look(test_seed) != look(other_site)
+    assert first.truth["subscores"] != other_patient.truth["subscores"]
+    varied_twin = generate_varied(8900, 0, generator.DEFAULT_SEVERITY, TINY)  # same anatomy and plaque, other look
+    assert first.truth["subscores"] == varied_twin.truth["subscores"]
+    assert first.pixels.shape != varied_twin.pixels.shape or not np.array_equal(first.pixels, varied_twin.pixels)
 
 
 def test_l1_to_l5_always_whole_in_view_and_context_labels_in_order(varied):
