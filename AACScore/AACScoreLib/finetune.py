@@ -146,11 +146,13 @@ def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelP
     try:
         crops = _crops_of(dataset, rated, input_size, work)
         statistics = "kept" if s.freeze_batchnorm else "updated"
+        n_adapted = 0
         if s.adapt_batchnorm and len(pool) >= ADAPT_MIN_CASES:
             unrated = [case for case in pool if case.scores is None]
             adapt_on = torch.cat([crops.crops] + ([_crops_of(dataset, unrated, input_size, work).crops] if unrated
                                                   else []))
             weights = _adapted_weights(architecture, weights, adapt_on, s.device)
+            n_adapted = len(adapt_on)
             statistics = f"adapted to {len(adapt_on)} cases" + (f", then {statistics}" if s.epochs else "")
             log(f"BatchNorm statistics re-estimated on {len(adapt_on)} cases ({len(unrated)} without scores)")
         elif s.adapt_batchnorm:
@@ -171,7 +173,7 @@ def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelP
     summary["fine_tuned_from"] = package_reference(package)
     summary["freeze"] = list(s.freeze)
     summary["batchnorm_statistics"] = statistics
-    summary["n_cases_for_statistics"] = len(pool) if statistics.startswith("adapted") else 0
+    summary["n_cases_for_statistics"] = n_adapted
     metrics = {"training_cases": {"note": "fit on the fine-tuning cases themselves, not a test: "
                                           "`aacscore crossval scorer` measures accuracy on cases left out", **fit}}
     new_manifest = build_manifest(model, train_settings, result, summary, metrics, name or f"{package.name}-finetuned",

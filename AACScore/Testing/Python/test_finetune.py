@@ -151,6 +151,7 @@ def test_scorer_finetuning_starts_from_the_base_and_keeps_frozen_stages(scored_s
     data = tuned.manifest["training_data"]
     assert data["fine_tuned_from"]["files_sha256"] == tiny_scorer_package.files
     assert data["training_set_sha256"] == scored_set.fingerprint() and data["n_cases"] == 4
+    assert data["batchnorm_statistics"] == "kept" and data["n_cases_for_statistics"] == 0  # adaptation is opt-in
     assert tuned.manifest["metrics"]["training_cases"]["n"] == 4
     assert Scorer.from_package(package).input_size == (64, 32)
 
@@ -219,6 +220,7 @@ def test_scorer_adaptation_uses_every_case_and_needs_no_scores(tmp_path, tiny_sc
                             log=lambda _: None)
     data = read_package(tuned).manifest["training_data"]
     assert data["batchnorm_statistics"] == "adapted to 10 cases, then kept" and data["n_cases"] == 2
+    assert data["n_cases_for_statistics"] == 10
     few = dataset.cases()[:9]
     with pytest.raises(AACScoreError, match="needs 10 or more cases .it has 9."):
         finetune_scorer(dataset.folder, tmp_path / "few", base, ScorerFinetuneSettings(epochs=0, adapt_batchnorm=True),
