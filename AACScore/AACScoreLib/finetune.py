@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,9 +53,11 @@ class ScorerFinetuneSettings:
     warmup_iterations: int = 20
     seed: int = 0
     device: str = "auto"
+    qc_folds: int = 0
 
 
 ADAPT_MIN_CASES = 10  # fewer images give BatchNorm statistics noisier than the base's
+QC_MIN_CASES = 10  # rated cases a cross-validated QC calibration needs (its 80% quantile rests on them)
 
 
 @dataclass
@@ -129,6 +131,9 @@ def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelP
     if not s.epochs and len(pool) < ADAPT_MIN_CASES:
         raise AACScoreError(f"{dataset.folder}: 0 epochs adapts the scorer's BatchNorm statistics, which needs "
                             f"{ADAPT_MIN_CASES} or more cases (it has {len(pool)})")
+    if s.qc_folds and not (2 <= s.qc_folds and len(rated) >= max(QC_MIN_CASES, s.qc_folds)):
+        raise AACScoreError(f"{dataset.folder}: calibrating QC by {s.qc_folds}-fold cross-validation needs 2 or more "
+                            f"folds and {max(QC_MIN_CASES, s.qc_folds)} or more rated cases (it has {len(rated)})")
     package = _base_package(base, "scorer")
     manifest = package.manifest
     architecture = manifest["architecture"]
@@ -178,7 +183,59 @@ def finetune_scorer(data: str | Path, out: str | Path, base: str | Path | ModelP
                                           "`aacscore crossval scorer` measures accuracy on cases left out", **fit}}
     new_manifest = build_manifest(model, train_settings, result, summary, metrics, name or f"{package.name}-finetuned",
                                   version or time.strftime("%Y%m%d.%H%M%S"))
-    return Path(write_scorer_package(out, model.cpu(), new_manifest).path)
+    written = write_scorer_package(out, model.cpu(), new_manifest)
+    if s.qc_folds:
+        _calibrate_qc_by_folds(written, data, package, s, pool, rated, log, on_epoch_end)
+    else:
+        log("the new scorer has no QC calibration (qc.json), so its results have no interval: "
+            "--qc-folds 5 calibrates it by cross-validation")
+    return Path(written.path)
+
+
+def _calibrate_qc_by_folds(written: ModelPackage, data: str | Path, base: ModelPackage,
+                           s: ScorerFinetuneSettings, pool: Sequence[TrainingCase], rated: Sequence[TrainingCase],
+                           log: Log, on_epoch_end: Callable[[int, dict], None] | None) -> None:
+    """Write qc.json into a freshly fine-tuned scorer from out-of-fold residuals: each fold fine-tunes the base
+    again, with the same settings, on every case but the fold's rated ones, and scores those from their label maps.
+
+    Why folds: residuals on the training cases themselves would be too small, and the base's calibration describes
+    another network. A model fitted on all cases errs a little less than the fold models, so the interval is, if
+    anything, wide (the cross-validation variant of conformal prediction, Barber et al. 2021). The feature reference
+    is the new model's features on its own rated cases: the images it learnt from."""
+    from .pipeline import Pipeline
+    from .qc.calibrate import calibration_file, measure, write_calibration
+    from .scoring.scorer import Scorer
+
+    assignment = fold_of_cases(rated, s.qc_folds, s.seed)
+    fold_settings = replace(s, qc_folds=0)
+    residual_keys = ("truth", "score", "spread", "flagged")
+    measured: dict[str, list] = {key: [] for key in residual_keys}
+    with tempfile.TemporaryDirectory(prefix="aacscore-qc-folds-") as scratch:
+        for fold in range(s.qc_folds):
+            held = [case for case, f in zip(rated, assignment) if f == fold]
+            kept = [case for case in pool if case not in held]
+            log(f"QC calibration, fold {fold + 1}/{s.qc_folds}: fine-tuning on {len(kept)} cases, scoring {len(held)}")
+            folder = finetune_scorer(data, Path(scratch) / f"fold{fold}", base, fold_settings, cases=kept,
+                                     log=lambda _: None, on_epoch_end=on_epoch_end)
+            fold_pipeline = Pipeline(Scorer.from_package(folder, device=s.device), None)
+            part = measure(fold_pipeline, _score_records(held))
+            for key in residual_keys:
+                measured[key].append(part[key])
+    own = measure(Pipeline(Scorer.from_package(written.path, device=s.device), None), _score_records(rated))
+    columns = {key: np.concatenate(parts) for key, parts in measured.items()}
+    columns["features"] = own["features"]
+    source = (f"{s.qc_folds}-fold cross-validation of this fine-tuning on its {len(rated)} rated cases "
+              f"(out-of-fold residuals); feature reference: this model on the same cases")
+    calibration = calibration_file(columns, 0.8, source, written.manifest)
+    write_calibration(written, calibration)
+    figures = calibration["calibration_set"]
+    log(f"QC calibrated: out-of-fold MAE {figures['mae']:.2f}, 80% interval {_interval_text(calibration['interval'])}")
+
+
+def _interval_text(interval: dict) -> str:
+    flagged = interval.get("review_quantile")
+    scale = "" if interval["method"] == "constant_conformal" else " x (MC-dropout spread + floor)"
+    return f"+-{interval['quantile']:.2f}{scale}" + ("" if flagged is None else f", flagged results +-{flagged:.2f}")
 
 
 def _crops_of(dataset: TrainingSet, cases: Sequence[TrainingCase], input_size: tuple[int, int], work: Path):
@@ -468,7 +525,7 @@ def learning_curve(kind: str, style: str, sizes: Sequence[int], n_test: int, out
             pred = np.array([np.nan if row["aac24"] is None else float(row["aac24"]) for row in predicted])
             ok = np.isfinite(pred)
             row = {"cases": size, "mae": round(float(np.mean(np.abs(pred[ok] - truth[ok]))), 3),
-                   "n_test": int(ok.sum()), "errors": int((~ok).sum())}
+                   "n_test": int(ok.sum()), "errors": int((~ok).sum()), **_qc_figures(predicted, truth)}
         else:
             predicted = segment_cases(package, test_cases, (segmenter_settings or SegmenterFinetuneSettings()).device)
             summary = summarise_segmentation(predicted)
@@ -483,6 +540,17 @@ def learning_curve(kind: str, style: str, sizes: Sequence[int], n_test: int, out
              "settings": asdict(settings), "rows": rows}
     write_text_atomic(out / "curve.json", json.dumps(curve, indent=2) + "\n")
     return curve
+
+
+def _qc_figures(predicted: Sequence[dict], truth: np.ndarray) -> dict:
+    """The share of scored results flagged for review and, where the package has an interval, how often it held
+    the truth (None without one)."""
+    scored = [(row, t) for row, t in zip(predicted, truth) if row["aac24"] is not None]
+    bounded = [(row, t) for row, t in scored if row["aac24_low"] is not None]
+    coverage = (round(float(np.mean([row["aac24_low"] <= t <= row["aac24_high"] for row, t in bounded])), 3)
+                if bounded else None)
+    flagged = round(float(np.mean([row["qc"] != "ok" for row, _ in scored])), 3) if scored else None
+    return {"interval_coverage": coverage, "flagged": flagged}
 
 
 def _labels(case: TrainingCase) -> np.ndarray:
@@ -534,6 +602,10 @@ def add_cli(subparsers) -> None:
                                  "that it does not forget what it knew (default 20 when the base names them; 0: none)")
         parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         parser.set_defaults(func=func)
+    qc_help = ("scorer: also calibrate the new scorer's QC (prediction interval, feature reference) by K-fold "
+               "cross-validation of this fine-tuning, K more fine-tunings (e.g. 5; needs 10 or more rated cases); "
+               "without it the new scorer's results have no interval")
+    finetune.add_argument("--qc-folds", type=int, default=0, metavar="K", help=qc_help)
     finetune.add_argument("--name", help="new package name (default: <base>-finetuned)")
     finetune.add_argument("--version", help="new package version (default: a timestamp)")
     crossval_parser.add_argument("--folds", type=int, default=5)
@@ -551,6 +623,8 @@ def add_cli(subparsers) -> None:
     curve.add_argument("--freeze", default=None, metavar="STAGES")
     curve.add_argument("--iterations-per-epoch", type=int)
     curve.add_argument("--replay", type=int, metavar="N")
+    curve.add_argument("--qc-folds", type=int, default=0, metavar="K", help=qc_help + "; the table then "
+                       "reports the interval's coverage and the flagged share on the test phantoms")
     curve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     curve.set_defaults(func=_curve_command)
     crossval_parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
@@ -587,6 +661,7 @@ def _settings(args) -> tuple[ScorerFinetuneSettings, SegmenterFinetuneSettings]:
     if args.epochs is not None:
         scorer.epochs = segmenter.epochs = args.epochs
     scorer.adapt_batchnorm = args.adapt_batchnorm
+    scorer.qc_folds = getattr(args, "qc_folds", 0)  # crossval has no --qc-folds: its folds need no interval
     if args.lr is not None:
         scorer.lr = segmenter.lr = args.lr
     if args.freeze is not None:

@@ -229,6 +229,37 @@ def test_scorer_adaptation_uses_every_case_and_needs_no_scores(tmp_path, tiny_sc
         finetune_scorer(dataset.folder, tmp_path / "same", base, ScorerFinetuneSettings(epochs=0))
 
 
+def test_finetuned_scorer_is_calibrated_for_qc_by_cross_validation_when_asked(tmp_path, tiny_scorer_package):
+    from AACScoreLib.pipeline import Pipeline
+    from AACScoreLib.qc.reference import QC_FILE
+    from AACScoreLib.scoring.scorer import Scorer
+
+    dataset = TrainingSet(tmp_path / "set")
+    for index in range(10):
+        phantom, radiograph, scores = phantom_case(8220, index)
+        dataset.add(radiograph, phantom.labels, scores)
+    settings = ScorerFinetuneSettings(epochs=1, batch=4, device="cpu", qc_folds=2)
+    lines = []
+    package = finetune_scorer(dataset.folder, tmp_path / "tuned", tiny_scorer_package, settings, log=lines.append)
+    assert [line for line in lines if line.startswith("QC calibration, fold")] == [
+        "QC calibration, fold 1/2: fine-tuning on 5 cases, scoring 5",
+        "QC calibration, fold 2/2: fine-tuning on 5 cases, scoring 5"]
+    tuned = verify_package(package)  # qc.json is pinned by the manifest
+    calibration = json.loads((Path(package) / QC_FILE).read_text())
+    measured_on = calibration["calibration_set"]
+    assert measured_on["n"] == 10 and "2-fold cross-validation" in measured_on["source"]
+    assert calibration["scorer"] == f"{tuned.name}=={tuned.version}"
+    case = dataset.cases()[0]
+    result = Pipeline(Scorer.from_package(package), None).run(case.image, case.labels, heatmap=False)
+    assert result.aac24_low is not None and result.aac24_low <= result.aac24 <= result.aac24_high
+
+    plain = finetune_scorer(dataset.folder, tmp_path / "plain", tiny_scorer_package,
+                            ScorerFinetuneSettings(epochs=1, batch=4, device="cpu"), log=lines.append)
+    assert QC_FILE not in read_package(plain).files and "--qc-folds 5 calibrates it" in lines[-1]
+    with pytest.raises(AACScoreError, match="needs 2 or more folds and 10 or more rated cases .it has 9."):
+        finetune_scorer(dataset.folder, tmp_path / "few", tiny_scorer_package, settings, cases=dataset.cases()[:9])
+
+
 def test_segmenter_finetuning_needs_an_epoch(scored_set, tmp_path):
     with pytest.raises(AACScoreError, match="needs 1 epoch or more, got 0"):
         finetune_segmenter(scored_set.folder, tmp_path / "out", None, SegmenterFinetuneSettings(epochs=0))
@@ -397,6 +428,7 @@ def test_learning_curve_starts_each_size_from_the_base(tmp_path, tiny_scorer_pac
                            seed=8500, scorer_settings=settings, size_range=SMALL, log=lambda _: None)
     assert [row["cases"] for row in curve["rows"]] == [0, 2]
     assert all(row["n_test"] == 2 and row["errors"] == 0 for row in curve["rows"])
+    assert all(row["interval_coverage"] is None and 0 <= row["flagged"] <= 1 for row in curve["rows"])  # no qc.json
     written = json.loads((tmp_path / "curve" / "curve.json").read_text())
     assert written["test_seed"] == 8501 and written["settings"]["epochs"] == 1  # the recipe measured
     tuned = read_package(tmp_path / "curve" / "scorer-2")
