@@ -30,6 +30,9 @@ def level_counting_reasons(levels) -> list[Reason]:
     if levels.method in ORDER_ONLY_METHODS:
         return [Reason("levels_order_only", "levels fixed only by the order of the bodies: neither the sacrum nor "
                                             "T12 anchored the count")]
+    if levels.parted:
+        return [Reason("bodies_parted", f"{levels.parted} segmented piece(s) held two vertebral bodies joined across "
+                                        "a disc and were parted before the levels were counted: check the levels")]
     return [Reason("levels_uncertain", f"level count {levels.summary()}, confidence {levels.confidence:.2f}"
                                        + (f" ({notes})" if notes else ""))]
 

@@ -21,7 +21,7 @@ ilium, so neither can be located from its output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +32,9 @@ ANCHOR_PROBABILITY = 0.5  # a body is a landmark when its mean P(class | vertebr
 MIN_CONFIDENCE = 0.5  # below this a count is doubtful (on the training families, sound counts score above 0.65)
 SIZE_RATIO_MIN = 0.95  # mean area of the lower two lumbar bodies / the upper two, below which the count is doubted
 MIN_FRACTION, MAX_RATIO = 0.2, 3.0  # pieces this far from a typical body's area are specks or borders, not bodies
+JOINED_RATIO = 1.6  # a piece this many times a typical body's area is tried as two bodies joined across a disc
+PART_FRACTION = 0.35  # each part of a split piece must hold this share of a typical body's area
+MAX_EROSION = 6  # working-grid pixels eroded at most to part two joined bodies (a body is about 25 across)
 _POSITION = {"T12": 0, **{name: i + 1 for i, name in enumerate(VERTEBRAE)}, "S1": len(VERTEBRAE) + 1}
 
 
@@ -53,15 +56,21 @@ class LevelAssignment:
     confidence: float
     reasons: tuple[str, ...] = ()
     sizes_progress: bool | None = None  # lower lumbar bodies larger than the upper ones (None: not measurable)
+    parted: int = 0  # foreground pieces parted into the bodies they joined before counting (_split_joined)
 
     @property
     def doubtful(self) -> bool:
         """True when the levels should be looked at: counts disagree, no landmark was used, the count rests on
-        the network's own L1 or L5 alone (nothing checks it), the confidence is low, or (without a context
-        landmark) the body sizes contradict the count."""
+        the network's own L1 or L5 alone (nothing checks it), the confidence is low, (without a context
+        landmark) the body sizes contradict the count, or bodies joined across a disc had to be parted."""
         no_context = not {"T12", "S1"} & set(self.method.split("+"))
-        return (self.agree is False or self.method in ("ordering", "pixels", "L1", "L5")
+        return (self.agree is False or self.method in ("ordering", "pixels", "L1", "L5") or self.parted > 0
                 or self.confidence < MIN_CONFIDENCE or (self.sizes_progress is False and no_context))
+
+    def with_parted(self, pieces: int) -> "LevelAssignment":
+        """This count, noting that `pieces` foreground pieces held two bodies each and were parted (a repair)."""
+        return replace(self, parted=self.parted + pieces, reasons=self.reasons + (
+            f"{pieces} piece(s) held two bodies joined across a disc and were parted",))
 
     def summary(self) -> str:
         """One short cell for results.csv: 'T12/S1 agree', 'L1/L5 disagree', 'S1; from above: none, from below:
@@ -71,7 +80,8 @@ class LevelAssignment:
             text = self.method if self.method in ("ordering", "pixels") else f"{self.method}; {sides}"
         else:
             text = f"{self.from_above}/{self.from_below} {'agree' if self.agree else 'disagree'}"
-        return text + ("; sizes do not grow downwards" if self.sizes_progress is False else "")
+        return (text + ("; sizes do not grow downwards" if self.sizes_progress is False else "")
+                + (f"; {self.parted} joined bodies parted" if self.parted else ""))
 
 
 @dataclass
@@ -82,6 +92,7 @@ class _Bodies:
     ids: list[int]  # piece id of each body, top to bottom
     given: np.ndarray  # (bodies, classes): mean P(class | vertebra) over each body
     areas: np.ndarray  # pixels
+    parted: int  # pieces parted into the bodies they joined
 
 
 def _find_bodies(probabilities: np.ndarray, classes: Sequence[str]) -> _Bodies | None:
@@ -92,6 +103,8 @@ def _find_bodies(probabilities: np.ndarray, classes: Sequence[str]) -> _Bodies |
         return None
     sizes = np.bincount(pieces.ravel())[1:]
     reference = np.median(np.sort(sizes)[-len(VERTEBRAE):])
+    pieces, count, parted = _split_joined(pieces, count, sizes, reference, probabilities[1:].argmax(0))
+    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
     kept = [i + 1 for i in range(count) if MIN_FRACTION * reference <= sizes[i] <= MAX_RATIO * reference]
     if not kept:
         return None
@@ -100,7 +113,64 @@ def _find_bodies(probabilities: np.ndarray, classes: Sequence[str]) -> _Bodies |
     centroids = np.array(ndimage.center_of_mass(np.ones_like(pieces), pieces, kept)).reshape(-1, 2)
     position = np.array([_POSITION[name] for name in classes], dtype=float)
     order = np.argsort(spine_order(centroids, mean_given @ position))
-    return _Bodies(pieces, [kept[i] for i in order], mean_given[order], sizes[np.array(kept)[order] - 1].astype(float))
+    return _Bodies(pieces, [kept[i] for i in order], mean_given[order], sizes[np.array(kept)[order] - 1].astype(float),
+                   parted)
+
+
+def _split_joined(pieces: np.ndarray, count: int, sizes: np.ndarray, reference: float, classes: np.ndarray
+                  ) -> tuple[np.ndarray, int, int]:
+    """Pieces about twice a typical body's area, parted into the bodies they join (new piece ids at the end);
+    returns (pieces, their count, how many were parted).
+
+    Why: two bodies that touch across a narrow or blurred disc form one foreground piece, which would be counted
+    as one level and shift every level below or above it. Parted where the network's own classes differ (T12 over
+    L1, L5 over S1), else where eroding the piece separates it (a bridge across the disc); each pixel then joins
+    the nearest part. A piece that parts into fewer than two body-sized parts is kept whole."""
+    pieces, parted = pieces.copy(), 0
+    for piece in [i + 1 for i in range(len(sizes)) if sizes[i] > JOINED_RATIO * reference]:
+        parts = _parts_of(pieces == piece, classes, PART_FRACTION * reference)
+        parted += len(parts) > 1
+        for part in parts[1:]:
+            count += 1
+            pieces[part] = count
+    return pieces, count, parted
+
+
+def _parts_of(mask: np.ndarray, classes: np.ndarray, min_area: float) -> list[np.ndarray]:
+    """The bodies a piece joins (masks, [mask] when it parts into fewer than two of at least `min_area`)."""
+    from scipy import ndimage
+
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    inner = mask[box]
+    seeds, n = np.zeros(inner.shape, np.int32), 0
+    for value in np.unique(classes[box][inner]):  # where the network names two levels inside the piece
+        components, _ = ndimage.label(inner & (classes[box] == value), structure=np.ones((3, 3), bool))
+        for component in np.flatnonzero(np.bincount(components.ravel())[1:] >= min_area) + 1:
+            n += 1
+            seeds[components == component] = n
+    if n < 2:
+        seeds, n = np.zeros(inner.shape, np.int32), 0
+        for iterations in range(1, MAX_EROSION + 1):  # where a bridge joins two bodies
+            eroded = ndimage.binary_erosion(inner, np.ones((3, 3), bool), iterations=iterations)
+            components, _ = ndimage.label(eroded, structure=np.ones((3, 3), bool))
+            big = np.flatnonzero(np.bincount(components.ravel())[1:] >= min_area / 4) + 1
+            if len(big) >= 2:
+                for component in big:
+                    n += 1
+                    seeds[components == component] = n
+                break
+    if n < 2:
+        return [mask]
+    nearest = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    grown = np.where(inner, seeds[tuple(nearest)], 0)
+    if min(int((grown == k).sum()) for k in range(1, n + 1)) < min_area:
+        return [mask]
+    parts = []
+    for k in range(1, n + 1):
+        part = np.zeros_like(mask)
+        part[box] = grown == k
+        parts.append(part)
+    return parts
 
 
 def spine_axis(centroids: np.ndarray, expected_level: np.ndarray) -> np.ndarray:
@@ -192,6 +262,8 @@ def count_levels(probabilities: np.ndarray, classes: Sequence[str] = VERTEBRAE
     if bodies is None:
         return levels, None
     first, assignment = count_bodies(bodies.given, bodies.areas, classes)
+    if bodies.parted:
+        assignment = assignment.with_parted(bodies.parted)
     for index, piece in enumerate(bodies.ids):
         position = index - first + 1  # 0 = T12, 1..5 = L1..L5, 6 = S1
         if 1 <= position <= len(VERTEBRAE):

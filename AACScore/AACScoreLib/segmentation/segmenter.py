@@ -37,6 +37,7 @@ Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 
 MERGED_HEIGHT_RATIO = 1.7  # a vertebra this many times the median height is taken for two merged
+JOINED_SHARE = 0.2  # a full-size piece with this share of its pixels on a second level holds two bodies
 BOX_MARGIN_PX = 3  # working pixels kept around the spine when mapping back to full size
 
 
@@ -103,9 +104,11 @@ def postprocess_labels(labels: np.ndarray) -> tuple[np.ndarray, str, str]:
 
 
 def levels_at_full_size(foreground: np.ndarray, levels: np.ndarray, box: tuple[int, int, int, int],
-                        full_shape: tuple[int, int]) -> np.ndarray:
+                        full_shape: tuple[int, int]) -> tuple[np.ndarray, int]:
     """Full-size labels inside `box`: each connected piece of `foreground` takes the working-grid level that
-    most of its pixels fall on (pieces on no level are dropped)."""
+    most of its pixels fall on (pieces on no level are dropped), unless a fifth or more of it falls on a second
+    level: then it joins two bodies, and each of its pixels takes the nearest level. Returns (labels, how many
+    pieces were parted so)."""
     from scipy import ndimage
 
     pieces, count = ndimage.label(foreground, structure=np.ones((3, 3), bool))
@@ -117,7 +120,15 @@ def levels_at_full_size(foreground: np.ndarray, levels: np.ndarray, box: tuple[i
     votes[:, 0] = 0
     choice = np.where(votes.max(axis=1) > 0, votes.argmax(axis=1), 0).astype(np.uint8)
     choice[0] = 0
-    return choice[pieces]
+    full = choice[pieces]
+    runner_up = np.sort(votes, axis=1)[:, -2]
+    joined = np.flatnonzero((runner_up > 0) & (runner_up >= JOINED_SHARE * votes.sum(axis=1)))
+    joined = joined[joined > 0]  # piece 0 is the background
+    if joined.size:  # a piece over two levels (bodies joined across a disc): each pixel takes the nearest level
+        nearest = ndimage.distance_transform_edt(coarse == 0, return_distances=False, return_indices=True)
+        inside = np.isin(pieces, joined)
+        full[inside] = coarse[tuple(nearest)][inside]
+    return full, int(joined.size)
 
 
 # ---------------------------------------------------------------------------------------------- segmenter
@@ -235,13 +246,15 @@ class Segmenter:
         probabilities = torch.softmax(channels, 0).numpy()
         if self.count_by_bodies:
             levels, assignment = count_levels(probabilities, self.classes)
-            labels, context, status, message = self._full_size(channels, levels, full_shape, by_pieces=True)
+            labels, context, status, message, parted = self._full_size(channels, levels, full_shape, True)
+            if parted and assignment is not None and not assignment.parted:  # joined only at full resolution
+                assignment = assignment.with_parted(parted)
         if not self.count_by_bodies or status == "error":  # the network's own level for every pixel
             step(0.85, "labelling with the network's own levels")
             levels = self.value_of_channel[channels.argmax(0).numpy()]
             retry = self._full_size(channels, levels, full_shape, by_pieces=False)
             if not self.count_by_bodies or retry[2] != "error":
-                (labels, context, status, message), assignment = retry, pixel_assignment(probabilities)
+                (labels, context, status, message, _), assignment = retry, pixel_assignment(probabilities)
         status, message = flag_doubtful(status, message, assignment)
         if assumed and self.working_spacing is not None:
             note = (f"pixel spacing unknown: assumed the image's long side spans {self.default_long_side} "
@@ -258,25 +271,25 @@ class Segmenter:
         return torch.stack([logits[0]] + [logits[c] for c in self.channel_of_class])
 
     def _full_size(self, channels, levels: np.ndarray, full_shape: tuple[int, int], by_pieces: bool):
-        """(L1..L5 labels, T12/S1 context labels, status, message) at full size from working-grid `levels`
-        (label values), post-processed inside their box.
+        """(L1..L5 labels, T12/S1 context labels, status, message, pieces parted) at full size from working-grid
+        `levels` (label values), post-processed inside their box.
 
         by_pieces=False: the argmax of the interpolated logits; True: foreground pieces take `levels` by majority.
         """
         labels, context = np.zeros(full_shape, np.uint8), np.zeros(full_shape, np.uint8)
         box = _box(levels, full_shape)
         if box is None:
-            return labels, context, "error", "no vertebra found"
-        inside = self.value_of_channel[self._labels_in_box(channels, full_shape, box)]
+            return labels, context, "error", "no vertebra found", 0
+        inside, parted = self.value_of_channel[self._labels_in_box(channels, full_shape, box)], 0
         if by_pieces:
-            inside = levels_at_full_size(inside > 0, levels, box, full_shape)
+            inside, parted = levels_at_full_size(inside > 0, levels, box, full_shape)
         rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
         if len(self.classes) > len(VERTEBRAE):
             lumbar = np.where(inside <= len(VERTEBRAE), inside, 0).astype(np.uint8)
             context[rows, cols] = _largest_components(inside - lumbar, CONTEXT_LABELS.values())
             inside = lumbar
         labels[rows, cols], status, message = postprocess_labels(inside)
-        return labels, context, status, message
+        return labels, context, status, message, parted
 
     def _labels_in_box(self, channels, full_shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
         """Argmax channel of the reordered logits bilinearly interpolated to full-size pixel centres in `box`."""

@@ -55,6 +55,8 @@ def test_level_counting_is_flagged_when_counts_disagree_or_only_order_was_availa
     assert codes == ["levels_order_only"]
     one_sided = levels.level_counting_reasons(LevelAssignment("L5", None, "L5", None, 0.7, ("only the network's L5",)))
     assert [r.code for r in one_sided] == ["levels_uncertain"] and "only the network's L5" in one_sided[0].text
+    parted = levels.level_counting_reasons(LevelAssignment("T12+S1", "T12", "S1", True, 0.95, parted=1))
+    assert [r.code for r in parted] == ["bodies_parted"] and "1 segmented piece(s)" in parted[0].text
 
 
 def test_flip_dice_sees_a_level_shift_and_names_it_by_where_the_labels_came_from(phantom):

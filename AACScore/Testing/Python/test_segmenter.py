@@ -267,8 +267,36 @@ def test_assign_levels_places_five_consecutive_bodies_by_probability():
     assert np.array_equal(levels, truth)
     assert how.method == "L5" and how.agree is False  # its most L1-like body is T12: counting from above differs
 
-    full = levels_at_full_size(np.kron(levels > 0, np.ones((3, 3), bool)), levels, (0, 390, 0, 120), (390, 120))
-    assert np.array_equal(full, np.kron(truth, np.ones((3, 3), np.uint8)))
+    full, parted = levels_at_full_size(np.kron(levels > 0, np.ones((3, 3), bool)), levels, (0, 390, 0, 120),
+                                       (390, 120))
+    assert np.array_equal(full, np.kron(truth, np.ones((3, 3), np.uint8))) and parted == 0
+
+
+def test_bodies_joined_across_a_disc_are_parted_before_counting():
+    # six bodies as above, the network's classes T12-like-L1, L1, L2, L3, L4, L5; a bridge across one disc joins
+    # T12 to L1 (one class: parted by erosion) or L4 to L5 (two classes: parted where the classes change)
+    for above in (0, 4):
+        probabilities = np.zeros((6, 130, 40))
+        probabilities[0] = 1.0
+        truth = np.zeros((130, 40), np.uint8)
+        for index, peak in enumerate([1, 1, 2, 3, 4, 5]):
+            rows = slice(5 + 20 * index, 19 + 20 * index)
+            probabilities[0, rows, 10:30] = 0.1
+            probabilities[1:, rows, 10:30] = 0.9 * 0.1
+            probabilities[peak, rows, 10:30] = 0.9 * 0.6
+            truth[rows, 10:30] = index
+        bridge = np.zeros((130, 40), bool)
+        bridge[19 + 20 * above: 25 + 20 * above, 19:21] = True
+        probabilities[:, bridge] = probabilities[:, 10 + 20 * above, 20][:, None]  # the upper body's values
+        levels, how = count_levels(probabilities)
+        assert np.array_equal(levels[~bridge], truth[~bridge]) and how.from_below == "L5"
+        assert how.parted == 1 and how.doubtful and "joined bodies parted" in how.summary()  # a repair: look
+
+        wide = np.kron(bridge, np.ones((3, 3), bool))
+        full, parted = levels_at_full_size(np.kron(truth > 0, np.ones((3, 3), bool)) | wide, truth,
+                                           (0, 390, 0, 120), (390, 120))
+        assert np.array_equal(full[~wide], np.kron(truth, np.ones((3, 3), np.uint8))[~wide])  # two levels, not one
+        assert parted == (above == 4)  # T12 has no level in this map, so only the L4-L5 piece spans two
 
 
 # ---------------------------------------------------------------------------------------------- device
