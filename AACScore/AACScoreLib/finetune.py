@@ -199,9 +199,9 @@ def _calibrate_qc_by_folds(written: ModelPackage, data: str | Path, base: ModelP
     again, with the same settings, on every case but the fold's rated ones, and scores those from their label maps.
 
     Why folds: residuals on the training cases themselves would be too small, and the base's calibration describes
-    another network. A model fitted on all cases errs a little less than the fold models, so the interval is, if
-    anything, wide (the cross-validation variant of conformal prediction, Barber et al. 2021). The feature reference
-    is the new model's features on its own rated cases: the images it learnt from."""
+    another network (the cross-validation variant of conformal prediction, Barber et al. 2021; with 50 cases the
+    coverage on new cases of the site came out at 73% and 88% on two test sites, README). The feature reference is
+    the new model's features on its own rated cases: the images it learnt from."""
     from .pipeline import Pipeline
     from .qc.calibrate import calibration_file, measure, write_calibration
     from .scoring.scorer import Scorer

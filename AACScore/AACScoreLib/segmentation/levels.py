@@ -74,14 +74,15 @@ class LevelAssignment:
 
     def summary(self) -> str:
         """One short cell for results.csv: 'T12/S1 agree', 'L1/L5 disagree', 'S1; from above: none, from below:
-        S1', 'ordering', with '; sizes do not grow downwards' when they do not."""
+        S1', 'ordering', with '; sizes do not grow downwards' when they do not and '; joined bodies parted (N)'
+        when pieces were parted."""
         if self.agree is None:
             sides = f"from above: {self.from_above or 'none'}, from below: {self.from_below or 'none'}"
             text = self.method if self.method in ("ordering", "pixels") else f"{self.method}; {sides}"
         else:
             text = f"{self.from_above}/{self.from_below} {'agree' if self.agree else 'disagree'}"
         return (text + ("; sizes do not grow downwards" if self.sizes_progress is False else "")
-                + (f"; {self.parted} joined bodies parted" if self.parted else ""))
+                + (f"; joined bodies parted ({self.parted})" if self.parted else ""))
 
 
 @dataclass
