@@ -641,8 +641,8 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
             folder = self._trainingSetFolder()
             out = os.path.join(folder, "models", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-            settings = {"qc_folds": 5} if kind == "scorer" and self.ui.finetuneQcCheckBox.checked else None
-            job = self.logic.workflow(self._parameterNode).start_finetune(kind, folder, out, base, settings)
+            job = self.logic.workflow(self._parameterNode).start_finetune(
+                kind, folder, out, base, calibrate_qc=self.ui.finetuneQcCheckBox.checked)
             self._run(self.ui.finetuneButton, job, done)
 
     def _installAndUse(self, kind, path):

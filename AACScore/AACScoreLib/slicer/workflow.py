@@ -330,11 +330,15 @@ class Workflow:
         return self.worker.submit("install_model", {"path": str(path), "models_dir": self._models()["models_dir"]})
 
     def start_finetune(self, kind: str, data: str | Path, out: str | Path, base: str | None = None,
-                       settings: dict | None = None) -> WorkerJob:
+                       settings: dict | None = None, calibrate_qc: bool = False) -> WorkerJob:
         """Fine-tune the segmenter or scorer on a training set in the worker (finetune.py); the result is a dict
-        with kind and the new package's path, which `configure` can then use."""
+        with kind and the new package's path, which `configure` can then use. `calibrate_qc` (scorer): also fit
+        the new scorer's interval by QC_FOLDS-fold cross-validation, so that its results keep one."""
+        settings = dict(settings or {})
+        if calibrate_qc and kind == "scorer":
+            settings["qc_folds"] = QC_FOLDS
         return self.worker.submit("finetune", {"kind": kind, "data": str(data), "out": str(out), "base": base,
-                                               "settings": settings or {}})
+                                               "settings": settings})
 
     def start_probe(self) -> WorkerJob:
         """Which device the worker would use, and why; a torch that cannot load is reported, not raised."""
@@ -643,6 +647,7 @@ class Workflow:
 
 
 REVIEW_VERDICTS: tuple[str, ...] = ("review", "error")
+QC_FOLDS = 5  # folds of the cross-validation that calibrates a fine-tuned scorer's interval (6x the time)
 
 
 def is_flagged(row: Mapping[str, object]) -> bool:

@@ -269,6 +269,9 @@ def test_fine_tuning_runs_in_the_worker_and_can_be_cancelled(workflow, tiny_scor
     result = workflow.start_finetune("scorer", dataset.folder, tmp_path / "tuned", str(tiny_scorer_package.path),
                                      settings).run(180)
     assert result["kind"] == "scorer" and read_package(result["path"]).manifest["training_data"]["n_cases"] == 3
+    with pytest.raises(WorkerError, match="5-fold cross-validation needs .* 10 or more rated cases .it has 3."):
+        workflow.start_finetune("scorer", dataset.folder, tmp_path / "calibrated", str(tiny_scorer_package.path),
+                                settings, calibrate_qc=True).run(60)  # the Slicer checkbox reaches the worker
     job = workflow.start_finetune("scorer", dataset.folder, tmp_path / "never", str(tiny_scorer_package.path),
                                   {**settings, "epochs": 500})
     deadline = time.monotonic() + 120
