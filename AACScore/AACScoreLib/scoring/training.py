@@ -523,8 +523,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--backbone", choices=("resnet34", "resnet18"), default=d.backbone)
     p.add_argument("--imagenet-weights", metavar="PTH", help="local torchvision ImageNet file, e.g. resnet34-b627a593.pth")
     p.add_argument("--init-from", metavar="PACKAGE",
-                   help="start from a scorer package's weights (same backbone, input size and heads) instead of a "
-                        "fresh network, e.g. to widen a trained scorer to more phantom families")
+                   help="start from a scorer package's weights (same backbone and heads; the input size may differ) "
+                        "instead of a fresh network, e.g. to widen a trained scorer to more phantom families or "
+                        "carry it to a finer input size")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -584,16 +585,19 @@ def training_families(text: str, allow_held_out: bool) -> tuple[str, ...]:
 
 def starting_weights(package_name: str, settings: TrainSettings) -> tuple[dict, dict]:
     """The weights of a scorer package to start training from, and its reference for the manifest; refused when
-    the package's network is not the one `settings` describes."""
+    the package's network is not the one `settings` describes.
+
+    The input size may differ: the backbone is convolutional and pools globally, so its weights serve any size,
+    and training it further at a finer size carries a low-resolution network to a higher one (Touvron et al.
+    2019, FixRes)."""
     from ..packages import find_package, load_safetensors, package_reference
 
     package = find_package(package_name, "scorer")
     architecture = package.manifest["architecture"]
-    have = {"backbone": architecture["backbone"], "input size": tuple(int(v) for v in package.manifest["input"]["size"]),
-            "subscore head": bool(architecture.get("subscores_head")),
+    have = {"backbone": architecture["backbone"], "subscore head": bool(architecture.get("subscores_head")),
             "scSE combine": architecture.get("scse_combine", "max")}
-    want = {"backbone": settings.backbone, "input size": tuple(settings.input_size),
-            "subscore head": settings.subscores_head, "scSE combine": settings.scse_combine}
+    want = {"backbone": settings.backbone, "subscore head": settings.subscores_head,
+            "scSE combine": settings.scse_combine}
     differ = [f"{key} {have[key]} (asked: {want[key]})" for key in have if have[key] != want[key]]
     if differ:
         raise AACScoreError(f"--init-from {package.path}: another network: {'; '.join(differ)}")

@@ -162,8 +162,11 @@ def test_train_scorer_can_start_from_a_package(tiny_scorer_package, tmp_path):
     settings = TrainSettings(input_size=(64, 32), backbone="resnet18", subscores_head=True)
     weights, reference = starting_weights(str(tiny_scorer_package.path), settings)
     assert reference["files_sha256"] == tiny_scorer_package.files and "backbone.conv1.weight" in weights
-    with pytest.raises(AACScoreError, match="another network: backbone resnet18 .asked: resnet34.; input size"):
+    with pytest.raises(AACScoreError, match="another network: backbone resnet18 .asked: resnet34.; subscore head"):
         starting_weights(str(tiny_scorer_package.path), TrainSettings(backbone="resnet34"))
+    finer, _ = starting_weights(str(tiny_scorer_package.path), TrainSettings(input_size=(96, 48), backbone="resnet18",
+                                                                            subscores_head=True))
+    assert finer.keys() == weights.keys()  # a convolutional backbone with global pooling serves any input size
     out = tmp_path / "widened"
     assert cli_main(["train-scorer", "--synthetic", "4", "--input-size", "64x32", "--backbone", "resnet18",
                      "--subscores-head", "--epochs", "1", "--batch", "2", "--lr", "0", "--val-fraction", "0",
