@@ -157,6 +157,7 @@ def test_scorer_finetuning_starts_from_the_base_and_keeps_frozen_stages(scored_s
 
 
 def test_train_scorer_can_start_from_a_package(tiny_scorer_package, tmp_path):
+    from AACScoreLib.scoring.scorer import Scorer
     from AACScoreLib.scoring.training import TrainSettings, starting_weights
 
     settings = TrainSettings(input_size=(64, 32), backbone="resnet18", subscores_head=True)
@@ -167,12 +168,13 @@ def test_train_scorer_can_start_from_a_package(tiny_scorer_package, tmp_path):
     finer, _ = starting_weights(str(tiny_scorer_package.path), TrainSettings(input_size=(96, 48), backbone="resnet18",
                                                                             subscores_head=True))
     assert finer.keys() == weights.keys()  # a convolutional backbone with global pooling serves any input size
-    out = tmp_path / "widened"
-    assert cli_main(["train-scorer", "--synthetic", "4", "--input-size", "64x32", "--backbone", "resnet18",
+    out = tmp_path / "widened"  # and carried to a finer input than the base's 64x32
+    assert cli_main(["train-scorer", "--synthetic", "4", "--input-size", "96x48", "--backbone", "resnet18",
                      "--subscores-head", "--epochs", "1", "--batch", "2", "--lr", "0", "--val-fraction", "0",
                      "--threads", "1", "--init-from", str(tiny_scorer_package.path), "--out", str(out)]) == 0
     trained = verify_package(out)
     assert trained.manifest["training_data"]["initialised_from"]["name"] == "tiny-scorer"
+    assert trained.manifest["input"]["size"] == [96, 48] and Scorer.from_package(out).input_size == (96, 48)
     after = load_safetensors(trained, "weights.safetensors")  # learning rate 0: the base's weights, unchanged
     assert all(torch.equal(weights[k], after[k]) for k in weights if k.endswith("conv1.weight"))
 
