@@ -8,7 +8,9 @@ and bowel gas. A point source at 1000–1800 mm, slightly rotated about the vert
 double endplates, double posterior walls and ribs, and the sacrum seen through the iliac wings come from geometry.
 Detector blur, scatter, quantum noise, the log transform and a processing curve then form the image. Each phantom's
 plaque has its own habit (lines, patches or punctate specks), density and wall thickness, drawn from a stream of
-its own.
+its own. Some carry metal, from a third stream: pedicle screws and rods, vertebroplasty cement, interbody cage
+markers and surgical clips (implants cross the bodies and are far denser than bone; radiographs of the older
+people whose aortas calcify often show them).
 
 Numbering follows the usual counting convention: L1 is the first vertebra below the lowest rib-bearing one, counted
 down; 4 or 6 lumbar-type vertebrae (a sacralised L5, or an L6) are marked `transitional` in the truth.
@@ -40,6 +42,8 @@ from .volume import Convex, ConeBeam, Projector, ellipsoid, elliptic_prism, inte
 FAMILY = "projected"
 _CODE = 2  # tells this family's random streams apart from the drawn families' (0 and 1)
 _PLAQUE_STREAM = 1  # the plaque's own stream: its look can change without moving anatomy, beam or targets
+_IMPLANT_STREAM = 2  # the implants' own stream, for the same reason
+_METAL = (0.1, 0.9)  # excess attenuation per mm over soft tissue: titanium to steel at about 60 keV (bone: ~0.05)
 HABITS = ("line", "patchy", "punctate")
 _HABIT_WEIGHTS = (0.4, 0.3, 0.3)
 _SPACING_MM = (0.1, 0.25)
@@ -469,6 +473,66 @@ def build_anatomy_3d(rng: np.random.Generator) -> Anatomy3D:
                 terms.append((ellipsoid(v.local(0.0, sign * (v.height / 2 + size * 0.3), v.ap / 2 + size * 0.4),
                                         v.frame, [v.width * 0.3, size * 0.6, size]), mu["cortical"] * 0.7))
     return Anatomy3D(vertebrae, terms + soft, outline, lumbar_count, mu)
+
+
+# ------------------------------------------------------------------------------------------------------ implants
+
+
+def implants(rng: np.random.Generator, anatomy: Anatomy3D) -> tuple[list[tuple[Convex, float]], list[str]]:
+    """Metal and cement as excess attenuation terms, and what was placed ('screws L3-L5', 'cement L2', ...).
+
+    Posterior fixation (a pedicle screw on each side of 2-4 adjacent levels, rods joining the heads), cement in a
+    body, the marker pins of an interbody cage, and surgical clips in front of the spine, each by chance. Why:
+    metal crossing the bodies is common in lumbar radiographs of older people, and a segmenter trained on bare
+    spines fails on it; the truth (labels, plaque) is unchanged, as the label map outlines bone."""
+    lumbar = [v for v in anatomy.vertebrae if 1 <= v.label <= len(kauppila.VERTEBRAE)]
+    terms, placed = [], []
+
+    def metal() -> float:
+        """One implant's material."""
+        return float(rng.uniform(*_METAL))
+
+    if rng.random() < 0.15:
+        first = int(rng.integers(0, len(lumbar) - 1))
+        fixed = lumbar[first:first + int(rng.integers(2, 5))]
+        density, heads = metal(), {-1.0: [], 1.0: []}
+        for v in fixed:
+            for side in (-1.0, 1.0):
+                entry = v.local(side * 0.36 * v.width, -0.1 * v.height, -v.ap / 2 - rng.uniform(22.0, 30.0))
+                tip = v.local(side * 0.1 * v.width, rng.uniform(-0.1, 0.1) * v.height, v.ap * rng.uniform(0.15, 0.35))
+                radius = rng.uniform(2.75, 3.5)
+                terms.append((tube(entry, tip, (radius, radius), v.frame[:, 1]), density))
+                terms.append((ellipsoid(entry, v.frame, [5.0, 6.0, 5.0]), density))
+                heads[side].append(entry)
+        for ends in heads.values():
+            for a, b in zip(ends[:-1], ends[1:]):
+                terms.append((tube(a, b, (2.75, 2.75)), density))
+        placed.append(f"screws {fixed[0].name}-{fixed[-1].name}")
+    if rng.random() < 0.05:
+        v = lumbar[int(rng.integers(0, len(lumbar)))]
+        density = float(rng.uniform(0.04, 0.12))  # PMMA with barium: denser than trabecular bone, far below metal
+        for _ in range(int(rng.integers(1, 4))):
+            centre = v.local(*(rng.uniform(-0.2, 0.2, 3) * [v.width, v.height, v.ap]))
+            terms.append((ellipsoid(centre, v.frame, rng.uniform(0.15, 0.3, 3) * [v.width, v.height, v.ap]), density))
+        placed.append(f"cement {v.name}")
+    if rng.random() < 0.05:
+        k = int(rng.integers(0, len(lumbar) - 1))
+        upper, lower = lumbar[k], lumbar[k + 1]
+        centre = (upper.local(0.0, upper.height / 2, 0.0) + lower.local(0.0, -lower.height / 2, 0.0)) / 2
+        for depth in (-0.3, 0.0, 0.3):
+            pin = centre + upper.frame[:, 2] * depth * upper.ap
+            terms.append((tube(pin - upper.frame[:, 1] * 2.0, pin + upper.frame[:, 1] * 2.0, (0.6, 0.6)), 1.0))
+        placed.append(f"cage {upper.name}/{lower.name}")
+    if rng.random() < 0.1:
+        for _ in range(int(rng.integers(1, 7))):
+            v = lumbar[int(rng.integers(0, len(lumbar)))]
+            centre = v.local(rng.uniform(-60.0, 60.0), rng.uniform(-0.5, 0.5) * v.height, v.ap / 2 + rng.uniform(5, 150))
+            direction = rng.normal(size=3)
+            direction *= rng.uniform(3.0, 4.5) / np.linalg.norm(direction)
+            radius = rng.uniform(0.5, 0.8)
+            terms.append((tube(centre - direction, centre + direction, (radius, radius)), metal()))
+        placed.append("clips")
+    return terms, placed
 
 
 # ------------------------------------------------------------------------------------------------------ the beam
@@ -905,6 +969,8 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     targets = target_subscores(seed, index, _CODE, rng, severity)
     anatomy, g, beam, labels, geometry, walls, rejected = _draw_scene(rng, size_range, f"seed {seed} index {index}")
 
+    metal, placed = implants(np.random.default_rng([seed, index, _CODE, _IMPLANT_STREAM]), anatomy)
+    anatomy.terms += metal
     look = drawn_look(rng, rng.random() < 0.5)
     # thickness from belly to back spans several times the bone contrast: processing compresses it strongly
     look.update(latitude=rng.uniform(0.05, 0.3), eq_sigma_mm=rng.uniform(6.0, 25.0), detail=rng.uniform(1.2, 2.0))
@@ -936,7 +1002,7 @@ def generate_projected(seed: int, index: int = 0, severity: Sequence[float] = DE
     settings["markers"] = burn_in_markers(rng, pixels, place, key_px, field_, settings["marker_letter"], marker_value)
     truth = _truth(geometry, walls, deposits, targets, anatomy, beam, g, labels, settings)
     truth.update(name=phantom_name(seed, index, FAMILY), seed=seed, index=index, style=FAMILY, family=FAMILY,
-                 rejected_draws=rejected, plaque={k: round(v, 3) if isinstance(v, float) else v
+                 rejected_draws=rejected, implants=placed, plaque={k: round(v, 3) if isinstance(v, float) else v
                                                   for k, v in habit.items()})
     return Phantom(truth["name"], pixels, labels, truth, settings, plaque_mask)
 

@@ -9,8 +9,9 @@ with the network's output on the working grid:
   the body above it L5; without S1 in view, the body most like L5 is L5;
 - counting from above: the body most like T12 (context class) makes the body below it L1; without it, the body
   most like L1 is L1;
-- when both counts exist they must agree; when they disagree, the count whose five bodies the network's own
-  per-body levels fit best is taken, and the result is doubtful;
+- when both counts exist they must agree; when they disagree, one landmark at least is wrong (maybe both), so the
+  count the network's own per-body levels fit best is taken, whichever body it puts L1 at, and the result is
+  doubtful;
 - body size progression (lumbar bodies grow downwards: the lower two larger than the upper two) checks the
   chosen count, since the top of the sacrum taken for L5 makes the lowest "lumbar" bodies shrink;
 - with no landmark at all, the five consecutive bodies that best fit the network's levels are taken
@@ -35,14 +36,16 @@ MIN_FRACTION, MAX_RATIO = 0.2, 3.0  # pieces this far from a typical body's area
 JOINED_RATIO = 1.6  # a piece this many times a typical body's area is tried as two bodies joined across a disc
 PART_FRACTION = 0.35  # each part of a split piece must hold this share of a typical body's area
 MAX_EROSION = 6  # working-grid pixels eroded at most to part two joined bodies (a body is about 25 across)
+LIKELIHOOD_FLOOR = 1e-3  # added to a body's probability of a level, so one zero does not veto a count
 _POSITION = {"T12": 0, **{name: i + 1 for i, name in enumerate(VERTEBRAE)}, "S1": len(VERTEBRAE) + 1}
 
 
 @dataclass(frozen=True)
 class LevelAssignment:
     """How L1..L5 were fixed. `method`: the landmarks the chosen count rests on, joined by '+' ('T12+S1', 'S1',
-    'L1+L5', ...; T12/S1 are context bodies, L1/L5 the network's own most-L1/L5-like body), 'ordering' (no
-    landmark) or 'pixels' (the network's per-pixel levels, when counting bodies failed). `from_above` /
+    'L1+L5', ...; T12/S1 are context bodies, L1/L5 the network's own most-L1/L5-like body), 'fit' (the counts
+    disagreed and the network's levels fit neither best), 'ordering' (no landmark) or 'pixels' (the network's
+    per-pixel levels, when counting bodies failed). `from_above` /
     `from_below`: the landmark each count started from (None: none in view); `agree`: whether the two counts
     gave the same levels (None unless both exist); `confidence` in [0, 1]: the mean of the landmark's probability
     and of the network's probability for each assigned level, scaled down for one-sided (x0.85), disagreeing
@@ -209,10 +212,11 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
         return None, 0, 0.0
 
     def fit(first: int) -> float:
-        """How well the network's per-body levels fit L1 at body `first` (T12 above it and S1 below it included)."""
+        """How well the network's per-body levels fit L1 at body `first` (T12 above it and S1 below it included):
+        the log-likelihood of that count against chance, summed over the bodies it names."""
         expected = {"T12": first - 1, **{name: first + j for j, name in enumerate(VERTEBRAE)}, "S1": first + 5}
-        return float(sum(given[index, column[name]] for name, index in expected.items()
-                         if name in column and 0 <= index < n))
+        return float(sum(np.log(given[index, column[name]] + LIKELIHOOD_FLOOR) + np.log(len(classes))
+                         for name, index in expected.items() if name in column and 0 <= index < n))
 
     from_above, first_above, p_above = landmark((("T12", 1), ("L1", 0)))
     from_below, first_below, p_below = landmark((("S1", -len(VERTEBRAE)), ("L5", 1 - len(VERTEBRAE))))
@@ -221,12 +225,14 @@ def count_bodies(given: np.ndarray, areas: np.ndarray, classes: Sequence[str] = 
         agree = first_above == first_below
         if agree:
             first, method, anchor_p = first_above, f"{from_above}+{from_below}", (p_above + p_below) / 2
-        else:
-            first, method, anchor_p = ((first_below, from_below, p_below) if fit(first_below) >= fit(first_above)
-                                       else (first_above, from_above, p_above))
+        else:  # one landmark at least is wrong, maybe both: the count the network's levels fit best
+            first = max(range(1 - len(VERTEBRAE), n), key=fit)
+            method, anchor_p = ((from_below, p_below) if first == first_below else
+                                (from_above, p_above) if first == first_above else ("fit", 0.0))
             reasons.append(f"counting from {from_above} and from {from_below} disagree by "
-                           f"{abs(first_above - first_below)} level(s); took {method}, which fits the network's "
-                           f"levels better")
+                           f"{abs(first_above - first_below)} level(s); took "
+                           + (f"{method}, which fits the network's levels better" if method != "fit" else
+                              "neither: the count the network's levels fit best"))
     elif from_above or from_below:
         first, method, anchor_p = (first_above, from_above, p_above) if from_above else \
             (first_below, from_below, p_below)

@@ -86,6 +86,19 @@ def test_disagreeing_counts_are_doubtful_and_take_the_better_fit():
     assert np.array_equal(np.where(levels <= 5, levels, 0), lumbar)  # counted down from T12, as the network fits
 
 
+def test_both_landmarks_wrong_take_the_count_the_networks_levels_fit_best():
+    # the network calls the top lumbar body T12 and the lowest S1 (as on the held-out family): the counts from
+    # T12 (L1 one body lower) and from S1 (L1 one body higher) are both wrong; its L2..L4 fix the count
+    bodies = ([("L1", {"T12": 0.55, "L1": 0.45})] + certain(["L2", "L3", "L4"])
+              + [("L5", {"S1": 0.55, "L5": 0.45})])
+    probabilities, truth = spine(bodies)
+    levels, how = count_levels(probabilities, WITH_CONTEXT)
+    assert np.array_equal(levels, truth)
+    assert (how.from_above, how.from_below, how.agree, how.method) == ("T12", "S1", False, "fit")
+    assert how.doubtful and "disagree by 2" in how.reasons[0] and "took neither" in how.reasons[0]
+    assert how.summary() == "T12/S1 disagree"
+
+
 def test_neither_landmark_falls_back_to_ordering_and_is_doubtful():
     bodies = unsure(VERTEBRAE, VERTEBRAE)
     probabilities, truth = spine(bodies, classes=VERTEBRAE)

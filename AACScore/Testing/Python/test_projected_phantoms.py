@@ -219,3 +219,30 @@ def test_scatter_never_turns_the_exposure_negative():
         warnings.simplefilter("error")
         image = projected._expose(np.zeros(beam.shape, np.float32), beam, 2, spine, np.random.default_rng(3))
     assert np.isfinite(image).all() and abs(float(np.median(image))) < 1.0
+
+
+def test_implants_vary_and_cross_the_bodies_in_a_lateral_view():
+    """Screws, cement, cage markers and clips each occur, in a minority of images; metal is far denser than bone;
+    pedicle screws overlie their vertebral bodies in a lateral view (determinism: the test of the same seed above)."""
+    anatomy = projected.build_anatomy_3d(np.random.default_rng(5))
+    drawn = [projected.implants(np.random.default_rng([SEED, index]), anatomy) for index in range(200)]
+    kinds = [{what.split()[0] for what in placed} for _, placed in drawn]
+    assert set().union(*kinds) == {"screws", "cement", "cage", "clips"}
+    assert 0.15 < np.mean([bool(k) for k in kinds]) < 0.5
+    cortical = anatomy.mu["cortical"]
+    for terms, placed in drawn:
+        assert bool(terms) == bool(placed)
+        metal = [density for _, density in terms]
+        assert all(d > 0.5 * cortical for d in metal)
+        if {"screws", "clips"} & {what.split()[0] for what in placed}:
+            assert max(metal) >= 2 * cortical
+    terms, placed = next((t, p) for t, p in drawn if p and p[0].startswith("screws"))
+    v = anatomy.vertebra(placed[0].split()[1].split("-")[0])
+    origin = v.local(-3000.0, 0.0, 0.0)  # far to the side: nearly parallel rays across the body's plane
+    grid = np.array([v.local(0.0, u, a) for u in np.linspace(-v.height / 2, v.height / 2, 25)
+                     for a in np.linspace(-v.ap / 2, v.ap / 2, 25)])
+    directions = (grid - origin).T
+    directions = (directions / np.linalg.norm(directions, axis=0)).astype(np.float32)
+    through_metal = sum(shape.chord(origin, directions) for shape, _ in terms)
+    through_body = v.outline.chord(origin, directions)
+    assert ((through_metal > 0) & (through_body > 0)).any()
