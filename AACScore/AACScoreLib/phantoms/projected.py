@@ -521,7 +521,8 @@ def implants(rng: np.random.Generator, anatomy: Anatomy3D) -> tuple[list[tuple[C
         centre = (upper.local(0.0, upper.height / 2, 0.0) + lower.local(0.0, -lower.height / 2, 0.0)) / 2
         for depth in (-0.3, 0.0, 0.3):
             pin = centre + upper.frame[:, 2] * depth * upper.ap
-            terms.append((tube(pin - upper.frame[:, 1] * 2.0, pin + upper.frame[:, 1] * 2.0, (0.6, 0.6)), 1.0))
+            pin_ends = (pin - upper.frame[:, 1] * 2.0, pin + upper.frame[:, 1] * 2.0)
+            terms.append((tube(*pin_ends, (0.6, 0.6)), 1.0))  # tantalum: the cage itself (PEEK) barely shows
         placed.append(f"cage {upper.name}/{lower.name}")
     if rng.random() < 0.1:
         for _ in range(int(rng.integers(1, 7))):
