@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segmentation.segmenter",
     "phantoms.generator",
     "segmentation.training",
+    "segmentation.blend",
     "scoring.training",
     "evaluation.evaluate",
     "evaluation.bench",

@@ -13,7 +13,8 @@ Context classes: with `context`, the dataset's labels are background, L1..L5 and
 sacrum) as the label maps carry them where in view, so that the network learns the landmarks levels are counted
 from (segmentation/levels.py). Randomised copies: each case can also be written `randomise_copies` more times
 with SynthSeg-style randomisation (phantoms/randomise.py) applied on the working grid, so that the network cannot
-rely on one generator's look.
+rely on one generator's look; with `metal_chance`, that share of the copies first gets randomised metal drawn over
+the spine (phantoms/metal.py), the segmenter's commonest failure.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window on the working image, mappe
 LABELS = {"background": 0, **{name: index + 1 for index, name in enumerate(VERTEBRAE)}}
 CONTEXT_DATASET_LABELS = {**LABELS, **CONTEXT_LABELS}  # L1..L5 plus T12 = 6, S1 = 7
 EXPORT_SUMMARY = "aacscore_export.json"
+METAL_STREAM = 0x3E7A1  # the randomised copies' metal draws come from a stream of their own
 
 Progress = Callable[[float, str], None]
 
@@ -189,7 +191,7 @@ def load_case(case: CaseSource, context: bool = False) -> tuple[Radiograph, np.n
 def _export_case(job: tuple) -> tuple[tuple[int, int], bool, str, bool]:
     """Write one case's working image and labels, and its randomised copies; returns (working shape, spacing
     assumed, source, whether its labels hold a context class)."""
-    case, folder, index, working_spacing_mm, default_long_side_px, context, copies, seed = job
+    case, folder, index, working_spacing_mm, default_long_side_px, context, copies, metal_chance, seed = job
     radiograph, labels = load_case(case, context)
     shape, was_assumed = working_shape(radiograph.pixels.shape, radiograph.spacing, working_spacing_mm,
                                        default_long_side_px)
@@ -198,11 +200,16 @@ def _export_case(job: tuple) -> tuple[tuple[int, int], bool, str, bool]:
     _write_png(folder / "imagesTr" / f"case_{index:04d}_0000.png", np.round(image * 65535).astype(np.uint16))
     _write_png(folder / "labelsTr" / f"case_{index:04d}.png", working_labels)
     if copies:
+        from ..phantoms.metal import add_metal
         from ..phantoms.randomise import randomise
 
         for copy in range(1, copies + 1):
             rng = np.random.default_rng([seed, index, copy])
-            randomised = window_intensity(randomise(image, rng, labels=working_labels))  # windowed as at inference
+            metal_rng = np.random.default_rng([seed, index, copy, METAL_STREAM])  # leaves `rng`'s draws as they were
+            source = image
+            if metal_rng.random() < metal_chance:
+                source, _ = add_metal(image, working_labels, metal_rng, working_spacing_mm)
+            randomised = window_intensity(randomise(source, rng, labels=working_labels))  # windowed as at inference
             name = f"case_{index:04d}r{copy}"
             _write_png(folder / "imagesTr" / f"{name}_0000.png", np.round(randomised * 65535).astype(np.uint16))
             _write_png(folder / "labelsTr" / f"{name}.png", working_labels)
@@ -221,6 +228,7 @@ def export_dataset(
     context: bool = False,
     randomise_copies: int = 0,
     seed: int = 0,
+    metal_chance: float = 0.0,
 ) -> ExportSummary:
     """Write `raw_root/Dataset###_Name/` (imagesTr, labelsTr, dataset.json) from cases (see load_case).
 
@@ -228,16 +236,20 @@ def export_dataset(
     size. `workers` > 1 exports cases in that many processes (phantoms generated in memory are the slow part).
     `context`: labels T12 = 6 and S1 = 7 as classes too (refused when no case carries them).
     `randomise_copies`: K randomised copies of every case beside it (fixed by `seed`, the case and the copy).
+    `metal_chance`: the share of those copies that get randomised metal over the spine first.
     """
     cases = list(cases)
     if not cases:
         raise RadiographError(raw_root, "no training cases to export")
+    if randomise_copies < 0:
+        raise RadiographError(raw_root, f"randomised copies must be 0 or more, not {randomise_copies}")
+    if not 0.0 <= metal_chance <= 1.0:
+        raise RadiographError(raw_root, f"the metal chance must lie in [0, 1], not {metal_chance}")
     folder = Path(raw_root) / dataset_name(dataset_id, name)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    if randomise_copies < 0:
-        raise RadiographError(raw_root, f"randomised copies must be 0 or more, not {randomise_copies}")
-    jobs = [(case, folder, index, working_spacing_mm, default_long_side_px, context, randomise_copies, seed)
+    jobs = [(case, folder, index, working_spacing_mm, default_long_side_px, context, randomise_copies, metal_chance,
+             seed)
             for index, case in enumerate(cases)]
     shapes, assumed, sources, with_context = [], [], [], 0
     with ExitStack() as stack:
@@ -271,6 +283,7 @@ def export_dataset(
         "window_percentiles": list(WINDOW_PERCENTILES),
         "n_cases": len(cases),
         "randomised_copies_per_case": randomise_copies,
+        "metal_chance": metal_chance,
         "context_classes": sorted(CONTEXT_LABELS) if context else [],
         "cases_with_context": with_context,
         "sources": sources,

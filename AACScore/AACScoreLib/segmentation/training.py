@@ -269,12 +269,14 @@ def train_segmenter(
     context: bool = False,
     randomise_copies: int = 0,
     seed: int = 0,
+    metal_chance: float = 0.0,
 ) -> tuple[Path, dict]:
     """Export `data` folders, (image, label map) `cases` and `phantoms` (made in memory), train with nnU-Net,
     convert to a package at `out`; returns (package, metrics).
 
     `context`: T12 and S1 as classes beside L1..L5 (the label maps must carry them: 6 = T12, 7 = S1).
-    `randomise_copies`: K SynthSeg-style randomised copies of every case (see dataset.export_dataset), from `seed`.
+    `randomise_copies`: K SynthSeg-style randomised copies of every case (see dataset.export_dataset), from `seed`;
+    `metal_chance` of them with randomised metal over the spine.
 
     `resume` continues the training kept in `work` (from an earlier call with the same `work`) to `epochs`.
     `processes` export cases, preprocess and augment in parallel (see run_nnunet for `time_budget_s`,
@@ -293,7 +295,7 @@ def train_segmenter(
             sources = [case for folder in data for case in phantom_cases(folder)] + list(cases) + list(phantoms)
             export_dataset(sources, work / "raw", DATASET_ID, "AACScoreLumbar", working_spacing_mm,
                            default_long_side_px, workers=processes, context=context,
-                           randomise_copies=randomise_copies, seed=seed)
+                           randomise_copies=randomise_copies, seed=seed, metal_chance=metal_chance)
         exported = read_export_summary(dataset_dir)
         results, epochs_trained = run_nnunet(dataset_dir, work, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                              fold=fold, device=device, patch_size=patch_size, features=features,
@@ -308,6 +310,7 @@ def train_segmenter(
         training_data = {
             "n_cases": exported["n_cases"],
             "randomised_copies_per_case": exported.get("randomised_copies_per_case", 0),
+            "metal_chance": exported.get("metal_chance", 0.0),
             "context_classes": exported.get("context_classes", []),
             "sources": sorted({Path(image).parent.name for image in exported["sources"]}),
             "median_working_shape": exported["median_working_shape"],
@@ -353,6 +356,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--randomise-copies", type=int, default=0, metavar="K",
                         help="also train on K SynthSeg-style randomised copies of every case (random intensity per "
                              "label, bias field, gamma, blur, resolution drop, noise, inversion)")
+    parser.add_argument("--metal-chance", type=float, default=0.0, metavar="P",
+                        help="with --randomise-copies: the share of copies that first get randomised metal drawn "
+                             "over the spine (screws and rods, cement, cage, clips, wires)")
     parser.add_argument("--eval-phantoms", type=int, default=0, help="held-out phantoms for Dice (seed --eval-seed)")
     parser.add_argument("--eval-seed", type=int, default=9001)
     parser.add_argument("--out", required=True, help="package folder to write")
@@ -406,6 +412,8 @@ def starting_package(name: str, patch_size: tuple[int, int]):
 
 def _train_command(args) -> int:
     data = [Path(folder) for folder in args.data]
+    if args.metal_chance and not args.randomise_copies:
+        raise AACScoreError("--metal-chance draws metal on the randomised copies: give --randomise-copies K too")
     styles = parse_styles(args.phantom_styles)
     held_out = [style for style in styles if FAMILIES[style].held_out]
     if held_out and not args.include_held_out:
@@ -433,6 +441,7 @@ def _train_command(args) -> int:
             training_note=note, resume=args.resume, phantoms=phantoms, processes=args.processes,
             time_budget_s=budget, batch_size=args.batch_size, patch_size=tuple(args.patch_size),
             context=args.context_classes, randomise_copies=args.randomise_copies, seed=args.seed,
+            metal_chance=args.metal_chance,
             features=FEATURES if base is None else base_features(base),
             initial_weights=None if base is None else base.fold_weights[0], initial_lr=args.lr)
     finally:

@@ -12,6 +12,7 @@ import pytest
 from AACScoreLib import cli, kauppila
 from AACScoreLib.phantoms import generator
 from AACScoreLib.phantoms.families import FAMILIES, HELD_OUT_FAMILY
+from AACScoreLib.phantoms.metal import KINDS, add_metal
 from AACScoreLib.phantoms.randomise import randomise
 from AACScoreLib.phantoms.varied import build_varied_anatomy, generate_varied
 
@@ -233,6 +234,32 @@ def test_randomise_is_fast_for_a_crop():
         randomise(image, np.random.default_rng(k), labels)
         times.append(time.perf_counter() - began)
     assert np.median(times) < 0.15  # about 0.035 s measured on 2 shared cores; generous for loaded CI machines
+
+
+def test_metal_is_drawn_over_the_spine_by_kind_and_leaves_the_labels_to_the_bone():
+    phantom = generator.generate_phantom(3, "default", 0, size_range=(300, 360))
+    image, labels, spacing = phantom.pixels.astype(np.float32), phantom.label_map, phantom.truth["spacing"][0]
+    bodies = (labels >= 1) & (labels <= 5)
+    contrast = image[bodies].mean() - image[labels == 0].mean()
+    seen = set()
+    for k in range(30):
+        metal, kinds = add_metal(image, labels, np.random.default_rng(k), spacing_mm=spacing)
+        assert kinds and set(kinds) <= set(KINDS) and metal.shape == image.shape
+        added = metal - image
+        assert added.min() >= 0.0 and added.max() >= 0.8 * contrast  # as dense as bone or more, never subtracted
+        if "screws" in kinds:  # screws cross their bodies
+            assert (added[bodies] > 0.5 * contrast).mean() > 0.02
+        if kinds == ["wires"] or kinds == ["clips"]:  # small things: most of the image untouched
+            assert (added > 0).mean() < 0.2
+        seen.update(kinds)
+    assert seen == set(KINDS)
+    again, _ = add_metal(image, labels, np.random.default_rng(3), spacing_mm=spacing)
+    assert np.array_equal(again, add_metal(image, labels, np.random.default_rng(3), spacing_mm=spacing)[0])
+    one_body = np.where(labels == 3, 3, 0)
+    unchanged, kinds = add_metal(image, one_body, np.random.default_rng(0), spacing_mm=spacing)
+    assert kinds == [] and np.array_equal(unchanged, image)
+    with pytest.raises(ValueError, match="do not match"):
+        add_metal(image, labels[:10], np.random.default_rng(0), spacing_mm=0.2)
 
 
 def test_eight_bit_images_are_written_in_eight_bit_words_and_rle_reads_back(tmp_path):

@@ -610,12 +610,14 @@ def test_3_scored_label_maps_still_match_the_truth_by_name(tiny_scorer, phantoms
 
 
 _STALLING_RUN = """
-import sys, time
+import signal, sys, time
 from AACScoreLib.batch import score_cohort
 from AACScoreLib.io.cohort import collect
 from AACScoreLib.pipeline import Pipeline
 from AACScoreLib.scoring.scorer import Scorer
 
+# Ctrl-C as in a terminal: a suite started in the background (`cmd &`) passes SIGINT down ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 pipeline = Pipeline(Scorer.from_package(sys.argv[1]))
 original, calls = pipeline.run, []
 

@@ -131,6 +131,16 @@ def test_export_with_context_classes_and_randomised_copies(tmp_path):
     again = export(tmp_path / "again")  # fixed by the seed, the case and the copy
     assert np.array_equal(png(again / "imagesTr" / "case_0001r2_0000.png"),
                           png(dataset / "imagesTr" / "case_0001r2_0000.png"))
+    metal = export_dataset(phantom_cases(data), tmp_path / "metal", 7, "Toy", default_long_side_px=48, context=True,
+                           randomise_copies=2, seed=5, metal_chance=1.0).dataset_dir
+    assert json.loads((metal / "aacscore_export.json").read_text())["metal_chance"] == 1.0
+    for name in ("imagesTr/case_0000_0000.png", "labelsTr/case_0000r1.png"):  # originals and labels as they were
+        assert np.array_equal(png(metal / name), png(dataset / name))
+    with_metal = png(metal / "imagesTr" / "case_0000r1_0000.png")
+    assert not np.array_equal(with_metal, copies[0])  # the same copy, now with metal drawn in
+    with pytest.raises(RadiographError, match="metal chance"):
+        export_dataset(phantom_cases(data), tmp_path / "bad", 7, "Toy", default_long_side_px=48, metal_chance=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_export_refuses_context_classes_that_no_label_map_carries(tmp_path):
@@ -402,6 +412,41 @@ def test_nnunet_export_zip_converts_to_the_same_network(trained, tmp_path):
         assert np.allclose(value.numpy(), b.predictor.list_of_parameters[0][key].numpy(), atol=1e-2)
 
 
+def test_blend_writes_the_weighted_mean_of_two_trainings_and_names_both(trained, tmp_path):
+    from safetensors.torch import save
+
+    from AACScoreLib.packages import load_safetensors, write_package
+    from AACScoreLib.segmentation.blend import blend_segmenters
+    from AACScoreLib.segmentation.package import load_segmenter_package
+
+    base = verify_package(trained["package"])
+    weights = load_safetensors(base, "fold_all.safetensors")
+    moved = {key: value + 1.0 if value.is_floating_point() else value for key, value in weights.items()}
+    further = {name: trained["package"] / name for name in base.files if name != "fold_all.safetensors"}
+    tuned = write_package(tmp_path / "tuned", {**base.manifest, "version": "2.0"},
+                          {**further, "fold_all.safetensors": save(moved)}).path
+    assert cli_main(["blend-segmenters", str(base.path), str(tuned), "--weight", "0.25",
+                     "--out", str(tmp_path / "blend")]) == 0
+    blended = load_segmenter_package(tmp_path / "blend")
+    manifest = blended.package.manifest
+    assert manifest["version"] == "2.0+blend25" and manifest["metrics"] == {}
+    record = manifest["training_data"]["blended"]
+    assert record["weight_of_tuned"] == 0.25 and record["base"]["version"] == base.manifest["version"]
+    assert record["tuned"]["version"] == "2.0"
+    stored = load_safetensors(blended.package, "fold_all.safetensors")
+    for key, value in weights.items():
+        if value.is_floating_point():
+            assert np.allclose(stored[key].float().numpy(), value.float().numpy() + 0.25, atol=2e-2)
+    labels = Segmenter.from_package(tmp_path / "blend", device="cpu").segment(
+        read_radiograph(write_toys(tmp_path / "toys", 1) / "toy_000.png")).labels
+    assert labels.shape == TOY_SHAPE
+    with pytest.raises(ModelPackageError, match="network differs"):  # the demo segmenter: another network
+        blend_segmenters(base.path, "aacscore-demo-segmenter", 0.5, tmp_path / "other")
+    with pytest.raises(ModelPackageError, match=r"weight must lie in \[0, 1\]"):
+        blend_segmenters(base.path, tuned, 1.5, tmp_path / "bad")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "bad").exists()
+
+
 def test_checkpoint_with_code_is_refused(tmp_path):
     import torch
 
@@ -421,4 +466,7 @@ def test_training_on_the_held_out_phantom_family_is_refused_unless_asked(tmp_pat
     code = cli_main(["train-segmenter", "--phantoms", "2", "--phantom-families", "default,varied",
                      "--out", str(tmp_path / "package")])
     assert code == 2 and "varied is held out of all training" in capsys.readouterr().err
+    assert not (tmp_path / "package").exists()
+    code = cli_main(["train-segmenter", "--phantoms", "2", "--metal-chance", "0.5", "--out", str(tmp_path / "package")])
+    assert code == 2 and "give --randomise-copies K too" in capsys.readouterr().err  # else it would do nothing
     assert not (tmp_path / "package").exists()
