@@ -24,7 +24,8 @@ CHANCES = {"screws": 0.5, "cement": 0.25, "cage": 0.2, "clips": 0.35, "wires": 0
 
 @dataclass(frozen=True)
 class _Body:
-    """A labelled body on the image grid: centre (row, col) and half extents along the spine and across it."""
+    """A labelled body on the image grid: centre (row, col), half extents along its shorter and its longer axis
+    (a lumbar body is deeper than it is tall: height, then depth) and its mask."""
 
     centre: np.ndarray
     half_height: float
