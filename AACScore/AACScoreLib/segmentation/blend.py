@@ -31,16 +31,14 @@ def blend_segmenters(base: str | Path, tuned: str | Path, weight: float, out: st
     if not 0.0 <= weight <= 1.0:
         raise ModelPackageError(f"{out}: the blend weight must lie in [0, 1], not {weight}")
     first, second = load_segmenter_package(base, models_dir), load_segmenter_package(tuned, models_dir)
-    for what, a, b in (("network", _network(first.plans), _network(second.plans)),
-                       ("labels", first.dataset_json.get("labels"), second.dataset_json.get("labels"))):
-        if a != b:
-            raise ModelPackageError(f"{second.package.path}: its {what} differs from {first.package.path}'s; only "
-                                    f"packages of one network with one set of classes can be blended")
     manifest = second.package.manifest
     folds = manifest["architecture"]["folds"]
-    if first.package.manifest["architecture"]["folds"] != folds:
-        raise ModelPackageError(f"{second.package.path}: folds {folds} differ from {first.package.path}'s "
-                                f"{first.package.manifest['architecture']['folds']}")
+    for what, a, b in (("network", _network(first.plans), _network(second.plans)),
+                       ("labels", first.dataset_json.get("labels"), second.dataset_json.get("labels")),
+                       ("folds", first.package.manifest["architecture"]["folds"], folds)):
+        if a != b:
+            raise ModelPackageError(f"{second.package.path}: its {what} differs from {first.package.path}'s; only "
+                                    f"packages of one network with one set of classes and folds can be blended")
     dtype = torch.float16 if manifest["architecture"].get("weights_dtype") == "float16" else torch.float32
     files: dict[str, bytes] = {}
     for fold, a, b in zip(folds, first.fold_weights, second.fold_weights):

@@ -467,6 +467,7 @@ def test_training_on_the_held_out_phantom_family_is_refused_unless_asked(tmp_pat
                      "--out", str(tmp_path / "package")])
     assert code == 2 and "varied is held out of all training" in capsys.readouterr().err
     assert not (tmp_path / "package").exists()
-    code = cli_main(["train-segmenter", "--phantoms", "2", "--metal-chance", "0.5", "--out", str(tmp_path / "package")])
+    code = cli_main(["train-segmenter", "--phantoms", "2", "--metal-chance", "0.5",
+                     "--out", str(tmp_path / "package")])
     assert code == 2 and "give --randomise-copies K too" in capsys.readouterr().err  # else it would do nothing
     assert not (tmp_path / "package").exists()
