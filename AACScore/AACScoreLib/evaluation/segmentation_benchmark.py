@@ -4,7 +4,8 @@ Counting levels is what fails on radiographs from elsewhere, so the figure that 
 with all five levels right, on a phantom family the segmenter never saw (one is held out of all training) and on
 images whose sacrum is out of view (each phantom again, cut just below L5, as lumbar-only and DXA views are).
 Phantoms are made in memory; per family and set it reports that share, Dice per vertebra, error rows, results
-with a wrong level that still said "ok", how the levels were counted, and seconds per image.
+with a wrong level that still said "ok", how the levels were counted, and seconds per image. With the spacing
+left unknown, every image is segmented without its pixel spacing, as a PNG or JPEG export comes.
 A benchmark is a command, not a test: its table goes in the README.
 """
 
@@ -97,10 +98,11 @@ def summarise(cases: Sequence[dict]) -> dict:
 
 
 def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed: int = BENCHMARK_SEED,
-                               sacrum_cropped: bool = True,
+                               sacrum_cropped: bool = True, spacing_known: bool = True,
                                progress: Callable[[str], None] | None = None) -> dict:
     """Segment `n` phantoms of each family (made in memory) and, with `sacrum_cropped`, each again cut just below
-    L5; returns the figures per family and set, and every case."""
+    L5 (without `spacing_known`, each image without its pixel spacing); returns the figures per family and set,
+    and every case."""
     from ..phantoms.families import FAMILIES
     from ..phantoms.generator import check_styles, generate_phantom, read_back
 
@@ -118,6 +120,7 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
             if sacrum_cropped:
                 images["sacrum cropped"] = crop_below_l5(radiograph, truth)
             for name, (image, labels) in images.items():
+                image = image if spacing_known else replace(image, spacing=None, spacing_source="unknown")
                 case = {"family": family, "set": name, "name": phantom.name,
                         "transitional": phantom.truth.get("transitional", ""), **score_case(segmenter, image, labels)}
                 by_set[name].append(case)
@@ -130,7 +133,8 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
         "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
         "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
-        "device": str(segmenter.device), "families": results, "cases": cases,
+        "spacing": "known" if spacing_known else "unknown", "device": str(segmenter.device), "families": results,
+        "cases": cases,
     }
 
 
@@ -138,7 +142,8 @@ def format_table(figures: dict) -> str:
     """The README table: one row per family and set."""
     lines = [f"Segmenter {figures['segmenter']} (classes {', '.join(figures['classes'])}; trained on "
              f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), {figures['n_per_family']} "
-             f"phantoms per family, seed {figures['seed']}, {figures['device']}.", "",
+             f"phantoms per family, seed {figures['seed']}, {figures['device']}"
+             + (", pixel spacing withheld from the segmenter." if figures.get("spacing") == "unknown" else "."), "",
              "| family | set | n | all 5 levels right | Dice L1 / L2 / L3 / L4 / L5 | error rows | wrong but ok "
              "| levels counted by | s / image |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -173,6 +178,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-sacrum-cropped", action="store_true", help="skip the sacrum-cropped set")
+    parser.add_argument("--spacing", choices=("known", "unknown"), default="known",
+                        help="unknown: segment every image without its pixel spacing, as PNG/JPEG exports come")
     parser.add_argument("--out", required=True, help="folder for the JSON and markdown table")
     parser.set_defaults(func=_run)
 
@@ -186,6 +193,7 @@ def _run(args) -> int:
     families = parse_styles(args.families) if args.families else STYLES
     segmenter = Segmenter.from_package(args.model, args.device)
     figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, not args.no_sacrum_cropped,
+                                         args.spacing == "known",
                                          progress=lambda text: print(text, end="\r", flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

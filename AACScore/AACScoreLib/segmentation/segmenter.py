@@ -6,6 +6,14 @@ normalised as in training, and run through nnUNetPredictor's sliding window as o
 working image (mirroring off by default: 2x faster). Only the small logits are interpolated back (bilinear),
 and only inside the spine's bounding box.
 
+When the image carries no pixel spacing (a PNG or JPEG export), the working grid first assumes a typical field
+of view; if the vertebral bodies the network finds there are far from a lumbar body's typical size, the network
+runs again (at most twice) on a grid rescaled to make them typical: the spine is its own ruler. A spacing the
+file states is kept unless the bodies come out half as large again as typical, or smaller by as much (a wrong
+tag: no adult's lumbar bodies are that far from typical); then it is doubted the same way, and said. An image whose
+PatientOrientation has the feet elsewhere than at the bottom is turned upright for the network, which was
+trained on upright images, and its labels turned back.
+
 Levels are counted from landmarks, as readers do (segmentation/levels.py): the vertebral bodies are the
 connected pieces of the network's foreground; counted from S1 (or the body most like L5) below and from T12 (or
 the body most like L1) above, and the two counts compared. A doubtful count turns the status to "warning". If
@@ -20,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +36,7 @@ import numpy as np
 
 from ..devices import resolve_device
 from ..errors import AACScoreError, Cancelled
+from ..geometry.orientation import upright_turns
 from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from .dataset import resample_image, to_working_image, working_shape
 from .levels import LevelAssignment, count_levels, flag_doubtful, pixel_assignment, spine_axis
@@ -39,6 +48,12 @@ Cancel = Callable[[], bool]
 MERGED_HEIGHT_RATIO = 1.7  # a vertebra this many times the median height is taken for two merged
 JOINED_SHARE = 0.2  # a full-size piece with this share of its pixels on a second level holds two bodies
 BOX_MARGIN_PX = 3  # working pixels kept around the spine when mapping back to full size
+TYPICAL_BODY_MM = 31.0  # side of a square of a lumbar body's lateral area: 30-33 mm over the phantom families
+MAX_RESCALES = 2  # off its scale the network draws bodies nearer its training size, so one step can fall short
+RESCALE_BEYOND = 0.10  # unknown spacing: the grid is rescaled when the bodies are this far (relative) from typical
+SPACING_DISAGREES = 0.5  # a known spacing is doubted when the bodies come out 1.5 times typical or 1/1.5 of it
+MIN_BODIES_FOR_SCALE = 3  # vertebrae the network must find before their size sets the scale
+MIN_BODY_SHARE = 0.2  # pieces smaller than this share of the largest are specks, not bodies
 
 
 @dataclass
@@ -235,14 +250,26 @@ class Segmenter:
             if progress is not None:
                 progress(fraction, text)
 
+        turns = upright_turns(radiograph.patient_orientation)
+        if turns:  # segmented upright, labels turned back to the image as stored
+            tag = "\\".join(radiograph.patient_orientation)
+            return _turned_back(self.segment(_turned(radiograph, turns), progress, cancel), turns,
+                                f"PatientOrientation {tag}: feet not at the bottom")
         step(0.0, "resampling to the model's working grid")
         full_shape = radiograph.pixels.shape
         shape, assumed = working_shape(full_shape, radiograph.spacing, self.working_spacing, self.default_long_side)
-        image = to_working_image(radiograph, shape, self.window)
         step(0.2, "running the network")
-        logits = self.predict_logits(image)
+        channels = self._channels(radiograph, shape)
+        scaled = False
+        for _ in range(MAX_RESCALES if self.working_spacing is not None else 0):
+            factor = body_scale(self.value_of_channel[channels.argmax(0).numpy()], float(np.max(self.working_spacing)))
+            beyond = RESCALE_BEYOND if assumed or scaled else SPACING_DISAGREES
+            if factor is None or abs(np.log(factor)) <= np.log1p(beyond):
+                break
+            shape, scaled = (max(8, round(shape[0] * factor)), max(8, round(shape[1] * factor))), True
+            step(0.45, "running the network again at the scale the vertebral bodies imply")
+            channels = self._channels(radiograph, shape)
         step(0.7, "mapping labels back to full size")
-        channels = self.ordered_channels(logits)
         probabilities = torch.softmax(channels, 0).numpy()
         if self.count_by_bodies:
             levels, assignment = count_levels(probabilities, self.classes)
@@ -256,13 +283,24 @@ class Segmenter:
             if not self.count_by_bodies or retry[2] != "error":
                 (labels, context, status, message, _), assignment = retry, pixel_assignment(probabilities)
         status, message = flag_doubtful(status, message, assignment)
-        if assumed and self.working_spacing is not None:
-            note = (f"pixel spacing unknown: assumed the image's long side spans {self.default_long_side} "
-                    f"working pixels ({self.default_long_side * np.max(self.working_spacing):.0f} mm)")
+        if (assumed or scaled) and self.working_spacing is not None:
+            mm_per_pixel = float(np.max(self.working_spacing)) * shape[0] / full_shape[0]
+            if not assumed:
+                note = (f"pixel spacing {radiograph.spacing[0]:.3f} mm ({radiograph.spacing_source}) disagrees with "
+                        f"the size of the vertebral bodies: segmented at {mm_per_pixel:.3f} mm per pixel")
+            else:
+                note = (f"pixel spacing unknown: took {mm_per_pixel:.3f} mm per pixel, " + (
+                    "from the size of the vertebral bodies" if scaled else
+                    f"the long side taken as {max(shape) * np.max(self.working_spacing):.0f} mm"))
             message = f"{message}; {note}" if message else note
         step(1.0, "done")
         return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started,
                                   context if len(self.classes) > len(VERTEBRAE) else None, assignment)
+
+    def _channels(self, radiograph: Radiograph, shape: tuple[int, int]):
+        """The network's logits for the radiograph resampled to a working grid of `shape`, as background, then
+        `self.classes`."""
+        return self.ordered_channels(self.predict_logits(to_working_image(radiograph, shape, self.window)))
 
     def ordered_channels(self, logits):
         """Logits reordered as background, then `self.classes` (an imported model may number its labels otherwise)."""
@@ -304,6 +342,39 @@ class Segmenter:
         sampled = F.grid_sample(channels[None].float().cpu(), grid, mode="bilinear",
                                 padding_mode="border", align_corners=False)
         return sampled[0].argmax(0).numpy().astype(np.uint8)
+
+
+def _turned_back(result: SegmentationResult, turns: int, why: str) -> SegmentationResult:
+    """A result on an image turned by `turns` quarter turns, its labels turned back to the image as stored and
+    its message saying so (a turned image is one to look at)."""
+    turn = {1: "90 degrees anticlockwise", 2: "180 degrees", 3: "90 degrees clockwise"}[turns]
+    note = f"turned {turn} for the network ({why})"
+    return replace(result, labels=np.ascontiguousarray(np.rot90(result.labels, -turns)),
+                   context=None if result.context is None else np.ascontiguousarray(np.rot90(result.context, -turns)),
+                   message=f"{result.message}; {note}" if result.message else note,
+                   status="warning" if result.status == "ok" else result.status)
+
+
+def _turned(radiograph: Radiograph, turns: int) -> Radiograph:
+    """The radiograph turned by `turns` quarter turns (numpy.rot90), its spacing following; upright, so untagged."""
+    spacing = radiograph.spacing[::-1] if radiograph.spacing is not None and turns % 2 else radiograph.spacing
+    return replace(radiograph, pixels=np.ascontiguousarray(np.rot90(radiograph.pixels, turns)), spacing=spacing,
+                   patient_orientation=None)
+
+
+def body_scale(levels: np.ndarray, working_spacing_mm: float) -> float | None:
+    """Factor by which a working grid should grow for the vertebral bodies in it (the connected pieces of a level
+    map, context included) to take a typical lumbar body's size; None when fewer than three are found. Why pieces,
+    not levels: off its scale the network may name one body with several levels. Why the median of the five
+    largest: a piece of two bodies joined across a disc, or a half-missed one, moves it little."""
+    from scipy import ndimage
+
+    pieces, count = ndimage.label(levels > 0, structure=np.ones((3, 3), bool))
+    areas = np.sort(np.bincount(pieces.ravel())[1:])[::-1][:len(VERTEBRAE)] if count else np.zeros(0)
+    areas = areas[areas >= MIN_BODY_SHARE * areas[0]] if count else areas
+    if len(areas) < MIN_BODIES_FOR_SCALE:
+        return None
+    return TYPICAL_BODY_MM / (float(np.sqrt(np.median(areas))) * working_spacing_mm)
 
 
 def _box(levels: np.ndarray, full_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

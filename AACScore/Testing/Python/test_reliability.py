@@ -520,8 +520,8 @@ def test_17_the_spacing_warning_is_said_once(tiny_scorer, phantoms, tmp_path):
             from types import SimpleNamespace
 
             labels = read_label_map(_labels_of(phantoms[0]))  # L1..L5, as a segmenter gives them
-            return SimpleNamespace(status="ok", labels=labels,
-                                   message="pixel spacing unknown: assumed the image's long side spans 512 px")
+            return SimpleNamespace(status="ok", labels=labels, message="pixel spacing unknown: took 0.200 mm per "
+                                   "pixel, from the size of the vertebral bodies")
 
     result = Pipeline(tiny_scorer, SpacingNoteSegmenter()).run(png, heatmap=False)
     assert result.message.count("pixel spacing unknown") == 1, result.message

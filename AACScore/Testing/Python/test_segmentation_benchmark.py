@@ -57,3 +57,12 @@ def test_benchmark_command_writes_json_and_table(tmp_path):
     assert [case["set"] for case in figures["cases"]] == ["full", "sacrum cropped"]
     table = (tmp_path / "segment_benchmark.md").read_text()
     assert "| default | full | 1 | 100% |" in table and "sacrum cropped" in table
+
+
+def test_benchmark_without_spacing_withholds_it_from_the_segmenter(tmp_path):
+    code = cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--no-sacrum-cropped",
+                     "--spacing", "unknown", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    figures = json.loads((tmp_path / "segment_benchmark.json").read_text())
+    assert figures["spacing"] == "unknown" and "pixel spacing unknown: took" in figures["cases"][0]["message"]
+    assert "pixel spacing withheld" in (tmp_path / "segment_benchmark.md").read_text()

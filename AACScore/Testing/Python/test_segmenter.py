@@ -19,7 +19,8 @@ from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
 from AACScoreLib.segmentation.levels import count_levels
-from AACScoreLib.segmentation.segmenter import Segmenter, levels_at_full_size, postprocess_labels
+from AACScoreLib.segmentation.segmenter import (TYPICAL_BODY_MM, Segmenter, body_scale, levels_at_full_size,
+                                                postprocess_labels)
 from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
@@ -369,6 +370,85 @@ def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path)
     assert steps == sorted(steps) and steps[0] == 0.0 and steps[-1] == 1.0
     with pytest.raises(Cancelled):
         segmenter.segment(radiograph, cancel=lambda: True)
+
+
+def test_body_scale_is_the_growth_that_makes_the_median_body_typical():
+    levels = np.zeros((200, 60), np.uint8)
+    for level, side in zip(range(1, 6), (18, 20, 20, 22, 40)):  # L5 drawn twice too big: the median ignores it
+        levels[5 + 38 * (level - 1):5 + 38 * (level - 1) + side, 10:10 + side] = level
+    assert body_scale(levels, 1.25) == pytest.approx(TYPICAL_BODY_MM / (20 * 1.25))
+    levels[levels >= 3] = 0
+    assert body_scale(levels, 1.25) is None  # two bodies do not set a scale
+
+
+def test_a_missing_or_wrong_spacing_is_found_from_the_vertebral_bodies():
+    """A lumbar-only view without spacing (as a PNG export is): the assumed field of view is twice too wide, so
+    the bodies come out half their size; the demo segmenter runs again at the scale they imply, and counts right.
+    A stated spacing twice the truth is doubted the same way; the right one is used as it is."""
+    from dataclasses import replace
+
+    from AACScoreLib.evaluation.metrics import dice_per_label
+    from AACScoreLib.phantoms.generator import generate_phantom, read_back
+
+    phantom = generate_phantom(9001, "default", 0, size_range=(1000, 1100))
+    radiograph, truth = read_back(phantom), phantom.labels
+    rows, cols = np.nonzero(np.isin(truth, range(1, 6)))
+    margin = int(5 / phantom.truth["spacing"][0])  # 5 mm around L1..L5
+    box = (slice(max(rows.min() - margin, 0), rows.max() + margin),
+           slice(max(cols.min() - margin, 0), cols.max() + margin))
+    lumbar = replace(radiograph, pixels=np.ascontiguousarray(radiograph.pixels[box]))
+    truth = truth[box]
+    segmenter = Segmenter.from_package(None, device="cpu")
+    known = segmenter.segment(lumbar)
+    assert not known.spacing_assumed and "spacing" not in known.message
+
+    result = segmenter.segment(replace(lumbar, spacing=None, spacing_source="unknown"))
+    assumed_mm = segmenter.default_long_side * segmenter.working_spacing / max(truth.shape)
+    assert assumed_mm > 1.5 * phantom.truth["spacing"][0]  # the long-side guess alone is far off
+    assert result.spacing_assumed and "from the size of the vertebral bodies" in result.message, result.message
+    estimated = float(result.message.split("took ")[1].split(" mm per pixel")[0])
+    assert estimated == pytest.approx(phantom.truth["spacing"][0], rel=0.15)
+    assert min(dice_per_label(truth, result.labels).values()) > 0.85  # every level right
+
+    wrong = segmenter.segment(replace(lumbar, spacing=tuple(2 * value for value in lumbar.spacing)))
+    assert not wrong.spacing_assumed and "disagrees with the size of the vertebral bodies" in wrong.message
+    segmented_at = float(wrong.message.split("segmented at ")[1].split(" mm per pixel")[0])
+    assert segmented_at == pytest.approx(phantom.truth["spacing"][0], rel=0.15)
+    assert min(dice_per_label(truth, wrong.labels).values()) > 0.85
+
+
+def _turn_tag(tag: tuple[str, str], turns: int) -> tuple[str, str]:
+    """PatientOrientation of an image turned by numpy.rot90(k=turns): each turn, the new columns run as the old
+    rows did and the new rows against the old columns."""
+    opposite = {"A": "P", "P": "A", "F": "H", "H": "F", "L": "R", "R": "L"}
+    for _ in range(turns % 4):
+        tag = (tag[1], opposite[tag[0]])
+    return tag
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_a_radiograph_stored_on_its_side_is_segmented_upright(turns):
+    """The demo segmenter was trained upright. PatientOrientation says where the feet are, and the image is turned
+    upright for it; the labels come back on the image as stored, and the result is one to look at."""
+    from dataclasses import replace
+
+    from AACScoreLib.evaluation.metrics import dice_per_label
+    from AACScoreLib.phantoms.generator import generate_phantom, read_back
+
+    phantom = generate_phantom(9001, "default", 0, size_range=(1000, 1100))
+    radiograph = read_back(phantom)
+    assert radiograph.patient_orientation == ("A", "F")
+    stored = replace(radiograph, pixels=np.ascontiguousarray(np.rot90(radiograph.pixels, turns)),
+                     spacing=radiograph.spacing[::-1] if turns % 2 else radiograph.spacing,
+                     patient_orientation=_turn_tag(("A", "F"), turns))
+    truth = np.rot90(phantom.labels, turns)
+    result = Segmenter.from_package(None, device="cpu").segment(stored)
+    turned_back = {1: "90 degrees clockwise", 2: "180 degrees", 3: "90 degrees anticlockwise"}[turns]
+    assert result.labels.shape == truth.shape and f"turned {turned_back} for the network" in result.message
+    assert "PatientOrientation" in result.message
+    assert result.status == "warning"
+    assert min(dice_per_label(truth, result.labels).values()) > 0.85
+    assert _turn_tag(("A", "F"), 4) == ("A", "F") and _turn_tag(("A", "F"), 2) == ("P", "H")
 
 
 def test_segment_command_writes_label_pngs_for_files_and_folders(trained, tmp_path):
