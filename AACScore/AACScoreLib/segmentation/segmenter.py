@@ -341,7 +341,20 @@ class Segmenter:
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
         sampled = F.grid_sample(channels[None].float().cpu(), grid, mode="bilinear",
                                 padding_mode="border", align_corners=False)
-        return sampled[0].argmax(0).numpy().astype(np.uint8)
+        return channel_argmax(sampled[0])
+
+
+def channel_argmax(scores) -> np.ndarray:
+    """Per pixel, the index of the largest of (channels, h, w) scores (a torch tensor), as uint8; the first on
+    ties, as argmax. Why not torch's argmax over the first dimension: on the CPU it strides across memory and took
+    six times as long on a full-size box (0.56 s against 0.09 s for 8 x 2200 x 1400)."""
+    import torch
+
+    best, index = scores[0].clone(), torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for channel in range(1, scores.shape[0]):
+        index[scores[channel] > best] = channel
+        best = torch.maximum(best, scores[channel])
+    return index.numpy()
 
 
 def _turned_back(result: SegmentationResult, turns: int, why: str) -> SegmentationResult:

@@ -19,8 +19,8 @@ from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
 from AACScoreLib.segmentation.levels import count_levels
-from AACScoreLib.segmentation.segmenter import (TYPICAL_BODY_MM, Segmenter, body_scale, levels_at_full_size,
-                                                postprocess_labels)
+from AACScoreLib.segmentation.segmenter import (TYPICAL_BODY_MM, Segmenter, body_scale, channel_argmax,
+                                                levels_at_full_size, postprocess_labels)
 from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
@@ -370,6 +370,14 @@ def test_inference_from_package_gives_label_map_at_image_size(trained, tmp_path)
     assert steps == sorted(steps) and steps[0] == 0.0 and steps[-1] == 1.0
     with pytest.raises(Cancelled):
         segmenter.segment(radiograph, cancel=lambda: True)
+
+
+def test_channel_argmax_is_torch_argmax_first_on_ties():
+    import torch
+
+    scores = torch.from_numpy(np.random.default_rng(0).integers(0, 4, (8, 60, 50)).astype(np.float32))  # many ties
+    assert np.array_equal(channel_argmax(scores), scores.argmax(0).numpy())
+    assert channel_argmax(scores).dtype == np.uint8
 
 
 def test_body_scale_is_the_growth_that_makes_the_median_body_typical():
