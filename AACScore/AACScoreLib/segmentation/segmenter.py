@@ -262,7 +262,7 @@ class Segmenter:
         channels = self._channels(radiograph, shape)
         scaled = False
         for _ in range(MAX_RESCALES if self.working_spacing is not None else 0):
-            factor = body_scale(self.value_of_channel[channels.argmax(0).numpy()], float(np.max(self.working_spacing)))
+            factor = body_scale(channels.argmax(0).numpy() > 0, float(np.max(self.working_spacing)))
             beyond = RESCALE_BEYOND if assumed or scaled else SPACING_DISAGREES
             if factor is None or abs(np.log(factor)) <= np.log1p(beyond):
                 break
@@ -375,14 +375,15 @@ def _turned(radiograph: Radiograph, turns: int) -> Radiograph:
                    patient_orientation=None)
 
 
-def body_scale(levels: np.ndarray, working_spacing_mm: float) -> float | None:
-    """Factor by which a working grid should grow for the vertebral bodies in it (the connected pieces of a level
-    map, context included) to take a typical lumbar body's size; None when fewer than three are found. Why pieces,
-    not levels: off its scale the network may name one body with several levels. Why the median of the five
-    largest: a piece of two bodies joined across a disc, or a half-missed one, moves it little."""
+def body_scale(foreground: np.ndarray, working_spacing_mm: float) -> float | None:
+    """Factor by which a working grid should grow for the vertebral bodies in it (the connected pieces of the
+    network's foreground, context classes included) to take a typical lumbar body's size; None when fewer than
+    three are found. Why pieces, not levels: off its scale the network may name one body with several levels. Why
+    the median of the five largest: a piece of two bodies joined across a disc, or a half-missed one, moves it
+    little."""
     from scipy import ndimage
 
-    pieces, count = ndimage.label(levels > 0, structure=np.ones((3, 3), bool))
+    pieces, count = ndimage.label(foreground, structure=np.ones((3, 3), bool))
     areas = np.sort(np.bincount(pieces.ravel())[1:])[::-1][:len(VERTEBRAE)] if count else np.zeros(0)
     areas = areas[areas >= MIN_BODY_SHARE * areas[0]] if count else areas
     if len(areas) < MIN_BODIES_FOR_SCALE:

@@ -381,12 +381,13 @@ def test_channel_argmax_is_torch_argmax_first_on_ties():
 
 
 def test_body_scale_is_the_growth_that_makes_the_median_body_typical():
-    levels = np.zeros((200, 60), np.uint8)
-    for level, side in zip(range(1, 6), (18, 20, 20, 22, 40)):  # L5 drawn twice too big: the median ignores it
-        levels[5 + 38 * (level - 1):5 + 38 * (level - 1) + side, 10:10 + side] = level
-    assert body_scale(levels, 1.25) == pytest.approx(TYPICAL_BODY_MM / (20 * 1.25))
-    levels[levels >= 3] = 0
-    assert body_scale(levels, 1.25) is None  # two bodies do not set a scale
+    foreground = np.zeros((200, 60), bool)
+    for index, side in enumerate((18, 20, 20, 22, 40)):  # the last drawn twice too big: the median ignores it
+        foreground[5 + 38 * index:5 + 38 * index + side, 10:10 + side] = True
+    foreground[70:73, 50:53] = True  # a speck, no body
+    assert body_scale(foreground, 1.25) == pytest.approx(TYPICAL_BODY_MM / (20 * 1.25))
+    foreground[81:] = False
+    assert body_scale(foreground, 1.25) is None  # two bodies and a speck do not set a scale
 
 
 def test_a_missing_or_wrong_spacing_is_found_from_the_vertebral_bodies():
