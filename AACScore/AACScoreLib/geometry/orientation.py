@@ -20,27 +20,31 @@ SHRINK_RATIO = 1.0
 projected L4-L5 area being some 5-30% larger than L1-L2's (phantoms and the demo radiographs)."""
 
 
-def rows_towards_feet(patient_orientation: Sequence[str] | str | None) -> int:
-    """+1 when image rows run towards the feet, -1 towards the head, 0 when the tag does not say."""
+def orientation_tag(patient_orientation: Sequence[str] | str | None) -> tuple[str, str] | None:
+    """DICOM PatientOrientation as (direction of increasing column, of increasing row), upper case; None when the
+    tag is absent or not two values."""
     if patient_orientation is None:
-        return 0
+        return None
     values = patient_orientation.split("\\") if isinstance(patient_orientation, str) else list(patient_orientation)
     if len(values) != 2:
-        return 0
-    row = str(values[1]).upper()
-    return ("F" in row) - ("H" in row)
+        return None
+    return str(values[0]).upper(), str(values[1]).upper()
+
+
+def rows_towards_feet(patient_orientation: Sequence[str] | str | None) -> int:
+    """+1 when image rows run towards the feet, -1 towards the head, 0 when the tag does not say."""
+    tag = orientation_tag(patient_orientation)
+    return 0 if tag is None else ("F" in tag[1]) - ("H" in tag[1])
 
 
 def upright_turns(patient_orientation: Sequence[str] | str | None) -> int:
     """Quarter turns (numpy.rot90's k) that make image rows run towards the feet, as PatientOrientation tells;
     0 when it is upright already or does not say. Why: a network trained on upright radiographs does not find
     the vertebrae of one stored on its side or upside down."""
-    if patient_orientation is None:
+    tag = orientation_tag(patient_orientation)
+    if tag is None:
         return 0
-    values = patient_orientation.split("\\") if isinstance(patient_orientation, str) else list(patient_orientation)
-    if len(values) != 2:
-        return 0
-    column, row = (str(value).upper() for value in values)
+    column, row = tag
     if "F" in row or "H" in row:
         return 2 if "H" in row else 0
     return 3 if "F" in column else 1 if "H" in column else 0  # rot90(k=3): new rows run as the old columns

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from ..errors import GeometryError
 from ..kauppila import SCORED_LEVELS, VERTEBRAE
+from .orientation import orientation_tag
 
 ANTERIOR_LEFT = True  # crops are upright (superior at row 0) with anterior at column 0 (left)
 CORNER_NAMES: tuple[str, ...] = ("superior_anterior", "superior_posterior", "inferior_posterior", "inferior_anterior")
@@ -397,12 +398,10 @@ def _caller_vector(anterior) -> np.ndarray:
 
 def _orientation_vector(patient_orientation) -> np.ndarray | None:
     """Anterior as a (row, col) vector from DICOM PatientOrientation (increasing column, increasing row)."""
-    if patient_orientation is None:
+    tag = orientation_tag(patient_orientation)
+    if tag is None:
         return None
-    values = patient_orientation.split("\\") if isinstance(patient_orientation, str) else list(patient_orientation)
-    if len(values) != 2:
-        return None
-    column, row = (str(value).upper() for value in values)
+    column, row = tag
     vector = np.array([("A" in row) - ("P" in row), ("A" in column) - ("P" in column)], dtype=float)
     return vector if np.any(vector) else None
 

@@ -262,7 +262,7 @@ class Segmenter:
         channels = self._channels(radiograph, shape)
         scaled = False
         for _ in range(MAX_RESCALES if self.working_spacing is not None else 0):
-            factor = body_scale(channels.argmax(0).numpy() > 0, float(np.max(self.working_spacing)))
+            factor = body_scale(channel_argmax(channels) > 0, float(np.max(self.working_spacing)))
             beyond = RESCALE_BEYOND if assumed or scaled else SPACING_DISAGREES
             if factor is None or abs(np.log(factor)) <= np.log1p(beyond):
                 break
@@ -278,7 +278,7 @@ class Segmenter:
                 assignment = assignment.with_parted(parted)
         if not self.count_by_bodies or status == "error":  # the network's own level for every pixel
             step(0.85, "labelling with the network's own levels")
-            levels = self.value_of_channel[channels.argmax(0).numpy()]
+            levels = self.value_of_channel[channel_argmax(channels)]
             retry = self._full_size(channels, levels, full_shape, by_pieces=False)
             if not self.count_by_bodies or retry[2] != "error":
                 (labels, context, status, message, _), assignment = retry, pixel_assignment(probabilities)
