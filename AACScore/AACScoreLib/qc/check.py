@@ -22,13 +22,15 @@ class QualityControl:
         self.interval, self.features = load_reference(getattr(scorer, "package", None))
 
     def assess(self, radiograph, labels: np.ndarray, labels_source: str, geometry, crop: np.ndarray,
-               aac24: float, level_assignment=None, notes: list[Reason] | None = None) -> QCVerdict:
-        """Run every check; `notes` are reasons the earlier stages already raised (unknown spacing...)."""
+               aac24: float, level_assignment=None, notes: list[Reason] | None = None,
+               working_shape: tuple[int, int] | None = None) -> QCVerdict:
+        """Run every check; `notes` are reasons the earlier stages already raised (unknown spacing...);
+        `working_shape` is the grid the segmenter ran on, where its second look is taken."""
         reasons: list[Reason] = list(notes or ())
         measured: dict[str, float] = {}
         reasons += levels.level_counting_reasons(level_assignment)
         if hasattr(self.segmenter, "predict_logits"):  # an nnU-Net segmenter (not a stand-in without a network)
-            dice = levels.flip_dice(self.segmenter, radiograph, labels)
+            dice = levels.flip_dice(self.segmenter, radiograph, labels, working_shape)
             reasons += levels.flip_reasons(dice, labels_source)
             measured["flip_dice_min"] = min(dice.values())
         for check in (lambda: anatomy.shape_reasons(labels, geometry),

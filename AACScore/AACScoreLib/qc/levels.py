@@ -37,12 +37,21 @@ def level_counting_reasons(levels) -> list[Reason]:
                                        + (f" ({notes})" if notes else ""))]
 
 
-def flip_dice(segmenter, radiograph, labels: np.ndarray) -> dict[str, float]:
-    """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image."""
-    from ..segmentation.dataset import to_working_image, working_shape
+def flip_dice(segmenter, radiograph, labels: np.ndarray, shape: tuple[int, int] | None = None) -> dict[str, float]:
+    """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image.
 
-    shape, _ = working_shape(radiograph.pixels.shape, radiograph.spacing, segmenter.working_spacing,
-                             segmenter.default_long_side)
+    The second look is taken as the segmentation was: the image turned upright as its PatientOrientation says, on
+    the working grid `shape` the segmentation ran on (an unknown spacing is found from the bodies' size, so the
+    spacing alone would give another scale); without `shape`, the grid the spacing gives, as for a user's labels."""
+    from ..geometry.orientation import upright_turns
+    from ..segmentation.dataset import to_working_image, working_shape
+    from ..segmentation.segmenter import turned
+
+    turns = upright_turns(radiograph.patient_orientation)
+    radiograph, labels = turned(radiograph, turns), np.rot90(labels, turns)
+    if shape is None:
+        shape, _ = working_shape(radiograph.pixels.shape, radiograph.spacing, segmenter.working_spacing,
+                                 segmenter.default_long_side)
     image = to_working_image(radiograph, shape, segmenter.window)
     logits = segmenter.predict_logits(np.ascontiguousarray(image[:, ::-1]))
     channels = segmenter.ordered_channels(logits)[: 1 + len(VERTEBRAE)]  # background, L1..L5 (context left out)

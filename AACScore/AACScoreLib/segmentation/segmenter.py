@@ -8,7 +8,9 @@ and only inside the spine's bounding box.
 
 When the image carries no pixel spacing (a PNG or JPEG export), the working grid first assumes a typical field
 of view; if the vertebral bodies the network finds there are far from a lumbar body's typical size, the network
-runs again (at most twice) on a grid rescaled to make them typical: the spine is its own ruler. A spacing the
+runs again (at most twice) on a grid rescaled to make them typical: the spine is its own ruler. If it finds no
+body to measure, only pieces smaller than one body, the view is wider than assumed (a full spine, a padded
+export), and it looks again at a view twice as wide before measuring. A spacing the
 file states is kept unless the bodies come out half as large again as typical, or smaller by as much (a wrong
 tag: no adult's lumbar bodies are that far from typical); then it is doubted the same way, and said. An image whose
 PatientOrientation has the feet elsewhere than at the bottom is turned upright for the network, which was
@@ -54,6 +56,7 @@ RESCALE_BEYOND = 0.10  # unknown spacing: the grid is rescaled when the bodies a
 SPACING_DISAGREES = 0.5  # a known spacing is doubted when the bodies come out 1.5 times typical or 1/1.5 of it
 MIN_BODIES_FOR_SCALE = 3  # vertebrae the network must find before their size sets the scale
 MIN_BODY_SHARE = 0.2  # pieces smaller than this share of the largest are specks, not bodies
+WIDER_VIEW = 2.0  # unknown spacing, bodies too small to find: the view is taken this much wider (full spine, padded)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class SegmentationResult:
     seconds: float = 0.0
     context: np.ndarray | None = None  # uint8 (H, W): 6 = T12, 7 = S1; None for a model without context classes
     levels: LevelAssignment | None = None  # how L1..L5 were counted (None when no body was found)
+    working_shape: tuple[int, int] | None = None  # the grid the network last ran on, upright: QC looks again there
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
@@ -253,7 +257,7 @@ class Segmenter:
         turns = upright_turns(radiograph.patient_orientation)
         if turns:  # segmented upright, labels turned back to the image as stored
             tag = "\\".join(radiograph.patient_orientation)
-            return _turned_back(self.segment(_turned(radiograph, turns), progress, cancel), turns,
+            return _turned_back(self.segment(turned(radiograph, turns), progress, cancel), turns,
                                 f"PatientOrientation {tag}: feet not at the bottom")
         step(0.0, "resampling to the model's working grid")
         full_shape = radiograph.pixels.shape
@@ -261,8 +265,14 @@ class Segmenter:
         step(0.2, "running the network")
         channels = self._channels(radiograph, shape)
         scaled = False
+        if assumed and self.working_spacing is not None and self._bodies_too_small(channels):
+            step(0.3, "no vertebral bodies at the assumed field of view: looking at it as a wider one")
+            wider_shape = (max(8, round(shape[0] * WIDER_VIEW)), max(8, round(shape[1] * WIDER_VIEW)))
+            wider = self._channels(radiograph, wider_shape)
+            if self._body_scale(wider) is not None:
+                shape, channels, scaled = wider_shape, wider, True
         for _ in range(MAX_RESCALES if self.working_spacing is not None else 0):
-            factor = body_scale(channel_argmax(channels) > 0, float(np.max(self.working_spacing)))
+            factor = self._body_scale(channels)
             beyond = RESCALE_BEYOND if assumed or scaled else SPACING_DISAGREES
             if factor is None or abs(np.log(factor)) <= np.log1p(beyond):
                 break
@@ -295,12 +305,25 @@ class Segmenter:
             message = f"{message}; {note}" if message else note
         step(1.0, "done")
         return SegmentationResult(labels, status, message, assumed, time.perf_counter() - started,
-                                  context if len(self.classes) > len(VERTEBRAE) else None, assignment)
+                                  context if len(self.classes) > len(VERTEBRAE) else None, assignment, shape)
 
     def _channels(self, radiograph: Radiograph, shape: tuple[int, int]):
         """The network's logits for the radiograph resampled to a working grid of `shape`, as background, then
         `self.classes`."""
         return self.ordered_channels(self.predict_logits(to_working_image(radiograph, shape, self.window)))
+
+    def _body_scale(self, channels) -> float | None:
+        """`body_scale` of the network's foreground in working-grid `channels`."""
+        return body_scale(channel_argmax(channels) > 0, float(np.max(self.working_spacing)))
+
+    def _bodies_too_small(self, channels) -> bool:
+        """Too few bodies to measure, and even the largest piece smaller than one typical body: the view is wider
+        than assumed. (Fewer pieces, one of them large, are bodies joined across discs, at about the right scale.)"""
+        foreground = channel_argmax(channels) > 0
+        areas = piece_areas(foreground)
+        typical = (TYPICAL_BODY_MM / float(np.max(self.working_spacing))) ** 2
+        return body_scale(foreground, float(np.max(self.working_spacing))) is None and (
+            len(areas) == 0 or areas[0] < typical)
 
     def ordered_channels(self, logits):
         """Logits reordered as background, then `self.classes` (an imported model may number its labels otherwise)."""
@@ -368,11 +391,19 @@ def _turned_back(result: SegmentationResult, turns: int, why: str) -> Segmentati
                    status="warning" if result.status == "ok" else result.status)
 
 
-def _turned(radiograph: Radiograph, turns: int) -> Radiograph:
+def turned(radiograph: Radiograph, turns: int) -> Radiograph:
     """The radiograph turned by `turns` quarter turns (numpy.rot90), its spacing following; upright, so untagged."""
     spacing = radiograph.spacing[::-1] if radiograph.spacing is not None and turns % 2 else radiograph.spacing
     return replace(radiograph, pixels=np.ascontiguousarray(np.rot90(radiograph.pixels, turns)), spacing=spacing,
                    patient_orientation=None)
+
+
+def piece_areas(foreground: np.ndarray) -> np.ndarray:
+    """Pixel counts of the foreground's connected pieces, largest first."""
+    from scipy import ndimage
+
+    pieces, count = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+    return np.sort(np.bincount(pieces.ravel())[1:])[::-1] if count else np.zeros(0, int)
 
 
 def body_scale(foreground: np.ndarray, working_spacing_mm: float) -> float | None:
@@ -381,11 +412,8 @@ def body_scale(foreground: np.ndarray, working_spacing_mm: float) -> float | Non
     three are found. Why pieces, not levels: off its scale the network may name one body with several levels. Why
     the median of the five largest: a piece of two bodies joined across a disc, or a half-missed one, moves it
     little."""
-    from scipy import ndimage
-
-    pieces, count = ndimage.label(foreground, structure=np.ones((3, 3), bool))
-    areas = np.sort(np.bincount(pieces.ravel())[1:])[::-1][:len(VERTEBRAE)] if count else np.zeros(0)
-    areas = areas[areas >= MIN_BODY_SHARE * areas[0]] if count else areas
+    areas = piece_areas(foreground)[:len(VERTEBRAE)]
+    areas = areas[areas >= MIN_BODY_SHARE * areas[0]] if len(areas) else areas
     if len(areas) < MIN_BODIES_FOR_SCALE:
         return None
     return TYPICAL_BODY_MM / (float(np.sqrt(np.median(areas))) * working_spacing_mm)

@@ -18,6 +18,7 @@ from AACScoreLib.packages import verify_package
 from AACScoreLib.io.radiograph import read_radiograph
 from AACScoreLib.devices import resolve_device
 from AACScoreLib.errors import Cancelled, DeviceError
+from AACScoreLib.qc.levels import MIN_FLIP_DICE, flip_dice
 from AACScoreLib.segmentation.levels import count_levels
 from AACScoreLib.segmentation.segmenter import (TYPICAL_BODY_MM, Segmenter, body_scale, channel_argmax,
                                                 levels_at_full_size, postprocess_labels)
@@ -418,12 +419,44 @@ def test_a_missing_or_wrong_spacing_is_found_from_the_vertebral_bodies():
     estimated = float(result.message.split("took ")[1].split(" mm per pixel")[0])
     assert estimated == pytest.approx(phantom.truth["spacing"][0], rel=0.15)
     assert min(dice_per_label(truth, result.labels).values()) > 0.85  # every level right
+    # QC's second look is taken on the grid the segmentation used; on the assumed one it would see other levels
+    unknown = replace(lumbar, spacing=None, spacing_source="unknown")
+    assert min(flip_dice(segmenter, unknown, result.labels, result.working_shape).values()) >= MIN_FLIP_DICE
+    assert min(flip_dice(segmenter, unknown, result.labels).values()) < MIN_FLIP_DICE
 
     wrong = segmenter.segment(replace(lumbar, spacing=tuple(2 * value for value in lumbar.spacing)))
     assert not wrong.spacing_assumed and "disagrees with the size of the vertebral bodies" in wrong.message
     segmented_at = float(wrong.message.split("segmented at ")[1].split(" mm per pixel")[0])
     assert segmented_at == pytest.approx(phantom.truth["spacing"][0], rel=0.15)
     assert min(dice_per_label(truth, wrong.labels).values()) > 0.85
+
+
+def test_a_view_far_wider_than_assumed_is_found_by_looking_wider(monkeypatch):
+    """A lumbar view padded to three times its width (a landscape export, or a long full-spine view) without
+    spacing: at the assumed field of view the bodies are too small for the network to find any, so there is
+    nothing to measure; looking at a view twice as wide finds them, and their size then sets the scale."""
+    from dataclasses import replace
+
+    from AACScoreLib.evaluation.metrics import dice_per_label
+    from AACScoreLib.phantoms.generator import generate_phantom, read_back
+    from AACScoreLib.segmentation import segmenter as segmenter_module
+
+    phantom = generate_phantom(9001, "default", 1, size_range=(1000, 1100))
+    radiograph, width = read_back(phantom), phantom.labels.shape[1]
+    pixels = np.pad(radiograph.pixels, ((0, 0), (width, width)), constant_values=np.percentile(radiograph.pixels, 5))
+    wide = replace(radiograph, pixels=pixels, spacing=None, spacing_source="unknown")
+    truth = np.pad(phantom.labels, ((0, 0), (width, width)))
+    segmenter = Segmenter.from_package(None, device="cpu")
+
+    result = segmenter.segment(wide)
+    assert "from the size of the vertebral bodies" in result.message, result.message
+    estimated = float(result.message.split("pixel spacing unknown: took ")[1].split(" mm per pixel")[0])
+    assert estimated == pytest.approx(phantom.truth["spacing"][0], rel=0.15)
+    assert min(dice_per_label(truth, result.labels).values()) > 0.85
+
+    monkeypatch.setattr(segmenter_module, "WIDER_VIEW", 1.0)
+    alone = segmenter.segment(wide)  # the assumed field of view alone
+    assert alone.status == "error" and "the long side taken as" in alone.message
 
 
 def _turn_tag(tag: tuple[str, str], turns: int) -> tuple[str, str]:
@@ -451,13 +484,16 @@ def test_a_radiograph_stored_on_its_side_is_segmented_upright(turns):
                      spacing=radiograph.spacing[::-1] if turns % 2 else radiograph.spacing,
                      patient_orientation=_turn_tag(("A", "F"), turns))
     truth = np.rot90(phantom.labels, turns)
-    result = Segmenter.from_package(None, device="cpu").segment(stored)
+    segmenter = Segmenter.from_package(None, device="cpu")
+    result = segmenter.segment(stored)
     turned_back = {1: "90 degrees clockwise", 2: "180 degrees", 3: "90 degrees anticlockwise"}[turns]
     assert result.labels.shape == truth.shape and f"turned {turned_back} for the network" in result.message
     assert "PatientOrientation" in result.message
     assert result.status == "warning"
     assert min(dice_per_label(truth, result.labels).values()) > 0.85
     assert _turn_tag(("A", "F"), 4) == ("A", "F") and _turn_tag(("A", "F"), 2) == ("P", "H")
+    # QC's second look turns the image upright too
+    assert min(flip_dice(segmenter, stored, result.labels, result.working_shape).values()) >= MIN_FLIP_DICE
 
 
 def test_segment_command_writes_label_pngs_for_files_and_folders(trained, tmp_path):
