@@ -5,7 +5,8 @@ with all five levels right, on a phantom family the segmenter never saw (one is 
 images whose sacrum is out of view (each phantom again, cut just below L5, as lumbar-only and DXA views are).
 Phantoms are made in memory; per family and set it reports that share, Dice per vertebra, error rows, results
 with a wrong level that still said "ok", how the levels were counted, and seconds per image. With the spacing
-left unknown, every image is segmented without its pixel spacing, as a PNG or JPEG export comes.
+left unknown, every image is segmented without its pixel spacing, as a PNG or JPEG export comes; with the view
+widened, every image is first padded to a wider field of view (a full-spine view, an export padded to landscape).
 A benchmark is a command, not a test: its table goes in the README.
 """
 
@@ -56,6 +57,17 @@ def crop_below_l5(radiograph: Radiograph, labels: np.ndarray, margin_mm: float =
     return cropped, np.ascontiguousarray(labels[index])
 
 
+def widen_view(radiograph: Radiograph, labels: np.ndarray, factor: float) -> tuple[Radiograph, np.ndarray]:
+    """The radiograph and its label map padded on every side with a dark background (the image's 5th percentile)
+    to `factor` times their size: a field of view wider than a lumbar view's, as full-spine views and exports padded
+    to another shape have."""
+    rows, cols = (int(round(size * (factor - 1) / 2)) for size in labels.shape)
+    background = float(np.percentile(radiograph.pixels, 5))
+    pixels = np.pad(radiograph.pixels, ((rows, rows), (cols, cols)), constant_values=background)
+    return replace(radiograph, pixels=pixels, path=f"{radiograph.path} (view widened {factor:g}x)"), np.pad(
+        labels, ((rows, rows), (cols, cols)))
+
+
 def score_case(segmenter, radiograph: Radiograph, truth: np.ndarray) -> dict:
     """One image's outcome: Dice per vertebra, all five levels right, status, how levels were counted, seconds."""
     started = time.perf_counter()
@@ -98,11 +110,11 @@ def summarise(cases: Sequence[dict]) -> dict:
 
 
 def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed: int = BENCHMARK_SEED,
-                               sacrum_cropped: bool = True, spacing_known: bool = True,
+                               sacrum_cropped: bool = True, spacing_known: bool = True, widen: float = 1.0,
                                progress: Callable[[str], None] | None = None) -> dict:
     """Segment `n` phantoms of each family (made in memory) and, with `sacrum_cropped`, each again cut just below
-    L5 (without `spacing_known`, each image without its pixel spacing); returns the figures per family and set,
-    and every case."""
+    L5 (without `spacing_known`, each image without its pixel spacing; with `widen` above 1, each view first padded
+    to that many times its size); returns the figures per family and set, and every case."""
     from ..phantoms.families import FAMILIES
     from ..phantoms.generator import check_styles, generate_phantom, read_back
 
@@ -114,6 +126,8 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
         for index in range(n):
             phantom = generate_phantom(seed, family, index)
             radiograph, truth = read_back(phantom), phantom.labels
+            if widen > 1:
+                radiograph, truth = widen_view(radiograph, truth, widen)
             if not cases and index == 0:
                 segmenter.segment(radiograph)  # warm-up: the first call pays for lazy initialisation
             images = {"full": (radiograph, truth)}
@@ -133,7 +147,8 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
         "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
         "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
-        "spacing": "known" if spacing_known else "unknown", "device": str(segmenter.device), "families": results,
+        "spacing": "known" if spacing_known else "unknown", "view_widened": widen, "device": str(segmenter.device),
+        "families": results,
         "cases": cases,
     }
 
@@ -143,6 +158,8 @@ def format_table(figures: dict) -> str:
     lines = [f"Segmenter {figures['segmenter']} (classes {', '.join(figures['classes'])}; trained on "
              f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), {figures['n_per_family']} "
              f"phantoms per family, seed {figures['seed']}, {figures['device']}"
+             + (f", each view padded to {figures['view_widened']:g} times its size"
+                if figures.get("view_widened", 1) > 1 else "")
              + (", pixel spacing withheld from the segmenter." if figures.get("spacing") == "unknown" else "."), "",
              "| family | set | n | all 5 levels right | Dice L1 / L2 / L3 / L4 / L5 | error rows | wrong but ok "
              "| levels counted by | s / image |",
@@ -180,6 +197,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--no-sacrum-cropped", action="store_true", help="skip the sacrum-cropped set")
     parser.add_argument("--spacing", choices=("known", "unknown"), default="known",
                         help="unknown: segment every image without its pixel spacing, as PNG/JPEG exports come")
+    parser.add_argument("--widen", type=float, default=1.0,
+                        help="pad every view to this many times its size (a full-spine or padded export's wider view)")
     parser.add_argument("--out", required=True, help="folder for the JSON and markdown table")
     parser.set_defaults(func=_run)
 
@@ -190,10 +209,12 @@ def _run(args) -> int:
 
     if args.n < 1:
         raise AACScoreError(f"--n must be at least 1, not {args.n}")
+    if not 1 <= args.widen <= 4:
+        raise AACScoreError(f"--widen must be between 1 and 4, not {args.widen:g}")
     families = parse_styles(args.families) if args.families else STYLES
     segmenter = Segmenter.from_package(args.model, args.device)
     figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, not args.no_sacrum_cropped,
-                                         args.spacing == "known",
+                                         args.spacing == "known", args.widen,
                                          progress=lambda text: print(text, end="\r", flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

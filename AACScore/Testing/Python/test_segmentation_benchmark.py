@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from AACScoreLib.cli import main as cli_main
-from AACScoreLib.evaluation.segmentation_benchmark import crop_below_l5, summarise
+from AACScoreLib.evaluation.segmentation_benchmark import crop_below_l5, summarise, widen_view
 from AACScoreLib.io.radiograph import Radiograph
 
 
@@ -31,6 +31,15 @@ def test_sacrum_crop_ends_just_below_l5(rows_down):
     edge = l5_rows.max() if rows_down else l5_rows.min()
     assert (kept.shape[0] - 1 - edge if rows_down else edge) == 4  # 2 mm at 0.5 mm per pixel
     assert cropped.spacing == radiograph.spacing and "sacrum cropped" in cropped.path
+
+
+def test_a_widened_view_keeps_the_spine_and_its_labels_in_the_middle():
+    radiograph, labels = _spine()
+    wide, wide_labels = widen_view(radiograph, labels, 2.0)
+    assert wide.pixels.shape == wide_labels.shape == (400, 120) and wide.spacing == radiograph.spacing
+    assert np.array_equal(wide_labels[100:300, 30:90], labels) and not wide_labels[:100].any()
+    assert np.array_equal(wide.pixels[100:300, 30:90], radiograph.pixels)
+    assert wide.pixels[0, 0] == np.percentile(radiograph.pixels, 5) and "view widened 2x" in wide.path
 
 
 def test_summary_counts_levels_errors_and_wrong_but_ok():
@@ -66,3 +75,5 @@ def test_benchmark_without_spacing_withholds_it_from_the_segmenter(tmp_path):
     figures = json.loads((tmp_path / "segment_benchmark.json").read_text())
     assert figures["spacing"] == "unknown" and "pixel spacing unknown: took" in figures["cases"][0]["message"]
     assert "pixel spacing withheld" in (tmp_path / "segment_benchmark.md").read_text()
+    assert cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--widen", "9", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 2
