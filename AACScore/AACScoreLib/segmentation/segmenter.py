@@ -57,6 +57,7 @@ SPACING_DISAGREES = 0.5  # a known spacing is doubted when the bodies come out 1
 MIN_BODIES_FOR_SCALE = 3  # vertebrae the network must find before their size sets the scale
 MIN_BODY_SHARE = 0.2  # pieces smaller than this share of the largest are specks, not bodies
 WIDER_VIEW = 2.0  # unknown spacing, bodies too small to find: the view is taken this much wider (full spine, padded)
+WIDER_IF_LARGEST_UNDER = 1.5  # ... when even the largest piece is under this many typical bodies (2: joined ones)
 
 
 @dataclass
@@ -265,7 +266,8 @@ class Segmenter:
         step(0.2, "running the network")
         channels = self._channels(radiograph, shape)
         scaled = False
-        if assumed and self.working_spacing is not None and self._bodies_too_small(channels):
+        if assumed and self.working_spacing is not None and view_wider_than_assumed(
+                channel_argmax(channels) > 0, float(np.max(self.working_spacing))):
             step(0.3, "no vertebral bodies at the assumed field of view: looking at it as a wider one")
             wider_shape = (max(8, round(shape[0] * WIDER_VIEW)), max(8, round(shape[1] * WIDER_VIEW)))
             wider = self._channels(radiograph, wider_shape)
@@ -315,15 +317,6 @@ class Segmenter:
     def _body_scale(self, channels) -> float | None:
         """`body_scale` of the network's foreground in working-grid `channels`."""
         return body_scale(channel_argmax(channels) > 0, float(np.max(self.working_spacing)))
-
-    def _bodies_too_small(self, channels) -> bool:
-        """Too few bodies to measure, and even the largest piece smaller than one typical body: the view is wider
-        than assumed. (Fewer pieces, one of them large, are bodies joined across discs, at about the right scale.)"""
-        foreground = channel_argmax(channels) > 0
-        areas = piece_areas(foreground)
-        typical = (TYPICAL_BODY_MM / float(np.max(self.working_spacing))) ** 2
-        return body_scale(foreground, float(np.max(self.working_spacing))) is None and (
-            len(areas) == 0 or areas[0] < typical)
 
     def ordered_channels(self, logits):
         """Logits reordered as background, then `self.classes` (an imported model may number its labels otherwise)."""
@@ -417,6 +410,16 @@ def body_scale(foreground: np.ndarray, working_spacing_mm: float) -> float | Non
     if len(areas) < MIN_BODIES_FOR_SCALE:
         return None
     return TYPICAL_BODY_MM / (float(np.sqrt(np.median(areas))) * working_spacing_mm)
+
+
+def view_wider_than_assumed(foreground: np.ndarray, working_spacing_mm: float) -> bool:
+    """Too few bodies to measure, and even the largest piece small: the bodies are too small for the network to
+    find, so the view is wider than assumed. (Fewer pieces, one of them several bodies large, are bodies joined
+    across discs, at about the right scale: the rescale deals with them.)"""
+    areas = piece_areas(foreground)
+    typical = (TYPICAL_BODY_MM / working_spacing_mm) ** 2
+    return body_scale(foreground, working_spacing_mm) is None and (
+        len(areas) == 0 or areas[0] < WIDER_IF_LARGEST_UNDER * typical)
 
 
 def _box(levels: np.ndarray, full_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

@@ -21,7 +21,7 @@ from AACScoreLib.errors import Cancelled, DeviceError
 from AACScoreLib.qc.levels import MIN_FLIP_DICE, flip_dice
 from AACScoreLib.segmentation.levels import count_levels
 from AACScoreLib.segmentation.segmenter import (TYPICAL_BODY_MM, Segmenter, body_scale, channel_argmax,
-                                                levels_at_full_size, postprocess_labels)
+                                                levels_at_full_size, postprocess_labels, view_wider_than_assumed)
 from AACScoreLib.segmentation.package import convert_nnunet_results
 
 TOY_SHAPE = (96, 72)
@@ -389,6 +389,26 @@ def test_body_scale_is_the_growth_that_makes_the_median_body_typical():
     assert body_scale(foreground, 1.25) == pytest.approx(TYPICAL_BODY_MM / (20 * 1.25))
     foreground[81:] = False
     assert body_scale(foreground, 1.25) is None  # two bodies and a speck do not set a scale
+
+
+def test_a_view_is_taken_for_wider_than_assumed_only_when_even_its_largest_piece_is_small():
+    typical = round(TYPICAL_BODY_MM / 1.25)  # a typical body's side in working pixels at 1.25 mm
+
+    def pieces(*boxes):
+        foreground = np.zeros((200, 80), bool)
+        for row, col, height, width in boxes:
+            foreground[row:row + height, col:col + width] = True
+        return foreground
+
+    assert view_wider_than_assumed(pieces(), 1.25)  # nothing found at all
+    small = pieces((10, 10, 15, 15), (40, 10, 15, 15))  # two pieces a third of a body's area
+    assert body_scale(small, 1.25) is None and view_wider_than_assumed(small, 1.25)
+    smear = pieces((10, 10, typical + 3, typical + 3), (60, 10, 5, 5))  # small bodies run together: over one body
+    assert body_scale(smear, 1.25) is None and view_wider_than_assumed(smear, 1.25)
+    joined = pieces((10, 10, 2 * typical, typical), (80, 10, 15, 15))  # two bodies joined across a disc
+    assert body_scale(joined, 1.25) is None and not view_wider_than_assumed(joined, 1.25)  # about the right scale
+    bodies = pieces(*[(5 + 38 * index, 10, typical, typical) for index in range(5)])
+    assert body_scale(bodies, 1.25) == pytest.approx(1.0, rel=0.05) and not view_wider_than_assumed(bodies, 1.25)
 
 
 def test_a_missing_or_wrong_spacing_is_found_from_the_vertebral_bodies():
