@@ -9,7 +9,7 @@ and only inside the spine's bounding box.
 When the image carries no pixel spacing (a PNG or JPEG export), the working grid first assumes a typical field
 of view; if the vertebral bodies the network finds there are far from a lumbar body's typical size, the network
 runs again (at most twice) on a grid rescaled to make them typical: the spine is its own ruler. If it finds no
-body to measure, only pieces smaller than one body, the view is wider than assumed (a full spine, a padded
+body to measure, only pieces of at most a body and a half, the view is wider than assumed (a full spine, a padded
 export), and it looks again at a view twice as wide before measuring. A spacing the
 file states is kept unless the bodies come out half as large again as typical, or smaller by as much (a wrong
 tag: no adult's lumbar bodies are that far from typical); then it is doubted the same way, and said. An image whose
