@@ -452,20 +452,19 @@ def test_a_missing_or_wrong_spacing_is_found_from_the_vertebral_bodies():
 
 
 def test_a_view_far_wider_than_assumed_is_found_by_looking_wider(monkeypatch):
-    """A lumbar view padded to three times its width (a landscape export, or a long full-spine view) without
+    """A lumbar view padded to 2.5 times its size (a long full-spine view, or an export padded) without
     spacing: at the assumed field of view the bodies are too small for the network to find any, so there is
     nothing to measure; looking at a view twice as wide finds them, and their size then sets the scale."""
     from dataclasses import replace
 
     from AACScoreLib.evaluation.metrics import dice_per_label
+    from AACScoreLib.evaluation.segmentation_benchmark import widen_view
     from AACScoreLib.phantoms.generator import generate_phantom, read_back
     from AACScoreLib.segmentation import segmenter as segmenter_module
 
     phantom = generate_phantom(9001, "default", 1, size_range=(1000, 1100))
-    radiograph, width = read_back(phantom), phantom.labels.shape[1]
-    pixels = np.pad(radiograph.pixels, ((0, 0), (width, width)), constant_values=np.percentile(radiograph.pixels, 5))
-    wide = replace(radiograph, pixels=pixels, spacing=None, spacing_source="unknown")
-    truth = np.pad(phantom.labels, ((0, 0), (width, width)))
+    wide, truth = widen_view(read_back(phantom), phantom.labels, 2.5)
+    wide = replace(wide, spacing=None, spacing_source="unknown")
     segmenter = Segmenter.from_package(None, device="cpu")
 
     result = segmenter.segment(wide)
