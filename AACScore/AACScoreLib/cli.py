@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "phantoms.generator",
     "segmentation.training",
     "segmentation.blend",
+    "segmentation.upright",
     "scoring.training",
     "evaluation.evaluate",
     "evaluation.bench",

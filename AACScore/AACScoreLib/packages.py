@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 MANIFEST_SEAL = "manifest.sha256"
 """Written beside the manifest on install (and by `write_package`): the sha256 of the manifest's bytes, so that an
 edited manifest (another input size, say) is refused at load, as an edited weights file is."""
-KINDS = ("segmenter", "scorer")
+KINDS = ("segmenter", "scorer", "upright")
 BUNDLED_MODELS = Path(__file__).parents[1] / "Resources" / "Models"
 # Files of these types drive loading, so one that the manifest does not pin is refused rather than ignored.
 PINNED_SUFFIXES = (".safetensors", ".json")

@@ -48,6 +48,7 @@ class AACResult:
     levels: LevelAssignment | None = None  # how the segmenter counted L1..L5 (None for a user's label map)
     context: np.ndarray | None = None  # the segmenter's T12/S1 (6/7) where it has context classes; never scored
     working_shape: tuple[int, int] | None = None  # the grid the segmenter's network ran on (upright), for QC
+    turns: int | None = None  # quarter turns that made the image upright for the segmenter (None: a user's labels)
     geometry: spine.SpineGeometry | None = None
     heatmap: np.ndarray | None = None  # on the radiograph grid, 0..1
     heatmap_all_zero: bool = False
@@ -195,7 +196,8 @@ class Pipeline:
         report(0.95, "quality control")
         with _timed(result, "qc"):
             verdict = self.quality.assess(radiograph, result.labels, result.labels_source, result.geometry, crop,
-                                          result.aac24, result.levels, warnings, result.working_shape)
+                                          result.aac24, result.levels, warnings, result.working_shape,
+                                          result.turns)
         report(1.0, "done")
         result.qc, result.qc_reasons, result.qc_measurements = verdict.qc, verdict.reasons, verdict.measurements
         result.aac24_low, result.aac24_high = verdict.aac24_low, verdict.aac24_high
@@ -223,6 +225,7 @@ class Pipeline:
         result.levels = getattr(segmentation, "levels", None)  # segmenters of other makes may not count
         result.context = getattr(segmentation, "context", None)
         result.working_shape = getattr(segmentation, "working_shape", None)
+        result.turns = getattr(segmentation, "turns", None)
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:

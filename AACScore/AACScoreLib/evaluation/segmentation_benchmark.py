@@ -6,7 +6,9 @@ images whose sacrum is out of view (each phantom again, cut just below L5, as lu
 Phantoms are made in memory; per family and set it reports that share, Dice per vertebra, error rows, results
 with a wrong level that still said "ok", how the levels were counted, and seconds per image. With the spacing
 left unknown, every image is segmented without its pixel spacing, as a PNG or JPEG export comes; with the view
-widened, every image is first padded to a wider field of view (a full-spine view, an export padded to landscape).
+widened, every image is first padded to a wider field of view (a full-spine view, an export padded to landscape);
+with a turn, every image is stored turned by that many quarter turns without its PatientOrientation (an export
+on its side or upside down), so the segmenter's upright check has to find the turn.
 A benchmark is a command, not a test: its table goes in the README.
 """
 
@@ -75,12 +77,12 @@ def score_case(segmenter, radiograph: Radiograph, truth: np.ndarray) -> dict:
         result = segmenter.segment(radiograph)
     except AACScoreError as error:
         return {"status": "error", "message": str(error), "dice": [0.0] * len(VERTEBRAE), "all_right": False,
-                "levels": None, "seconds": time.perf_counter() - started}
+                "levels": None, "turns": None, "seconds": time.perf_counter() - started}
     dice = dice_per_label(truth, result.labels, range(1, len(VERTEBRAE) + 1))
     dice = [0.0 if np.isnan(dice[v]) else round(dice[v], 4) for v in range(1, len(VERTEBRAE) + 1)]
     levels = result.levels
     return {
-        "status": result.status, "message": result.message, "dice": dice,
+        "status": result.status, "message": result.message, "dice": dice, "turns": result.turns,
         "all_right": result.status != "error" and min(dice) >= LEVEL_DICE_RIGHT,
         "levels": None if levels is None else {"method": levels.method, "agree": levels.agree,
                                                "confidence": levels.confidence, "doubtful": levels.doubtful},
@@ -88,8 +90,8 @@ def score_case(segmenter, radiograph: Radiograph, truth: np.ndarray) -> dict:
     }
 
 
-def summarise(cases: Sequence[dict]) -> dict:
-    """The figures of one set of images."""
+def summarise(cases: Sequence[dict], stored_turns: int = 0) -> dict:
+    """The figures of one set of images (`stored_turns`: the quarter turns every image was stored with)."""
     n = len(cases)
     dice = np.array([case["dice"] for case in cases], dtype=float).reshape(n, len(VERTEBRAE))
     methods: dict[str, int] = {}
@@ -105,16 +107,21 @@ def summarise(cases: Sequence[dict]) -> dict:
         "warning_rows": share(sum(case["status"] == "warning" for case in cases)),
         "wrong_but_ok": share(sum(case["status"] == "ok" and not case["all_right"] for case in cases)),
         "levels_methods": dict(sorted(methods.items())),
+        "segmented_upright": share(sum(case.get("turns") is not None and (case["turns"] + stored_turns) % 4 == 0
+                                       for case in cases)),
         "seconds_per_image": round(float(np.mean([case["seconds"] for case in cases])), 3) if n else None,
     }
 
 
 def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed: int = BENCHMARK_SEED,
                                sacrum_cropped: bool = True, spacing_known: bool = True, widen: float = 1.0,
-                               progress: Callable[[str], None] | None = None) -> dict:
+                               turns: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Segment `n` phantoms of each family (made in memory) and, with `sacrum_cropped`, each again cut just below
     L5 (without `spacing_known`, each image without its pixel spacing; with `widen` above 1, each view first padded
-    to that many times its size); returns the figures per family and set, and every case."""
+    to that many times its size; with `turns`, each stored turned by that many quarter turns, untagged); returns
+    the figures per family and set, and every case."""
+    from ..segmentation.segmenter import turned
+
     from ..phantoms.families import FAMILIES
     from ..phantoms.generator import check_styles, generate_phantom, read_back
 
@@ -135,6 +142,8 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
                 images["sacrum cropped"] = crop_below_l5(radiograph, truth)
             for name, (image, labels) in images.items():
                 image = image if spacing_known else replace(image, spacing=None, spacing_source="unknown")
+                if turns is not None:
+                    image, labels = turned(image, turns), np.rot90(labels, turns)
                 case = {"family": family, "set": name, "name": phantom.name,
                         "transitional": phantom.truth.get("transitional", ""), **score_case(segmenter, image, labels)}
                 by_set[name].append(case)
@@ -142,12 +151,14 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
             if progress:
                 progress(f"{family} {index + 1}/{n}")
         results[family] = {"held_out_family": FAMILIES[family].held_out, "seen_in_training": family in trained_on,
-                           **{name: summarise(items) for name, items in by_set.items()}}
+                           **{name: summarise(items, turns or 0) for name, items in by_set.items()}}
     return {
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
         "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
         "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
-        "spacing": "known" if spacing_known else "unknown", "view_widened": widen, "device": str(segmenter.device),
+        "spacing": "known" if spacing_known else "unknown", "view_widened": widen, "stored_turns": turns,
+        "upright_check": None if segmenter.upright is None else str(segmenter.upright.package),
+        "device": str(segmenter.device),
         "families": results,
         "cases": cases,
     }
@@ -155,15 +166,19 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
 
 def format_table(figures: dict) -> str:
     """The README table: one row per family and set."""
+    turned = figures.get("stored_turns") is not None
     lines = [f"Segmenter {figures['segmenter']} (classes {', '.join(figures['classes'])}; trained on "
              f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), {figures['n_per_family']} "
              f"phantoms per family, seed {figures['seed']}, {figures['device']}"
              + (f", each view padded to {figures['view_widened']:g} times its size"
                 if figures.get("view_widened", 1) > 1 else "")
+             + (f", each image stored turned by {figures['stored_turns']} quarter turn(s) (numpy.rot90) without "
+                f"PatientOrientation, upright check {figures.get('upright_check') or 'off'}"
+                if figures.get("stored_turns") is not None else "")
              + (", pixel spacing withheld from the segmenter." if figures.get("spacing") == "unknown" else "."), "",
              "| family | set | n | all 5 levels right | Dice L1 / L2 / L3 / L4 / L5 | error rows | wrong but ok "
-             "| levels counted by | s / image |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| levels counted by | s / image |" + (" segmented upright |" if turned else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if turned else "")]
     for family, entry in figures["families"].items():
         label = family + (" (held out)" if entry["held_out_family"] else
                           "" if entry["seen_in_training"] else " (not trained on)")
@@ -175,7 +190,7 @@ def format_table(figures: dict) -> str:
             methods = ", ".join(f"{m} {c}" for m, c in s["levels_methods"].items())
             lines.append(f"| {label} | {name} | {s['n']} | {s['all_levels_right']:.0%} | {dice} | "
                          f"{s['error_rows']:.0%} | {s['wrong_but_ok']:.0%} | {methods} | "
-                         f"{s['seconds_per_image']:.2f} |")
+                         f"{s['seconds_per_image']:.2f} |" + (f" {s['segmented_upright']:.0%} |" if turned else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +214,11 @@ def add_cli(subparsers) -> None:
                         help="unknown: segment every image without its pixel spacing, as PNG/JPEG exports come")
     parser.add_argument("--widen", type=float, default=1.0,
                         help="pad every view to this many times its size (a full-spine or padded export's wider view)")
+    parser.add_argument("--turn", type=int, choices=range(4), default=None, metavar="K",
+                        help="store every image turned by K quarter turns (numpy.rot90) without PatientOrientation; "
+                             "0: upright but untagged")
+    parser.add_argument("--no-upright-check", action="store_true",
+                        help="segment without the upright check (untagged images are taken as upright)")
     parser.add_argument("--out", required=True, help="folder for the JSON and markdown table")
     parser.set_defaults(func=_run)
 
@@ -212,9 +232,9 @@ def _run(args) -> int:
     if not 1 <= args.widen <= 4:
         raise AACScoreError(f"--widen must be between 1 and 4, not {args.widen:g}")
     families = parse_styles(args.families) if args.families else STYLES
-    segmenter = Segmenter.from_package(args.model, args.device)
+    segmenter = Segmenter.from_package(args.model, args.device, upright=None if args.no_upright_check else "auto")
     figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, not args.no_sacrum_cropped,
-                                         args.spacing == "known", args.widen,
+                                         args.spacing == "known", args.widen, args.turn,
                                          progress=lambda text: print(text, end="\r", flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,13 @@ def rows_towards_feet(patient_orientation: Sequence[str] | str | None) -> int:
     return 0 if tag is None else ("F" in tag[1]) - ("H" in tag[1])
 
 
+def says_which_way_up(patient_orientation: Sequence[str] | str | None) -> bool:
+    """True when PatientOrientation names the head or the feet for the rows or the columns, so the turn that makes
+    the image upright comes from the tag, not from looking at the picture."""
+    tag = orientation_tag(patient_orientation)
+    return tag is not None and any(end in value for value in tag for end in "FH")
+
+
 def upright_turns(patient_orientation: Sequence[str] | str | None) -> int:
     """Quarter turns (numpy.rot90's k) that make image rows run towards the feet, as PatientOrientation tells;
     0 when it is upright already or does not say. Why: a network trained on upright radiographs does not find

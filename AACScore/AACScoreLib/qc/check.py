@@ -23,14 +23,15 @@ class QualityControl:
 
     def assess(self, radiograph, labels: np.ndarray, labels_source: str, geometry, crop: np.ndarray,
                aac24: float, level_assignment=None, notes: list[Reason] | None = None,
-               working_shape: tuple[int, int] | None = None) -> QCVerdict:
+               working_shape: tuple[int, int] | None = None, turns: int | None = None) -> QCVerdict:
         """Run every check; `notes` are reasons the earlier stages already raised (unknown spacing...);
-        `working_shape` is the grid the segmenter ran on, where its second look is taken."""
+        `working_shape` and `turns` are the grid the segmenter ran on and the quarter turns that made the image
+        upright for it, where and how its second look is taken."""
         reasons: list[Reason] = list(notes or ())
         measured: dict[str, float] = {}
         reasons += levels.level_counting_reasons(level_assignment)
         if hasattr(self.segmenter, "predict_logits"):  # an nnU-Net segmenter (not a stand-in without a network)
-            dice = levels.flip_dice(self.segmenter, radiograph, labels, working_shape)
+            dice = levels.flip_dice(self.segmenter, radiograph, labels, working_shape, turns)
             reasons += levels.flip_reasons(dice, labels_source)
             measured["flip_dice_min"] = min(dice.values())
         for check in (lambda: anatomy.shape_reasons(labels, geometry),

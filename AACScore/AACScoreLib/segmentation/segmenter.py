@@ -14,7 +14,9 @@ export), and it looks again at a view twice as wide before measuring. A spacing 
 file states is kept unless the bodies come out half as large again as typical, or smaller by as much (a wrong
 tag: no adult's lumbar bodies are that far from typical); then it is doubted the same way, and said. An image whose
 PatientOrientation has the feet elsewhere than at the bottom is turned upright for the network, which was
-trained on upright images, and its labels turned back.
+trained on upright images, and its labels turned back. One whose tag does not say which way up it is (or that
+has none) is shown to the upright check (segmentation/upright.py), and turned the same way when the check is sure
+it is stored turned; a turned result is always one to look at.
 
 Levels are counted from landmarks, as readers do (segmentation/levels.py): the vertebral bodies are the
 connected pieces of the network's foreground; counted from S1 (or the body most like L5) below and from T12 (or
@@ -38,10 +40,11 @@ import numpy as np
 
 from ..devices import resolve_device
 from ..errors import AACScoreError, Cancelled
-from ..geometry.orientation import upright_turns
+from ..geometry.orientation import says_which_way_up, upright_turns
 from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from .dataset import resample_image, to_working_image, working_shape
 from .levels import LevelAssignment, count_levels, flag_doubtful, pixel_assignment, spine_axis
+from .upright import TURN_NAMES, UprightCheck
 from ..io.radiograph import Radiograph
 
 Progress = Callable[[float, str], None]
@@ -58,6 +61,7 @@ MIN_BODIES_FOR_SCALE = 3  # vertebrae the network must find before their size se
 MIN_BODY_SHARE = 0.2  # pieces smaller than this share of the largest are specks, not bodies
 WIDER_VIEW = 2.0  # unknown spacing, bodies too small to find: the view is taken this much wider (full spine, padded)
 WIDER_IF_LARGEST_UNDER = 1.5  # ... when even the largest piece is under this many typical bodies (2: joined ones)
+TURN_IF_SURE = 0.9  # an untagged image is segmented turned when the upright check gives its turn this probability
 
 
 @dataclass
@@ -70,6 +74,7 @@ class SegmentationResult:
     context: np.ndarray | None = None  # uint8 (H, W): 6 = T12, 7 = S1; None for a model without context classes
     levels: LevelAssignment | None = None  # how L1..L5 were counted (None when no body was found)
     working_shape: tuple[int, int] | None = None  # the grid the network last ran on, upright: QC looks again there
+    turns: int = 0  # quarter turns (numpy.rot90's k) that made the image upright for the network
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
@@ -158,7 +163,7 @@ class Segmenter:
     """An nnU-Net 2D vertebra model loaded from a package, ready to segment radiographs in process."""
 
     def __init__(self, loaded, device, use_mirroring: bool = False, whole_image: bool = True,
-                 count_by_bodies: bool = True):
+                 count_by_bodies: bool = True, upright: "UprightCheck | None" = None):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -179,6 +184,7 @@ class Segmenter:
         self.device = device
         self.whole_image = whole_image
         self.count_by_bodies = count_by_bodies
+        self.upright = upright  # tells the turn of an image whose PatientOrientation does not (None: taken upright)
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice whenever the device is the CPU
             self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                              perform_everything_on_device=device.type == "cuda", device=device,
@@ -197,12 +203,21 @@ class Segmenter:
 
     @classmethod
     def from_package(cls, package=None, device: str = "auto", use_mirroring: bool = False,
-                     whole_image: bool = True, count_by_bodies: bool = True, models_dir=None) -> "Segmenter":
-        """Load a segmenter package (path, name, ModelPackage, or None for the newest installed/bundled)."""
+                     whole_image: bool = True, count_by_bodies: bool = True, models_dir=None,
+                     upright: str | None = "auto") -> "Segmenter":
+        """Load a segmenter package (path, name, ModelPackage, or None for the newest installed/bundled), with the
+        upright check `upright` names: "auto" for the newest installed/bundled upright package if there is one,
+        a name or path for that one, None for none (untagged images are then taken as upright)."""
+        from ..packages import list_packages
         from .package import load_segmenter_package
 
+        check = None
+        if upright == "auto" and any(found.kind == "upright" for found in list_packages(models_dir)):
+            check = UprightCheck.from_package(None, device, models_dir)
+        elif upright not in (None, "auto"):
+            check = UprightCheck.from_package(upright, device, models_dir)
         return cls(load_segmenter_package(package, models_dir), resolve_device(device), use_mirroring, whole_image,
-                   count_by_bodies)
+                   count_by_bodies, check)
 
     def _normalise(self, image: np.ndarray) -> np.ndarray:
         import nnunetv2.preprocessing.normalization.default_normalization_schemes as schemes
@@ -244,9 +259,9 @@ class Segmenter:
     def segment(self, radiograph: Radiograph, progress: Progress | None = None,
                 cancel: Cancel | None = None) -> SegmentationResult:
         """Label L1..L5 (and T12/S1 context, for a model with those classes) on the radiograph's own pixel grid,
-        with how the levels were counted; raises Cancelled when `cancel()` turns True."""
-        import torch
-
+        with how the levels were counted; raises Cancelled when `cancel()` turns True. An image whose
+        PatientOrientation does not say which way up it is is looked at by the upright check (when the segmenter
+        has one), and segmented turned when that is sure the image is turned."""
         started = time.perf_counter()
 
         def step(fraction: float, text: str) -> None:
@@ -258,8 +273,27 @@ class Segmenter:
         turns = upright_turns(radiograph.patient_orientation)
         if turns:  # segmented upright, labels turned back to the image as stored
             tag = "\\".join(radiograph.patient_orientation)
-            return _turned_back(self.segment(turned(radiograph, turns), progress, cancel), turns,
+            return _turned_back(self._segment_upright(turned(radiograph, turns), step, started), turns,
                                 f"PatientOrientation {tag}: feet not at the bottom")
+        if self.upright is not None and not says_which_way_up(radiograph.patient_orientation):
+            guess = self.upright.guess(radiograph.pixels)
+            if guess.turns and guess.probability >= TURN_IF_SURE:
+                turns = (len(TURN_NAMES) - guess.turns) % len(TURN_NAMES)  # the quarter turns back to upright
+                seen = f"the upright check sees the image {TURN_NAMES[guess.turns]}, p {guess.probability:.2f}"
+                result = self._segment_upright(turned(radiograph, turns), step, started)
+                if result.status != "error":
+                    return _turned_back(result, turns, f"no PatientOrientation, and {seen}")
+                as_stored = self._segment_upright(radiograph, step, started)  # a doubtful result, so never "ok"
+                return replace(as_stored, status="warning" if as_stored.status == "ok" else as_stored.status,
+                               message="; ".join(filter(None, (as_stored.message, f"segmented as stored: {seen}, but "
+                                                               f"turned upright it gave {result.message}"))))
+        return self._segment_upright(radiograph, step, started)
+
+    def _segment_upright(self, radiograph: Radiograph, step: Callable[[float, str], None],
+                         started: float) -> SegmentationResult:
+        """`segment` of a radiograph taken as upright (feet at the bottom)."""
+        import torch
+
         step(0.0, "resampling to the model's working grid")
         full_shape = radiograph.pixels.shape
         shape, assumed = working_shape(full_shape, radiograph.spacing, self.working_spacing, self.default_long_side)
@@ -380,7 +414,7 @@ def _turned_back(result: SegmentationResult, turns: int, why: str) -> Segmentati
     note = f"turned {turn} for the network ({why})"
     return replace(result, labels=np.ascontiguousarray(np.rot90(result.labels, -turns)),
                    context=None if result.context is None else np.ascontiguousarray(np.rot90(result.context, -turns)),
-                   message=f"{result.message}; {note}" if result.message else note,
+                   message=f"{result.message}; {note}" if result.message else note, turns=turns,
                    status="warning" if result.status == "ok" else result.status)
 
 
@@ -467,6 +501,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--mirror", action="store_true", help="average over mirrored inputs (slower, smoother)")
+    parser.add_argument("--no-upright-check", action="store_true",
+                        help="take images without PatientOrientation as upright (no check for one stored turned)")
     parser.add_argument("--benchmark", action="store_true", help="time one 3000x2400 radiograph instead")
     parser.set_defaults(func=_segment_command)
 
@@ -478,7 +514,8 @@ def _segment_command(args) -> int:
     from ..io.labelmaps import write_label_png
     from ..io.radiograph import read_radiograph
 
-    segmenter = Segmenter.from_package(args.model, args.device, args.mirror)
+    segmenter = Segmenter.from_package(args.model, args.device, args.mirror,
+                                       upright=None if args.no_upright_check else "auto")
     if args.benchmark:
         print(json.dumps(benchmark(segmenter), indent=2))
         return 0

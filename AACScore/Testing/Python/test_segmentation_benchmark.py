@@ -77,3 +77,20 @@ def test_benchmark_without_spacing_withholds_it_from_the_segmenter(tmp_path):
     assert "pixel spacing withheld" in (tmp_path / "segment_benchmark.md").read_text()
     assert cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--widen", "9", "--device", "cpu",
                      "--out", str(tmp_path)]) == 2
+
+
+def test_benchmark_stores_images_turned_without_their_tag_for_the_upright_check(tmp_path):
+    code = cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--no-sacrum-cropped", "--turn", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "on")])
+    assert code == 0
+    figures = json.loads((tmp_path / "on" / "segment_benchmark.json").read_text())
+    assert figures["stored_turns"] == 2 and "aacscore-upright" in figures["upright_check"]
+    assert figures["cases"][0]["turns"] == 2 and figures["cases"][0]["all_right"]
+    assert figures["families"]["default"]["full"]["segmented_upright"] == 1.0
+    table = (tmp_path / "on" / "segment_benchmark.md").read_text()
+    assert "without PatientOrientation" in table and "segmented upright |" in table
+    code = cli_main(["segment-benchmark", "--families", "default", "--n", "1", "--no-sacrum-cropped", "--turn", "2",
+                     "--no-upright-check", "--device", "cpu", "--out", str(tmp_path / "off")])
+    figures = json.loads((tmp_path / "off" / "segment_benchmark.json").read_text())
+    assert code == 0 and figures["upright_check"] is None
+    assert figures["families"]["default"]["full"]["segmented_upright"] == 0.0
