@@ -157,7 +157,8 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
         "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
         "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
         "spacing": "known" if spacing_known else "unknown", "view_widened": widen, "stored_turns": turns,
-        "upright_check": None if segmenter.upright is None else str(segmenter.upright.package),
+        "upright_check": None if segmenter.upright is None else
+        f"{segmenter.upright.package.name}=={segmenter.upright.package.version}",
         "device": str(segmenter.device),
         "families": results,
         "cases": cases,

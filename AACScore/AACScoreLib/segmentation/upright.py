@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -34,6 +34,11 @@ WIDER_CHANCE, WIDER_UP_TO = 0.3, 1.8  # share of samples padded to a wider view,
 
 Log = Callable[[str], None]
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..packages import ModelPackage
+
 
 def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL_PX) -> np.ndarray:
     """The image shrunk to fit a `size` square (area averaging, aspect kept), windowed to [0, 1] and centred on a
@@ -48,7 +53,7 @@ def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL_PX) -> np.ndarray:
     return out
 
 
-def build_network(widths: Sequence[int] = WIDTHS):
+def build_network(widths: Sequence[int] = WIDTHS) -> "torch.nn.Module":
     """Five stride-2 stages of two 3x3 convolutions each, global average pooling, four logits (the turns)."""
     import torch.nn as nn
 
@@ -185,7 +190,7 @@ def make_samples(bases: list[np.ndarray], n: int, seed: int, processes: int = 1)
 
 def train_upright(images: Sequence[str | Path], out_dir: str | Path, samples: int = 20000, epochs: int = 12,
                   seed: int = 0, processes: int = 1, device: str = "auto", version: str | None = None,
-                  held_out: Sequence[str | Path] = (), log: Log = print):
+                  held_out: Sequence[str | Path] = (), log: Log = print) -> "ModelPackage":
     """Train the turn classifier on upright radiographs (folders, files or CSV lists) and write an upright
     package to `out_dir`. `held_out`: upright radiographs of a source kept out of training, whose accuracy over the
     four turns goes in the manifest's metrics."""
@@ -254,7 +259,7 @@ def train_upright(images: Sequence[str | Path], out_dir: str | Path, samples: in
     return write_package(out_dir, manifest, {"weights.safetensors": save(weights)})
 
 
-def turn_accuracy(network, images: Sequence[np.ndarray], device) -> dict:
+def turn_accuracy(network: "torch.nn.Module", images: Sequence[np.ndarray], device) -> dict:
     """Share of (image, turn) pairs whose turn the network names, over all four turns of upright `images`."""
     import torch
 
