@@ -41,15 +41,14 @@ def flip_dice(segmenter, radiograph, labels: np.ndarray, shape: tuple[int, int] 
               turns: int | None = None) -> dict[str, float]:
     """Dice per vertebra between `labels` and the segmenter's per-pixel levels on the mirrored working image.
 
-    The second look is taken as the segmentation was: the image turned upright by the segmentation's `turns` (as
-    its PatientOrientation says when None), on the working grid `shape` the segmentation ran on (an unknown spacing
-    is found from the bodies' size, so the spacing alone would give another scale); without `shape`, the grid the
-    spacing gives, as for a user's labels."""
-    from ..geometry.orientation import upright_turns
+    The second look is taken as the segmentation was: the image turned upright by the segmentation's `turns` (for
+    a user's labels, None: as the segmenter would turn it), on the working grid `shape` the segmentation ran on (an
+    unknown spacing is found from the bodies' size, so the spacing alone would give another scale); without `shape`,
+    the grid the spacing gives, as for a user's labels."""
     from ..segmentation.dataset import to_working_image, working_shape
     from ..segmentation.segmenter import turned
 
-    turns = upright_turns(radiograph.patient_orientation) if turns is None else turns
+    turns = segmenter.turns_to_upright(radiograph)[0] if turns is None else turns
     radiograph, labels = turned(radiograph, turns), np.rot90(labels, turns)
     if shape is None:
         shape, _ = working_shape(radiograph.pixels.shape, radiograph.spacing, segmenter.working_spacing,

@@ -270,24 +270,32 @@ class Segmenter:
             if progress is not None:
                 progress(fraction, text)
 
-        turns = upright_turns(radiograph.patient_orientation)
-        if turns:  # segmented upright, labels turned back to the image as stored
-            tag = "\\".join(radiograph.patient_orientation)
-            return _turned_back(self._segment_upright(turned(radiograph, turns), step, started), turns,
-                                f"PatientOrientation {tag}: feet not at the bottom")
-        if self.upright is not None and not says_which_way_up(radiograph.patient_orientation):
+        turns, why = self.turns_to_upright(radiograph)
+        if not turns:
+            return self._segment_upright(radiograph, step, started)
+        result = self._segment_upright(turned(radiograph, turns), step, started)  # labels turned back below
+        if result.status != "error" or says_which_way_up(radiograph.patient_orientation):
+            return _turned_back(result, turns, why)
+        as_stored = self._segment_upright(radiograph, step, started)  # the check doubted this way up: never "ok"
+        return replace(as_stored, status="warning" if as_stored.status == "ok" else as_stored.status,
+                       message="; ".join(filter(None, (as_stored.message, f"segmented as stored: {why}, but turned "
+                                                       f"upright it gave {result.message}"))))
+
+    def turns_to_upright(self, radiograph: Radiograph) -> tuple[int, str]:
+        """(quarter turns, numpy.rot90's k, that make the radiograph upright for the network; why), (0, "") when it
+        is taken as stored: from PatientOrientation when the tag says which way up it is, else from the upright
+        check when that is sure (QC's second look asks the same for a user's label map)."""
+        tag = radiograph.patient_orientation
+        turns = upright_turns(tag)
+        if turns:
+            return turns, "PatientOrientation " + "\\".join(tag) + ": feet not at the bottom"
+        if self.upright is not None and not says_which_way_up(tag):
             guess = self.upright.guess(radiograph.pixels)
             if guess.turns and guess.probability >= TURN_IF_SURE:
-                turns = (len(TURN_NAMES) - guess.turns) % len(TURN_NAMES)  # the quarter turns back to upright
-                seen = f"the upright check sees the image {TURN_NAMES[guess.turns]}, p {guess.probability:.2f}"
-                result = self._segment_upright(turned(radiograph, turns), step, started)
-                if result.status != "error":
-                    return _turned_back(result, turns, f"no PatientOrientation, and {seen}")
-                as_stored = self._segment_upright(radiograph, step, started)  # a doubtful result, so never "ok"
-                return replace(as_stored, status="warning" if as_stored.status == "ok" else as_stored.status,
-                               message="; ".join(filter(None, (as_stored.message, f"segmented as stored: {seen}, but "
-                                                               f"turned upright it gave {result.message}"))))
-        return self._segment_upright(radiograph, step, started)
+                return ((len(TURN_NAMES) - guess.turns) % len(TURN_NAMES),
+                        f"no PatientOrientation, and the upright check sees the image {TURN_NAMES[guess.turns]}, "
+                        f"p {guess.probability:.2f}")
+        return 0, ""
 
     def _segment_upright(self, radiograph: Radiograph, step: Callable[[float, str], None],
                          started: float) -> SegmentationResult:

@@ -149,5 +149,21 @@ def test_when_the_turned_image_fails_it_is_segmented_as_stored_and_never_ok(segm
     monkeypatch.setattr(segmenter, "_segment_upright", failing_when_turned)
     result = segmenter.segment(stored)
     assert result.turns == 0 and result.status in ("warning", "error")
-    assert "segmented as stored: the upright check sees the image turned 90 degrees anticlockwise" in result.message
+    assert ("segmented as stored: no PatientOrientation, and the upright check sees the image turned 90 degrees "
+            "anticlockwise") in result.message
     assert "turned upright it gave L1 not found" in result.message
+
+
+def test_a_users_label_map_on_an_untagged_turned_radiograph_gets_the_second_look_upright(segmenter, phantom,
+                                                                                        tiny_scorer):
+    """Corrected segments of a turned export scored in Slicer come as the user's labels: QC's second look must turn
+    the image as the segmenter would, or every such result would say the segmenter sees other levels."""
+    from AACScoreLib.pipeline import Pipeline
+
+    stored = turned(read_back(phantom), 3)
+    result = Pipeline(tiny_scorer, segmenter).run(stored, np.ascontiguousarray(np.rot90(phantom.labels, 3)),
+                                                  heatmap=False)
+    codes = [reason.code for reason in result.qc_reasons]
+    assert result.labels_source == "user" and "levels_differ_from_segmenter" not in codes
+    assert result.qc_measurements["flip_dice_min"] >= MIN_FLIP_DICE
+    assert segmenter.turns_to_upright(stored)[0] == 1
