@@ -360,7 +360,7 @@ class AACScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLoadFiles(self):
         paths = qt.QFileDialog.getOpenFileNames(
             slicer.util.mainWindow(), "Load radiographs", "",
-            "Radiographs (*.dcm *.dicom *.ima *.png *.jpg *.jpeg *.nrrd *.nii *.nii.gz);;All files (*)")
+            "Radiographs (*.dcm *.dicom *.ima *.png *.jpg *.jpeg *.tif *.tiff *.nrrd *.nii *.nii.gz);;All files (*)")
         if paths:
             self._load(self.ui.loadFilesButton, list(paths))
 

@@ -9,13 +9,13 @@ exception, so a batch goes on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .geometry import spine
+from .geometry import polarity, spine
 from .geometry.orientation import check_numbering
 from . import kauppila
 from .errors import AACScoreError, Cancelled
@@ -166,6 +166,7 @@ class Pipeline:
 
         report(0.5, "Kauppila geometry")
         with _timed(result, "crop"):
+            radiograph = _bone_bright(result, radiograph, warnings)
             result.geometry = spine.analyze_spine(
                 result.labels,
                 radiograph.spacing,
@@ -231,6 +232,19 @@ class Pipeline:
         if segmentation.message:
             warnings.append(Reason("segmenter_note", segmentation.message))
         return segmentation.labels, "segmenter"
+
+
+def _bone_bright(result: AACResult, radiograph: Radiograph, warnings: list[Reason]) -> Radiograph:
+    """The radiograph as the scorer was trained on it: a bone-dark one (by its vertebrae, whatever its tags said)
+    is inverted for the crop, QC and overlays, and the result says so."""
+    contrast = polarity.bone_contrast(radiograph.pixels, result.labels)
+    if contrast >= polarity.CLEARLY_INVERTED:
+        return radiograph
+    warnings.append(Reason("image_inverted", f"bone darker than the tissue around it (contrast {contrast:+.2f}): "
+                                             "scored inverted to bone bright; check the file's photometric tags "
+                                             "or how it was exported"))
+    result.radiograph = replace(radiograph, pixels=polarity.inverted(radiograph.pixels))
+    return result.radiograph
 
 
 class _timed:

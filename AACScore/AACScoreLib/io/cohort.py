@@ -12,7 +12,8 @@ from typing import Sequence
 
 from ..errors import AACScoreError
 
-RADIOGRAPH_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".nrrd", ".nii", ".nii.gz", "")
+RADIOGRAPH_SUFFIXES = (
+    ".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nrrd", ".nii", ".nii.gz", "")
 DERIVED_MARKERS = ("_labels", "_heatmap", "_overlay", "_aac24_report")
 OUTPUT_HASH_DIGITS = 8
 

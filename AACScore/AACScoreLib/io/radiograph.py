@@ -28,6 +28,7 @@ MAX_PIXELS = 100_000_000
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI_MAGICS = (b"n+1\x00", b"ni1\x00")
 # A DICOM file without the 128-byte preamble starts with a group 0002 or 0008 tag (little or big endian).
@@ -52,20 +53,20 @@ _DICOM_METADATA_TAGS = (
 class Radiograph:
     """A 2D grayscale radiograph; `pixels` follows the bone-bright convention whatever the file said."""
 
-    pixels: np.ndarray  # float32 (H, W); modality LUT applied; MONOCHROME1 inverted; bone bright
+    pixels: np.ndarray  # float32 (H, W); modality LUT applied; inverted where viewers invert it; bone bright
     spacing: tuple[float, float] | None  # (row_mm, col_mm), None when unknown
     spacing_source: str  # which tag or header gave the spacing, "unknown" when none did
     path: str
-    format: str  # "DICOM" | "PNG" | "JPEG" | "NRRD" | "NIfTI"
+    format: str  # "DICOM" | "PNG" | "JPEG" | "TIFF" | "NRRD" | "NIfTI"
     patient_orientation: tuple[str, str] | None = None  # DICOM (0020,0020): increasing column, increasing row
     view_position: str | None = None
     image_laterality: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    read_warnings: list[str] = field(default_factory=list)  # what the decoders warned about the pixels
+    read_warnings: list[str] = field(default_factory=list)  # doubts about the pixels: decoders', colour marks
 
 
 def read_radiograph(path: str | Path) -> Radiograph:
-    """Read a DICOM, PNG, JPEG, NRRD or NIfTI radiograph; raises RadiographError and nothing else.
+    """Read a DICOM, PNG, JPEG, TIFF, NRRD or NIfTI radiograph; raises RadiographError and nothing else.
 
     Decoder warnings never reach the terminal: those about the pixels are kept in `read_warnings` (the result's
     message shows them), the others go to the log."""
@@ -77,7 +78,7 @@ def read_radiograph(path: str | Path) -> Radiograph:
             raise
         except BaseException as exc:  # noqa: BLE001 - decoders raise anything; the caller needs one error type
             raise RadiographError(path, f"cannot be read: {_reason(exc)}") from exc
-    radiograph.read_warnings = caught.about_pixels()
+    radiograph.read_warnings = [*radiograph.read_warnings, *caught.about_pixels()]
     return radiograph
 
 
@@ -157,7 +158,8 @@ def _read(path: Path, caught: _DecoderWarnings) -> Radiograph:
     if file_format == "DICOM":
         radiograph = _read_dicom(path, caught)
     else:
-        readers = {"PNG": _read_pillow, "JPEG": _read_pillow, "NRRD": _read_nrrd, "NIfTI": _read_nifti}
+        readers = {"PNG": _read_pillow, "JPEG": _read_pillow, "TIFF": _read_pillow,
+                   "NRRD": _read_nrrd, "NIfTI": _read_nifti}
         radiograph = readers[file_format](path)
     _check_pixels(path, radiograph.pixels)
     return radiograph
@@ -171,8 +173,10 @@ def _detect_format(path: Path, head: bytes) -> str:
         return "JPEG"
     if head.startswith(b"NRRD"):
         return "NRRD"
-    if head[128:132] == b"DICM":
+    if head[128:132] == b"DICM":  # before TIFF: a DICOM preamble may hold a TIFF header (dual-format files)
         return "DICOM"
+    if head[:4] in _TIFF_MAGICS:
+        return "TIFF"
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")) or head[344:348] in _NIFTI_MAGICS:
         return "NIfTI"
@@ -180,7 +184,7 @@ def _detect_format(path: Path, head: bytes) -> str:
         return "DICOM"
     detail = "gzip-compressed; decompress it first" if head.startswith(_GZIP_MAGIC) else \
         f"extension '{path.suffix}'" if path.suffix else "no extension"
-    raise RadiographError(path, f"unrecognised file format ({detail}); expected DICOM, PNG, JPEG, NRRD or NIfTI")
+    raise RadiographError(path, f"unrecognised file format ({detail}); expected DICOM, PNG, JPEG, TIFF, NRRD or NIfTI")
 
 
 def _check_pixels(path: Path, pixels: np.ndarray) -> None:
@@ -262,8 +266,7 @@ def _dicom_radiograph(path: Path | str, ds, ended_early: Callable[[], bool] = la
     if stored.ndim != 2:
         raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
     pixels = _apply_modality_lut(stored, ds)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if photometric == "MONOCHROME1":
+    if _shown_inverted(ds):
         lo, hi = _modality_range(ds)
         pixels = (lo + hi) - pixels.astype(np.float64)
     spacing, spacing_source, spacing_problem = _dicom_spacing(ds)
@@ -353,8 +356,16 @@ def _sop_class_name(ds) -> str:
     return str(uid.name) if uid is not None else ""
 
 
+def _shown_inverted(ds) -> bool:
+    """Whether a viewer shows the stored values inverted: MONOCHROME1, or MONOCHROME2 with Presentation LUT Shape
+    INVERSE (some CR). In DX, MONOCHROME1 comes with INVERSE by rule (PS3.3 C.8.11.3): one inversion, not two."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+
+
 def _modality_range(ds) -> tuple[float, float]:
-    """Nominal output range of the modality LUT, so MONOCHROME1 inverts the same way for every image."""
+    """Nominal output range of the modality LUT, so an inverted image inverts the same way for every image."""
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
@@ -428,7 +439,7 @@ def _dicom_metadata(ds) -> dict[str, str]:
     return metadata
 
 
-# --- PNG / JPEG --------------------------------------------------------------------------------------------
+# --- PNG / JPEG / TIFF -------------------------------------------------------------------------------------
 
 
 def _read_pillow(path: Path) -> Radiograph:
@@ -437,36 +448,69 @@ def _read_pillow(path: Path) -> Radiograph:
     with Image.open(path) as image:
         _check_size(path, image.height, image.width)
         image.load()  # decodes now, so a truncated file fails here
-        fmt = "PNG" if image.format == "PNG" else "JPEG"
+        fmt = image.format if image.format in ("PNG", "TIFF") else "JPEG"
         if getattr(image, "n_frames", 1) > 1:
-            raise RadiographError(path, f"animated or multi-frame {fmt} ({image.n_frames} frames)")
+            what = "multi-page TIFF" if fmt == "TIFF" else f"animated or multi-frame {fmt}"
+            raise RadiographError(path, f"{what} ({image.n_frames} frames); expected one 2D radiograph")
         mode = image.mode
+        white_is_zero = fmt == "TIFF" and image.tag_v2.get(262) == 0
+        bits = image.tag_v2.get(258, (8,))[0] if fmt == "TIFF" else 8
         image = ImageOps.exif_transpose(image)  # as viewers show it
-        pixels = _pillow_gray(path, image)
+        pixels, notes = _pillow_gray(path, image)
+    if white_is_zero and mode not in ("1", "L"):  # Pillow inverts 1- and 8-bit WhiteIsZero itself, not the rest
+        pixels = _inverted(pixels, bits)
     return Radiograph(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
-        spacing=None,  # a DPI in PNG/JPEG says nothing about millimetres on the detector
+        spacing=None,  # a DPI in PNG/JPEG/TIFF is the screen's or the scanner's, not millimetres on the detector
         spacing_source="unknown",
         path=str(path),
         format=fmt,
         metadata={"Mode": mode, "Format": fmt},
+        read_warnings=notes,
     )
 
 
-def _pillow_gray(path: Path, image) -> np.ndarray:
-    """Grayscale pixels; an RGB image is accepted only when its channels are equal (gray stored as RGB)."""
+def _inverted(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """TIFF WhiteIsZero (as DICOM MONOCHROME1) made bone bright: over the bit depth, or the data range for floats."""
+    values = pixels.astype(np.float64)
+    if np.issubdtype(pixels.dtype, np.floating):
+        return values.min() + values.max() - values
+    return float(2 ** bits - 1) - values
+
+
+GREY_TOLERANCE = 10
+"""A pixel whose 8-bit channels differ by at most this much is grey: JPEG and colour-managed exports of a grey
+radiograph stored as RGB differ by a few counts."""
+MAX_COLOURED_SHARE = 0.02
+"""Coloured pixels (spread above GREY_TOLERANCE) up to this share are burned-in annotations or markers: the image
+is read as grey and the result flagged for review. More, and it is not a radiograph (a photo, a heatmap overlay)."""
+
+
+def _pillow_gray(path: Path, image) -> tuple[np.ndarray, list[str]]:
+    """Grayscale pixels and notes for the result. An RGB image is read as the mean of its channels when they are
+    equal up to GREY_TOLERANCE, and with a note when a few pixels (annotations) are coloured; otherwise refused."""
     if image.mode in ("L", "I", "F") or image.mode.startswith("I;"):
-        return np.asarray(image)
+        return np.asarray(image), []
     if image.mode == "1":
-        return np.asarray(image.convert("L"))
-    rgba = np.asarray(image.convert("RGBA"))
-    if (rgba[..., 3] != 255).any():
-        raise RadiographError(path, f"image has transparent pixels (mode {image.mode}); expected an opaque radiograph")
-    red, green, blue = rgba[..., 0], rgba[..., 1], rgba[..., 2]
-    if not (np.array_equal(red, green) and np.array_equal(red, blue)):
+        return np.asarray(image.convert("L")), []
+    if image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if (alpha != 255).any():
+            raise RadiographError(
+                path, f"image has transparent pixels (mode {image.mode}); expected an opaque radiograph")
+    rgb = np.asarray(image.convert("RGB"))
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    if np.array_equal(red, green) and np.array_equal(red, blue):
+        return red, []
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    coloured = float((spread > GREY_TOLERANCE).mean())
+    if coloured > MAX_COLOURED_SHARE:
         raise RadiographError(
-            path, f"colour image (mode {image.mode}, channels differ); a radiograph must be grayscale")
-    return red
+            path, f"colour image (mode {image.mode}; {coloured:.0%} of pixels coloured, at most "
+                  f"{MAX_COLOURED_SHARE:.0%} are taken as annotations); a radiograph must be grayscale")
+    notes = [f"colour on {coloured:.2%} of pixels (annotations or markers?), read as grey: check that none lies "
+             "on the spine or the aorta"] if coloured else []
+    return rgb.mean(axis=2, dtype=np.float32), notes
 
 
 # --- NRRD / NIfTI ------------------------------------------------------------------------------------------

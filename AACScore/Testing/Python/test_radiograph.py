@@ -176,6 +176,17 @@ def test_monochrome1_is_inverted_over_the_stored_range(tmp_path, stored):
     np.testing.assert_array_equal(radiograph.pixels, 4095.0 - stored)
 
 
+@pytest.mark.parametrize("photometric, shape, inverted", [
+    ("MONOCHROME2", "INVERSE", True),  # some CR: shown inverted
+    ("MONOCHROME1", "INVERSE", True),  # DX: the two go together and mean one inversion
+    ("MONOCHROME2", "IDENTITY", False),
+])
+def test_presentation_lut_shape_inverse(tmp_path, stored, photometric, shape, inverted):
+    path = _save(_dicom(stored, PhotometricInterpretation=photometric, PresentationLUTShape=shape),
+                 tmp_path / "p.dcm")
+    np.testing.assert_array_equal(read_radiograph(path).pixels, 4095.0 - stored if inverted else stored)
+
+
 def test_rescale_slope_and_intercept_are_applied(tmp_path, stored):
     path = _save(_dicom(stored, RescaleSlope="0.5", RescaleIntercept="-100"), tmp_path / "r.dcm")
     np.testing.assert_allclose(read_radiograph(path).pixels, stored * 0.5 - 100)
@@ -283,9 +294,32 @@ def test_gray_png_stored_as_rgb_is_accepted(tmp_path):
 def test_colour_png_is_rejected(tmp_path):
     rgb = np.random.default_rng(5).integers(0, 256, size=(70, 90, 3)).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "colour.png")
-    with pytest.raises(RadiographError, match="colour") as info:
+    with pytest.raises(RadiographError, match="colour image .* 9[0-9]% of pixels coloured") as info:
         read_radiograph(tmp_path / "colour.png")
     assert str(tmp_path / "colour.png") in str(info.value)
+
+
+def test_gray_jpeg_stored_as_near_gray_rgb_is_read_as_the_mean_of_its_channels(tmp_path):
+    """Colour-managed exports of a grey radiograph differ by a few counts per channel: still grey, no note."""
+    pixels = np.random.default_rng(6).integers(20, 230, size=(70, 90)).astype(np.int16)
+    tint = np.random.default_rng(7).integers(-3, 4, size=(70, 90, 3))
+    Image.fromarray((pixels[..., None] + tint).astype(np.uint8)).save(tmp_path / "near_gray.png")
+    radiograph = read_radiograph(tmp_path / "near_gray.png")
+    assert np.abs(radiograph.pixels - pixels).max() <= 3
+    assert radiograph.read_warnings == []
+
+
+def test_coloured_annotations_are_read_as_gray_with_a_note_that_flags_the_result(tmp_path):
+    pixels = np.random.default_rng(8).integers(0, 256, size=(100, 100)).astype(np.uint8)
+    rgb = np.stack([pixels] * 3, axis=-1)
+    rgb[10:20, 10:20] = (255, 0, 0)  # a red marker: 1% of the pixels
+    Image.fromarray(rgb).save(tmp_path / "marked.png")
+    radiograph = read_radiograph(tmp_path / "marked.png")
+    np.testing.assert_array_equal(radiograph.pixels[30:, 30:], pixels[30:, 30:])
+    assert radiograph.pixels[15, 15] == 85  # the mean of (255, 0, 0)
+    assert radiograph.read_warnings == [
+        "colour on 1.00% of pixels (annotations or markers?), read as grey: check that none lies on the spine or "
+        "the aorta"]
 
 
 def test_jpeg(tmp_path):
@@ -296,6 +330,36 @@ def test_jpeg(tmp_path):
     assert radiograph.format == "JPEG"
     assert radiograph.spacing is None and radiograph.spacing_source == "unknown"
     assert np.abs(radiograph.pixels - pixels).mean() < 2
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate"])
+def test_tiff_16_bit(tmp_path, compression):
+    pixels = np.random.default_rng(11).integers(0, 65536, size=(70, 90)).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "a.tif", compression=compression)
+    radiograph = read_radiograph(tmp_path / "a.tif")
+    assert radiograph.format == "TIFF"
+    np.testing.assert_array_equal(radiograph.pixels, pixels)
+    assert radiograph.spacing is None and radiograph.spacing_source == "unknown"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_white_is_zero_tiff_is_inverted_like_monochrome1(tmp_path, dtype):
+    """Bone bright whatever the file says: Pillow inverts 8-bit WhiteIsZero itself, the reader the 16-bit one."""
+    top = np.iinfo(dtype).max
+    pixels = np.random.default_rng(12).integers(0, top, size=(70, 90), endpoint=True).astype(dtype)
+    Image.fromarray(pixels).save(tmp_path / "white_is_zero.tif", tiffinfo={262: 0})
+    stored = Image.open(tmp_path / "white_is_zero.tif")
+    assert stored.tag_v2[262] == 0
+    raw = pixels if dtype == np.uint16 else top - pixels  # Pillow writes 8-bit WhiteIsZero inverted
+    assert raw.tobytes() in (tmp_path / "white_is_zero.tif").read_bytes()
+    np.testing.assert_array_equal(read_radiograph(tmp_path / "white_is_zero.tif").pixels,
+                                  top - raw.astype(np.float32))
+
+
+def test_multi_page_tiff_is_rejected(tmp_path):
+    pages = [Image.fromarray(np.full((70, 90), value, np.uint8)) for value in (10, 20)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    _expect_error(tmp_path / "pages.tif", r"multi-page TIFF \(2 frames\)")
 
 
 def test_png_with_dcm_extension_reads_as_png(tmp_path):
@@ -428,11 +492,11 @@ def test_nan_pixels_in_nrrd(tmp_path, stored):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("kind", ["dcm", "png", "rle.dcm"])
+@pytest.mark.parametrize("kind", ["dcm", "png", "tif", "rle.dcm"])
 def test_damaged_files_only_raise_radiograph_error(tmp_path, stored, kind):
     """Cut and scrambled copies of a good file: each reads or raises RadiographError, nothing else escapes."""
     good = tmp_path / f"good.{kind}"
-    if kind == "png":
+    if kind in ("png", "tif"):
         Image.fromarray(stored).save(good)
     else:
         ds = _dicom(stored)

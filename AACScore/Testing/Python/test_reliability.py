@@ -4,6 +4,7 @@ no tracebacks. Each test names the item of the issue it covers."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import json
 import os
@@ -506,6 +507,33 @@ def test_17_decoder_warnings_go_into_the_message_not_the_terminal(tiny_scorer, p
     result = Pipeline(tiny_scorer).run(padded, _labels_of(phantoms[0]), heatmap=False)
     assert result.status == "warning" and "excess padding" in result.message
     assert not [w for w in recwarn if "padding" in str(w.message)], "the warning escaped to the caller"
+
+
+def test_17_a_radiograph_with_coloured_marks_is_scored_as_grey_and_flagged(tiny_scorer, phantoms, tmp_path):
+    """A web export: grey as RGB, with a red arrow burned in. Scored, never plainly ok; the reason says why."""
+    pixels = read_radiograph(phantoms[0]).pixels
+    grey = np.uint8(255 * (pixels - pixels.min()) / np.ptp(pixels))
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgb[20:40, 20:120] = (220, 30, 30)
+    Image.fromarray(rgb).save(tmp_path / "marked.png")
+    result = Pipeline(tiny_scorer).run(tmp_path / "marked.png", _labels_of(phantoms[0]), heatmap=False)
+    assert result.aac24 is not None and result.status == "warning" and result.qc == "review"
+    assert [reason.code for reason in result.qc_reasons if "colour on" in reason.text] == ["decoder_warning"]
+
+
+def test_17_a_bone_dark_radiograph_is_scored_bone_bright_and_flagged(tiny_scorer, phantoms):
+    """Whatever its tags say: an image whose vertebrae are darker than the tissue around them is inverted back, scores
+    as the bone-bright image does, and is never plainly ok."""
+    upright = read_radiograph(phantoms[0])
+    dark = dataclasses.replace(upright, pixels=upright.pixels.max() + upright.pixels.min() - upright.pixels)
+    labels = _labels_of(phantoms[0])
+    as_drawn = Pipeline(tiny_scorer).run(upright, labels, heatmap=False)
+    result = Pipeline(tiny_scorer).run(dark, labels, heatmap=False)
+    assert "image_inverted" not in [reason.code for reason in as_drawn.qc_reasons]
+    assert [reason.code for reason in result.qc_reasons if reason.code == "image_inverted"] == ["image_inverted"]
+    assert result.qc == "review" and result.status == "warning"
+    assert result.aac24 == pytest.approx(as_drawn.aac24, abs=1e-4)
+    np.testing.assert_array_equal(result.radiograph.pixels, upright.pixels)
 
 
 def test_17_the_spacing_warning_is_said_once(tiny_scorer, phantoms, tmp_path):
