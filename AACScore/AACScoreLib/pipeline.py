@@ -156,7 +156,7 @@ class Pipeline:
 
         report(0.1, "segmenting vertebrae")
         with _timed(result, "segment"):
-            labels, result.labels_source = self._labels(result, radiograph, labels, warnings, cancel)
+            radiograph, labels, result.labels_source = self._labels(result, radiograph, labels, warnings, cancel)
             result.labels, notes = check_numbering(labels, radiograph.patient_orientation)
             warnings += [Reason("label_order", note) for note in notes]
         if radiograph.spacing is None and not any("pixel spacing unknown" in warning.text for warning in warnings):
@@ -166,7 +166,6 @@ class Pipeline:
 
         report(0.5, "Kauppila geometry")
         with _timed(result, "crop"):
-            radiograph = _bone_bright(result, radiograph, warnings)
             result.geometry = spine.analyze_spine(
                 result.labels,
                 radiograph.spacing,
@@ -205,7 +204,8 @@ class Pipeline:
         result.status = verdict.status
         result.message = "; ".join(reason.text for reason in verdict.reasons)
 
-    def _labels(self, result, radiograph, labels, warnings, cancel) -> tuple[np.ndarray, str]:
+    def _labels(self, result, radiograph, labels, warnings, cancel) -> tuple[Radiograph, np.ndarray, str]:
+        """The label map (the user's, else the segmenter's) and the radiograph bone bright (see `_bone_bright`)."""
         if labels is not None:
             from .io.labelmaps import read_label_map, vertebra_labels
 
@@ -219,7 +219,7 @@ class Pipeline:
                     f"{radiograph.path}: label map is {labels.shape[1]}x{labels.shape[0]} pixels, "
                     f"the radiograph {radiograph.pixels.shape[1]}x{radiograph.pixels.shape[0]}"
                 )
-            return labels.astype(np.uint8), "user"
+            return _bone_bright(result, radiograph, labels, warnings), labels.astype(np.uint8), "user"
         if self.segmenter is None:
             raise AACScoreError(f"{radiograph.path}: no label map given and no segmenter loaded")
         segmentation = self.segmenter.segment(radiograph, cancel=cancel)
@@ -231,13 +231,13 @@ class Pipeline:
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:
             warnings.append(Reason("segmenter_note", segmentation.message))
-        return segmentation.labels, "segmenter"
+        return _bone_bright(result, radiograph, segmentation.labels, warnings), segmentation.labels, "segmenter"
 
 
-def _bone_bright(result: AACResult, radiograph: Radiograph, warnings: list[Reason]) -> Radiograph:
-    """The radiograph as the scorer was trained on it: a bone-dark one (by its vertebrae, whatever its tags said)
-    is inverted for the crop, QC and overlays, and the result says so."""
-    contrast = polarity.bone_contrast(radiograph.pixels, result.labels)
+def _bone_bright(result: AACResult, radiograph: Radiograph, labels: np.ndarray, warnings: list[Reason]) -> Radiograph:
+    """The radiograph as the models were trained on it: one whose vertebrae (in `labels`) are darker than the tissue
+    around them, whatever its tags said, is inverted for the rest of the pipeline, and the result says so."""
+    contrast = polarity.bone_contrast(radiograph.pixels, labels)
     if contrast >= polarity.CLEARLY_INVERTED:
         return radiograph
     warnings.append(Reason("image_inverted", f"bone darker than the tissue around it (contrast {contrast:+.2f}): "

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..devices import resolve_device
 from ..errors import AACScoreError, Cancelled
+from ..geometry import polarity
 from ..geometry.orientation import says_which_way_up, upright_turns
 from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 from .dataset import resample_image, to_working_image, working_shape
@@ -261,7 +262,8 @@ class Segmenter:
         """Label L1..L5 (and T12/S1 context, for a model with those classes) on the radiograph's own pixel grid,
         with how the levels were counted; raises Cancelled when `cancel()` turns True. An image whose
         PatientOrientation does not say which way up it is is looked at by the upright check (when the segmenter
-        has one), and segmented turned when that is sure the image is turned."""
+        has one), and segmented turned when that is sure the image is turned. One whose vertebrae come out darker
+        than the tissue around them is segmented again inverted, as the network was trained (bone bright)."""
         started = time.perf_counter()
 
         def step(fraction: float, text: str) -> None:
@@ -270,6 +272,18 @@ class Segmenter:
             if progress is not None:
                 progress(fraction, text)
 
+        result = self._segment_turned(radiograph, step, started)
+        contrast = polarity.bone_contrast(radiograph.pixels, result.labels)
+        if contrast >= polarity.CLEARLY_INVERTED:
+            return result
+        bright = self._segment_turned(replace(radiograph, pixels=polarity.inverted(radiograph.pixels)), step, started)
+        note = f"bone dark as stored (bone contrast {contrast:+.2f}): segmented inverted"
+        return replace(bright, status="warning" if bright.status == "ok" else bright.status,
+                       message="; ".join(filter(None, (note, bright.message))))
+
+    def _segment_turned(self, radiograph: Radiograph, step: Callable[[float, str], None],
+                        started: float) -> SegmentationResult:
+        """`segment` with the turn found by `turns_to_upright`, the grey values as stored."""
         turns, why = self.turns_to_upright(radiograph)
         if not turns:
             return self._segment_upright(radiograph, step, started)

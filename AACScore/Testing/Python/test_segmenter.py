@@ -515,6 +515,27 @@ def test_a_radiograph_stored_on_its_side_is_segmented_upright(turns):
     assert min(flip_dice(segmenter, stored, result.labels, result.working_shape).values()) >= MIN_FLIP_DICE
 
 
+def test_a_bone_dark_radiograph_is_segmented_inverted_and_said_so():
+    """Tags can be wrong: an image whose vertebrae come out darker than their surroundings is segmented again
+    inverted, as the network was trained, and never plainly ok."""
+    from dataclasses import replace
+
+    from AACScoreLib.evaluation.metrics import dice_per_label
+    from AACScoreLib.geometry.polarity import bone_contrast, inverted
+    from AACScoreLib.phantoms.generator import generate_phantom, read_back
+
+    phantom = generate_phantom(9001, "default", 1, size_range=(1000, 1100))
+    radiograph = read_back(phantom)
+    dark = replace(radiograph, pixels=inverted(radiograph.pixels))
+    assert bone_contrast(radiograph.pixels, phantom.labels) > 0.05 > -0.05 > bone_contrast(dark.pixels, phantom.labels)
+    segmenter = Segmenter.from_package(None, device="cpu")
+    as_drawn, result = segmenter.segment(radiograph), segmenter.segment(dark)
+    assert "bone dark" not in as_drawn.message
+    assert result.message.startswith("bone dark as stored (bone contrast -0.") and result.status == "warning"
+    assert min(dice_per_label(phantom.labels, result.labels).values()) > 0.85
+    np.testing.assert_array_equal(result.labels, as_drawn.labels)  # the same pixels went into the network
+
+
 def test_segment_command_writes_label_pngs_for_files_and_folders(trained, tmp_path):
     images = write_toys(tmp_path / "in", 2, first_seed=20)
     more = write_toys(tmp_path / "more", 1, first_seed=22)
