@@ -12,8 +12,9 @@ import numpy as np
 from scipy import ndimage
 
 CLEARLY_INVERTED = -0.05
-"""Bone contrast below this is a bone-dark image. Upright phantoms of every family measure +0.006 and above, the
-inverted ones about -0.3 (80 phantoms, drawn label maps); between 0 and this margin nothing is changed."""
+"""Bone contrast below this is a bone-dark image. On 140 development phantoms of every family, with the segmenter's
+label maps, upright ones measured -0.028 and above and inverted looks -0.045 and below; a wrong inversion costs more
+than a missed one, so the margin leans to leaving an image as it is."""
 
 
 def bone_contrast(pixels: np.ndarray, labels: np.ndarray) -> float:
