@@ -458,7 +458,7 @@ def _read_pillow(path: Path) -> Radiograph:
         image = ImageOps.exif_transpose(image)  # as viewers show it
         pixels, notes = _pillow_gray(path, image)
     if white_is_zero and mode not in ("1", "L"):  # Pillow inverts 1- and 8-bit WhiteIsZero itself, not the rest
-        pixels = _inverted(pixels, bits)
+        pixels = _white_is_zero_inverted(pixels, bits)
     return Radiograph(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         spacing=None,  # a DPI in PNG/JPEG/TIFF is the screen's or the scanner's, not millimetres on the detector
@@ -470,7 +470,7 @@ def _read_pillow(path: Path) -> Radiograph:
     )
 
 
-def _inverted(pixels: np.ndarray, bits: int) -> np.ndarray:
+def _white_is_zero_inverted(pixels: np.ndarray, bits: int) -> np.ndarray:
     """TIFF WhiteIsZero (as DICOM MONOCHROME1) made bone bright: over the bit depth, or the data range for floats."""
     values = pixels.astype(np.float64)
     if np.issubdtype(pixels.dtype, np.floating):

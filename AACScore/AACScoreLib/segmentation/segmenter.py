@@ -518,7 +518,8 @@ def add_cli(subparsers) -> None:
         "segment", help="label L1-L5 vertebrae on radiographs (nnU-Net 2D)",
         description="Write <stem>_labels.png (0 background, 1..5 = L1..L5) per radiograph into --out.")
     parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="radiographs (DICOM, PNG, JPEG, TIFF, NRRD, NIfTI), folders or CSV lists with a `file` column")
+                        help="radiographs (DICOM, PNG, JPEG, TIFF, NRRD, NIfTI), folders or CSV lists with a "
+                             "`file` column")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
