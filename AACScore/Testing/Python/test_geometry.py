@@ -477,3 +477,21 @@ def test_error_out_of_order(clean):
     swapped[clean == 3], swapped[clean == 4] = 4, 3
     with pytest.raises(GeometryError, match="L4 lies above L3"):
         analyze_spine(swapped)
+
+
+def test_bone_contrast_says_which_way_round_the_grey_values_run():
+    """Bodies brighter than the discs and tissue around them: positive; the same image inverted: as negative; a map
+    with no body says nothing (0)."""
+    from AACScoreLib.geometry.polarity import bone_contrast, inverted
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(1000.0, 30.0, size=(700, 300))
+    labels = np.zeros(image.shape, np.uint8)
+    for level in range(1, 6):
+        top = 60 + (level - 1) * 120
+        labels[top:top + 95, 100:200] = level
+    image[labels > 0] += 400.0
+    bright = bone_contrast(image, labels)
+    assert bright > 0.5
+    assert bone_contrast(inverted(image), labels) == pytest.approx(-bright)
+    assert bone_contrast(image, np.zeros_like(labels)) == 0.0
