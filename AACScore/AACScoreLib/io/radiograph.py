@@ -263,6 +263,9 @@ def _dicom_radiograph(path: Path | str, ds, ended_early: Callable[[], bool] = la
         syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
         where = f" ({syntax.name})" if syntax else ""
         raise RadiographError(path, f"cannot decode the pixel data{where}: {_reason(exc)}") from exc
+    notes = []
+    if stored.ndim == 3 and stored.shape[-1] == 3 and str(ds.get("PhotometricInterpretation", "")).strip() == "RGB":
+        stored, notes = _grey_from_rgb(path, stored, "DICOM, PhotometricInterpretation RGB")
     if stored.ndim != 2:
         raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
     pixels = _apply_modality_lut(stored, ds)
@@ -283,11 +286,14 @@ def _dicom_radiograph(path: Path | str, ds, ended_early: Callable[[], bool] = la
         view_position=_dicom_string(ds, "ViewPosition"),
         image_laterality=_dicom_string(ds, "ImageLaterality"),
         metadata=metadata,
+        read_warnings=notes,
     )
 
 
 def _check_dicom_header(path: Path | str, ds, ended_early: bool = False) -> None:
-    """Reject what is not a single grayscale image before decoding, with the reason a user can act on."""
+    """Reject what is not a single grayscale image before decoding, with the reason a user can act on. 8-bit RGB
+    passes, to be read as grey after decoding when its channels agree (a radiograph kept as a secondary capture);
+    YBR is refused: pydicom 2 and 3 do not convert it to RGB alike."""
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
         if isinstance(path, Path) and (ended_early or "Image Storage" in kind or "Rows" in ds):
@@ -308,7 +314,8 @@ def _check_dicom_header(path: Path | str, ds, ended_early: bool = False) -> None
     samples = ds.get("SamplesPerPixel", 1)
     if not photometric:
         raise RadiographError(path, "DICOM image has no PhotometricInterpretation; cannot tell grayscale from colour")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
+    grey_as_rgb = photometric == "RGB" and samples == 3 and ds.get("BitsAllocated") == 8  # checked once decoded
+    if not grey_as_rgb and (photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1):
         raise RadiographError(
             path, f"colour or non-grayscale image (PhotometricInterpretation {photometric}, "
                   f"SamplesPerPixel {samples}); a radiograph must be grayscale")
@@ -498,7 +505,11 @@ def _pillow_gray(path: Path, image) -> tuple[np.ndarray, list[str]]:
         if (alpha != 255).any():
             raise RadiographError(
                 path, f"image has transparent pixels (mode {image.mode}); expected an opaque radiograph")
-    rgb = np.asarray(image.convert("RGB"))
+    return _grey_from_rgb(path, np.asarray(image.convert("RGB")), f"mode {image.mode}")
+
+
+def _grey_from_rgb(path: Path | str, rgb: np.ndarray, kind: str) -> tuple[np.ndarray, list[str]]:
+    """8-bit RGB (H, W, 3) of a grey radiograph: its grey and notes, or RadiographError when it is not grey."""
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     if np.array_equal(red, green) and np.array_equal(red, blue):
         return red, []
@@ -506,7 +517,7 @@ def _pillow_gray(path: Path, image) -> tuple[np.ndarray, list[str]]:
     coloured = float((spread > GREY_TOLERANCE).mean())
     if coloured > MAX_COLOURED_SHARE:
         raise RadiographError(
-            path, f"colour image (mode {image.mode}; {coloured:.0%} of pixels coloured, at most "
+            path, f"colour image ({kind}; {coloured:.0%} of pixels coloured, at most "
                   f"{MAX_COLOURED_SHARE:.0%} are taken as annotations); a radiograph must be grayscale")
     notes = [f"colour on {coloured:.2%} of pixels (annotations or markers?), read as grey: check that none lies "
              "on the spine or the aorta"] if coloured else []

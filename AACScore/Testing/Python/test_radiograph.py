@@ -461,11 +461,36 @@ def test_multi_frame_dicom(tmp_path):
     _expect_error(_save(_dicom(frames, NumberOfFrames=3), tmp_path / "mf.dcm"), "multi-frame")
 
 
-def test_colour_dicom(tmp_path):
-    ds = _dicom(np.zeros((80, 80), np.uint16), PhotometricInterpretation="RGB", SamplesPerPixel=3)
+def _rgb_dicom(rgb: np.ndarray, path: Path) -> Path:
+    ds = _dicom(np.zeros(rgb.shape[:2], np.uint16), PhotometricInterpretation="RGB", SamplesPerPixel=3)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PlanarConfiguration = 8, 8, 7, 0
-    ds.PixelData = np.zeros((80, 80, 3), np.uint8).tobytes()
-    _expect_error(_save(ds, tmp_path / "rgb.dcm"), "colour")
+    ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
+    return _save(ds, path)
+
+
+def test_colour_dicom(tmp_path):
+    rgb = np.random.default_rng(13).integers(0, 256, size=(80, 80, 3)).astype(np.uint8)
+    _expect_error(_rgb_dicom(rgb, tmp_path / "rgb.dcm"), r"colour image \(DICOM, PhotometricInterpretation RGB; 9")
+
+
+def test_grey_dicom_stored_as_rgb_is_read_as_grey_and_marks_are_noted(tmp_path):
+    """A radiograph kept as an RGB secondary capture, as some film digitisers and viewers store it."""
+    grey = np.random.default_rng(14).integers(0, 256, size=(100, 100)).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1)
+    plain = read_radiograph(_rgb_dicom(rgb, tmp_path / "grey.dcm"))
+    np.testing.assert_array_equal(plain.pixels, grey)
+    assert plain.read_warnings == [] and plain.format == "DICOM"
+    rgb[5:15, 5:15] = (0, 200, 0)
+    marked = read_radiograph(_rgb_dicom(rgb, tmp_path / "marked.dcm"))
+    np.testing.assert_array_equal(marked.pixels[20:, 20:], grey[20:, 20:])
+    assert marked.read_warnings[0].startswith("colour on 1.00% of pixels")
+
+
+def test_16_bit_rgb_dicom_is_refused_before_decoding(tmp_path):
+    ds = _dicom(np.zeros((80, 80), np.uint16), PhotometricInterpretation="RGB", SamplesPerPixel=3)
+    ds.PlanarConfiguration = 0
+    ds.PixelData = np.zeros((80, 80, 3), np.uint16).tobytes()
+    _expect_error(_save(ds, tmp_path / "rgb16.dcm"), "PhotometricInterpretation RGB, SamplesPerPixel 3")
 
 
 def test_sr_without_pixel_data(tmp_path):
