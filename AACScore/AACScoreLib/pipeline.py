@@ -231,13 +231,18 @@ class Pipeline:
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:
             warnings.append(Reason("segmenter_note", segmentation.message))
-        return _bone_bright(result, radiograph, segmentation.labels, warnings), segmentation.labels, "segmenter"
+        bright = _bone_bright(result, radiograph, segmentation.labels, warnings,
+                              getattr(segmentation, "bone_contrast", None))  # the segmenter's measure, if it took one
+        return bright, segmentation.labels, "segmenter"
 
 
-def _bone_bright(result: AACResult, radiograph: Radiograph, labels: np.ndarray, warnings: list[Reason]) -> Radiograph:
+def _bone_bright(result: AACResult, radiograph: Radiograph, labels: np.ndarray, warnings: list[Reason],
+                 contrast: float | None = None) -> Radiograph:
     """The radiograph as the models were trained on it: one whose vertebrae (in `labels`) are darker than the tissue
-    around them, whatever its tags said, is inverted for the rest of the pipeline, and the result says so."""
-    contrast = polarity.bone_contrast(radiograph.pixels, labels)
+    around them, whatever its tags said, is inverted for the rest of the pipeline, and the result says so. `contrast`
+    is the segmenter's measure when it took one, so that crop and segmentation follow the same decision."""
+    if contrast is None:
+        contrast = polarity.bone_contrast(radiograph.pixels, labels)
     if contrast >= polarity.CLEARLY_INVERTED:
         return radiograph
     warnings.append(Reason("image_inverted", f"bone darker than the tissue around it (contrast {contrast:+.2f}): "

@@ -76,6 +76,7 @@ class SegmentationResult:
     levels: LevelAssignment | None = None  # how L1..L5 were counted (None when no body was found)
     working_shape: tuple[int, int] | None = None  # the grid the network last ran on, upright: QC looks again there
     turns: int = 0  # quarter turns (numpy.rot90's k) that made the image upright for the network
+    bone_contrast: float | None = None  # of the image as stored (geometry/polarity.py): below the margin, inverted
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
@@ -275,11 +276,11 @@ class Segmenter:
         result = self._segment_turned(radiograph, step, started)
         contrast = polarity.bone_contrast(radiograph.pixels, result.labels)
         if contrast >= polarity.CLEARLY_INVERTED:
-            return result
+            return replace(result, bone_contrast=contrast)
         bright = self._segment_turned(replace(radiograph, pixels=polarity.inverted(radiograph.pixels)), step, started)
         note = f"bone dark as stored (bone contrast {contrast:+.2f}): segmented inverted"
         return replace(bright, status="warning" if bright.status == "ok" else bright.status,
-                       message="; ".join(filter(None, (note, bright.message))))
+                       message="; ".join(filter(None, (note, bright.message))), bone_contrast=contrast)
 
     def _segment_turned(self, radiograph: Radiograph, step: Callable[[float, str], None],
                         started: float) -> SegmentationResult:

@@ -536,6 +536,31 @@ def test_17_a_bone_dark_radiograph_is_scored_bone_bright_and_flagged(tiny_scorer
     np.testing.assert_array_equal(result.radiograph.pixels, upright.pixels)
 
 
+def test_17_the_pipeline_follows_the_segmenters_polarity_decision(tiny_scorer, phantoms):
+    """Segmentation and crop go by one decision: where the segmenter measured the bone contrast, the pipeline takes
+    its measure instead of measuring again on other labels."""
+    from types import SimpleNamespace
+
+    upright = read_radiograph(phantoms[0])
+    labels = read_label_map(_labels_of(phantoms[0]))
+
+    class DecidedSegmenter:
+        manifest = {"name": "seg", "version": "1"}
+
+        def __init__(self, contrast):
+            self.contrast = contrast
+
+        def segment(self, radiograph, cancel=None):
+            return SimpleNamespace(status="ok", labels=labels, message="", bone_contrast=self.contrast)
+
+    said_dark = Pipeline(tiny_scorer, DecidedSegmenter(-0.3)).run(upright, heatmap=False)
+    said_bright = Pipeline(tiny_scorer, DecidedSegmenter(0.3)).run(upright, heatmap=False)
+    assert "image_inverted" in [reason.code for reason in said_dark.qc_reasons]
+    assert "contrast -0.30" in said_dark.message
+    assert "image_inverted" not in [reason.code for reason in said_bright.qc_reasons]
+    np.testing.assert_array_equal(said_bright.radiograph.pixels, upright.pixels)
+
+
 def test_17_the_spacing_warning_is_said_once(tiny_scorer, phantoms, tmp_path):
     png = tmp_path / "image.png"
     pixels = read_radiograph(phantoms[0]).pixels
