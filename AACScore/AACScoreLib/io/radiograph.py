@@ -53,7 +53,8 @@ _DICOM_METADATA_TAGS = (
 class Radiograph:
     """A 2D grayscale radiograph; `pixels` follows the bone-bright convention whatever the file said."""
 
-    pixels: np.ndarray  # float32 (H, W); modality LUT applied; inverted where viewers invert it; bone bright
+    pixels: np.ndarray  # float32 (H, W); modality LUT and a non-linear VOI LUT applied; inverted where viewers
+    # invert it; bone bright
     spacing: tuple[float, float] | None  # (row_mm, col_mm), None when unknown
     spacing_source: str  # which tag or header gave the spacing, "unknown" when none did
     path: str
@@ -268,12 +269,25 @@ def _dicom_radiograph(path: Path | str, ds, ended_early: Callable[[], bool] = la
         stored, notes = _grey_from_rgb(path, stored, "DICOM, PhotometricInterpretation RGB")
     if stored.ndim != 2:
         raise RadiographError(path, f"decoded pixel data has shape {stored.shape}; expected one 2D image")
-    pixels = _apply_modality_lut(stored, ds)
+    voi, voi_problem = _nonlinear_voi(ds)
+    try:
+        pixels = _to_display(stored, ds, voi)
+    except Exception as exc:  # noqa: BLE001 - a malformed VOI LUT: read without it, and say so
+        voi_problem = f"{voi} could not be applied ({_reason(exc)}); read without it"
+        voi = None
+        pixels = _to_display(stored, ds, voi)
+    if voi_problem:
+        notes.append(voi_problem)
+    if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
+        notes.append("raw detector data (Presentation Intent FOR PROCESSING), not processed for display as the "
+                     "models' training images were: prefer the image FOR PRESENTATION")
     if _shown_inverted(ds):
-        lo, hi = _modality_range(ds)
+        lo, hi = _display_range(ds, voi)
         pixels = (lo + hi) - pixels.astype(np.float64)
     spacing, spacing_source, spacing_problem = _dicom_spacing(ds)
     metadata = _dicom_metadata(ds)
+    if voi:
+        metadata["VOITransform"] = voi
     if spacing_problem:
         metadata["SpacingProblem"] = spacing_problem
     return Radiograph(
@@ -371,13 +385,52 @@ def _shown_inverted(ds) -> bool:
     return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
 
 
-def _modality_range(ds) -> tuple[float, float]:
-    """Nominal output range of the modality LUT, so an inverted image inverts the same way for every image."""
+def _display_range(ds, voi: str | None) -> tuple[float, float]:
+    """Nominal output range of the modality LUT (and the VOI transform applied), so an inverted image inverts the
+    same way for every image."""
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
-    stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.int64)
-    mapped = np.asarray(_apply_modality_lut(stored, ds), dtype=np.float64)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    # Every stored value up to 16 bits, as a VOI LUT need not be monotonic; the two ends beyond that.
+    stored = np.arange(low, high + 1, dtype=np.int64) if bits <= 16 else np.array([low, high], dtype=np.int64)
+    mapped = np.asarray(_to_display(stored, ds, voi), dtype=np.float64)
     return float(mapped.min()), float(mapped.max())
+
+
+def _nonlinear_voi(ds) -> tuple[str | None, str]:
+    """(the VOI transform to apply, a problem to report). Only a transform that changes contrast non-linearly is
+    applied, as a viewer would show it: the first item of a VOI LUT Sequence (CR and DX processing curves), or a
+    SIGMOID window. A linear window is not: the models scale intensities between percentiles, which undoes it,
+    and its clipping would only lose detail."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence:
+        explanation = _dicom_string(sequence[0], "LUTExplanation")
+        return f"VOI LUT Sequence, item 1 of {len(sequence)}" + (f" ({explanation})" if explanation else ""), ""
+    if str(ds.get("VOILUTFunction", "") or "").strip().upper() == "SIGMOID":
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            return "SIGMOID window, the first", ""
+        return None, "VOILUTFunction SIGMOID without a window; read without it"
+    return None, ""
+
+
+def _to_display(stored: np.ndarray, ds, voi: str | None) -> np.ndarray:
+    """Stored values through the modality LUT and then, when `voi` names one, the VOI transform."""
+    values = _apply_modality_lut(stored, ds)
+    if voi is None:
+        return values
+    apply_voi, apply_windowing = _voi_functions()
+    if voi.startswith("VOI LUT Sequence"):
+        return apply_voi(np.rint(values).astype(np.int64), ds, index=0)  # a LUT is indexed by whole values
+    return apply_windowing(np.asarray(values, dtype=np.float64), ds, index=0)
+
+
+def _voi_functions():
+    """pydicom's VOI functions: `pydicom.pixels` in pydicom 3, `pixel_data_handlers.util` in pydicom 2."""
+    try:
+        from pydicom.pixels import apply_voi, apply_windowing
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_voi, apply_windowing
+    return apply_voi, apply_windowing
 
 
 def _dicom_spacing(ds) -> tuple[tuple[float, float] | None, str, str]:

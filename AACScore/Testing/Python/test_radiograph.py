@@ -199,6 +199,74 @@ def test_monochrome1_with_rescale_inverts_the_rescaled_range(tmp_path, stored):
     np.testing.assert_allclose(read_radiograph(path).pixels, low + high - (stored * 2.0 - 1000))
 
 
+def _voi_lut_item(lut: np.ndarray, first_mapped: int = 0, bits: int = 16, explanation: str = "") -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(lut), first_mapped, bits]
+    item.LUTData = np.asarray(lut, dtype="<u2").tobytes()  # OW, as modalities write it
+    if explanation:
+        item.LUTExplanation = explanation
+    return item
+
+
+GAMMA_LUT = np.round(65535 * (np.arange(4096) / 4095.0) ** 2.5).astype(np.uint16)  # a processing curve
+
+
+def test_voi_lut_sequence_is_applied_as_a_viewer_shows_it(tmp_path, stored):
+    ds = _dicom(stored, WindowCenter="2048", WindowWidth="4096")
+    ds.VOILUTSequence = [_voi_lut_item(GAMMA_LUT, explanation="SOFT"), _voi_lut_item(GAMMA_LUT[::-1].copy())]
+    radiograph = read_radiograph(_save(ds, tmp_path / "voi.dcm"))
+    np.testing.assert_array_equal(radiograph.pixels, GAMMA_LUT[stored])
+    assert radiograph.metadata["VOITransform"] == "VOI LUT Sequence, item 1 of 2 (SOFT)"
+    assert radiograph.read_warnings == []
+
+
+def test_voi_lut_sequence_maps_values_below_its_first_entry_to_the_first(tmp_path, stored):
+    ds = _dicom(stored)
+    ds.VOILUTSequence = [_voi_lut_item(GAMMA_LUT[1000:], first_mapped=1000)]
+    pixels = read_radiograph(_save(ds, tmp_path / "voi.dcm")).pixels
+    np.testing.assert_array_equal(pixels, GAMMA_LUT[np.maximum(stored, 1000)])
+
+
+def test_monochrome1_with_voi_lut_inverts_the_lut_output(tmp_path, stored):
+    ds = _dicom(stored, PhotometricInterpretation="MONOCHROME1")
+    ds.VOILUTSequence = [_voi_lut_item(GAMMA_LUT)]
+    pixels = read_radiograph(_save(ds, tmp_path / "voi1.dcm")).pixels
+    np.testing.assert_array_equal(pixels, 65535.0 - GAMMA_LUT[stored])
+
+
+def test_a_linear_window_is_not_applied(tmp_path, stored):
+    """The models scale intensities between percentiles, which undoes a linear window; its clipping would lose
+    what lies outside it."""
+    ds = _dicom(stored, WindowCenter="1000", WindowWidth="400", VOILUTFunction="LINEAR")
+    radiograph = read_radiograph(_save(ds, tmp_path / "w.dcm"))
+    np.testing.assert_array_equal(radiograph.pixels, stored)
+    assert "VOITransform" not in radiograph.metadata
+
+
+def test_a_sigmoid_window_is_applied(tmp_path, stored):
+    ds = _dicom(stored, WindowCenter="2000", WindowWidth="1000", VOILUTFunction="SIGMOID")
+    radiograph = read_radiograph(_save(ds, tmp_path / "s.dcm"))
+    expected = 4095.0 / (1 + np.exp(-4 * (stored - 2000.0) / 1000.0))  # PS3.3 C.11.2.1.3.1, output 0..4095
+    np.testing.assert_allclose(radiograph.pixels, expected, rtol=1e-4, atol=1e-3)
+    assert radiograph.metadata["VOITransform"] == "SIGMOID window, the first"
+
+
+def test_a_voi_lut_that_cannot_be_applied_is_left_out_and_noted(tmp_path, stored):
+    ds = _dicom(stored)
+    ds.VOILUTSequence = [_voi_lut_item(GAMMA_LUT, bits=9)]  # 9 bits per entry: not allowed by PS3.3
+    radiograph = read_radiograph(_save(ds, tmp_path / "bad.dcm"))
+    np.testing.assert_array_equal(radiograph.pixels, stored)
+    assert len(radiograph.read_warnings) == 1
+    assert "VOI LUT Sequence, item 1 of 1 could not be applied" in radiograph.read_warnings[0]
+    assert "read without it" in radiograph.read_warnings[0]
+
+
+def test_raw_detector_data_is_noted(tmp_path, stored):
+    radiograph = read_radiograph(_save(_dicom(stored, PresentationIntentType="FOR PROCESSING"), tmp_path / "raw.dcm"))
+    np.testing.assert_array_equal(radiograph.pixels, stored)
+    assert any("FOR PROCESSING" in note for note in radiograph.read_warnings)
+
+
 @pytest.mark.parametrize("tags, spacing, source", [
     ({"PixelSpacing": [0.2, 0.1], "ImagerPixelSpacing": [0.3, 0.3]}, (0.2, 0.1), "PixelSpacing"),
     ({"ImagerPixelSpacing": [0.18, 0.12], "EstimatedRadiographicMagnificationFactor": "1.2"}, (0.15, 0.1),
