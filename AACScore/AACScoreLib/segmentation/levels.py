@@ -34,6 +34,8 @@ MIN_CONFIDENCE = 0.5  # below this a count is doubtful (on the training families
 SIZE_RATIO_MIN = 0.95  # mean area of the lower two lumbar bodies / the upper two, below which the count is doubted
 MIN_FRACTION, MAX_RATIO = 0.2, 3.0  # pieces this far from a typical body's area are specks or borders, not bodies
 JOINED_RATIO = 1.6  # a piece this many times a typical body's area is tried as two bodies joined across a disc
+TALL_RATIO, TALL_JOINED_RATIO = 1.4, 1.2  # ... and one this many times the median body's height along the spine,
+# from this many times a typical body's area (a small T12 joined to L1, or the top of the sacrum to L5)
 PART_FRACTION = 0.35  # each part of a split piece must hold this share of a typical body's area
 MAX_EROSION = 6  # working-grid pixels eroded at most to part two joined bodies (a body is about 25 across)
 LIKELIHOOD_FLOOR = 1e-3  # added to a body's probability of a level, so one zero does not veto a count
@@ -123,21 +125,40 @@ def _find_bodies(probabilities: np.ndarray, classes: Sequence[str]) -> _Bodies |
 
 def _split_joined(pieces: np.ndarray, count: int, sizes: np.ndarray, reference: float, classes: np.ndarray
                   ) -> tuple[np.ndarray, int, int]:
-    """Pieces about twice a typical body's area, parted into the bodies they join (new piece ids at the end);
-    returns (pieces, their count, how many were parted).
+    """Pieces about twice a typical body's area, or as tall as two bodies (_tall_pieces), parted into the bodies
+    they join (new piece ids at the end); returns (pieces, their count, how many were parted).
 
     Why: two bodies that touch across a narrow or blurred disc form one foreground piece, which would be counted
     as one level and shift every level below or above it. Parted where the network's own classes differ (T12 over
     L1, L5 over S1), else where eroding the piece separates it (a bridge across the disc); each pixel then joins
     the nearest part. A piece that parts into fewer than two body-sized parts is kept whole."""
     pieces, parted = pieces.copy(), 0
-    for piece in [i + 1 for i in range(len(sizes)) if sizes[i] > JOINED_RATIO * reference]:
+    tall = _tall_pieces(pieces, sizes, reference)
+    for piece in [i + 1 for i in range(len(sizes)) if sizes[i] > JOINED_RATIO * reference or i + 1 in tall]:
         parts = _parts_of(pieces == piece, classes, PART_FRACTION * reference)
         parted += len(parts) > 1
         for part in parts[1:]:
             count += 1
             pieces[part] = count
     return pieces, count, parted
+
+
+def _tall_pieces(pieces: np.ndarray, sizes: np.ndarray, reference: float) -> set[int]:
+    """Pieces from TALL_JOINED_RATIO typical bodies' area that are TALL_RATIO times the median body's height along
+    the spine: a body joined to a smaller neighbour (T12 is smaller than L1) adds less than a body's area but a
+    body's height, which no single lumbar body has."""
+    from scipy import ndimage
+
+    bodies = [i + 1 for i in range(len(sizes)) if MIN_FRACTION * reference <= sizes[i] <= MAX_RATIO * reference]
+    if len(bodies) < 3:
+        return set()
+    centroids = np.array(ndimage.center_of_mass(np.ones_like(pieces), pieces, bodies))
+    axis = spine_axis(centroids, np.zeros(len(bodies)))  # its sign does not matter for a height
+    heights = {piece: np.ptp(np.argwhere(pieces == piece) @ axis) + 1 for piece in bodies}
+    largest = sorted(bodies, key=lambda piece: -sizes[piece - 1])[: len(VERTEBRAE)]
+    median = float(np.median([heights[piece] for piece in largest]))
+    return {piece for piece in bodies
+            if heights[piece] > TALL_RATIO * median and sizes[piece - 1] > TALL_JOINED_RATIO * reference}
 
 
 def _parts_of(mask: np.ndarray, classes: np.ndarray, min_area: float) -> list[np.ndarray]:

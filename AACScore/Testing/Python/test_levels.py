@@ -185,3 +185,29 @@ def test_a_doubtful_count_turns_ok_into_warning_with_reasons():
                                                              "disagree by 1 level(s)")
     assert flag_doubtful("warning", "L2 merged", disagreed)[1].startswith("L2 merged; levels doubtful")
     assert flag_doubtful("error", "L5 not found", disagreed) == ("error", "L5 not found")
+
+
+def test_a_small_t12_joined_to_l1_is_parted_by_its_height():
+    """T12 half an L1's height, joined to L1 by a bridge across the disc: the piece is under 1.6 typical bodies'
+    area (not parted by area) but as tall as two bodies, so it is parted where the network's classes change."""
+    probabilities = np.zeros((1 + len(WITH_CONTEXT), 150, 40))
+    probabilities[0] = 1.0
+    truth = np.zeros((150, 40), np.uint8)
+    row = 10
+    for name, height in [("T12", 6)] + [(name, 14) for name in VERTEBRAE]:
+        rows = slice(row, row + height)
+        probabilities[0, rows, 10:30] = 0.05
+        probabilities[1 + WITH_CONTEXT.index(name), rows, 10:30] = 0.95
+        truth[rows, 10:30] = VALUE[name]
+        row += height + 6
+    bridge = np.zeros((150, 40), bool)
+    bridge[16:22, 19:21] = True  # across the T12-L1 disc
+    probabilities[:, bridge] = probabilities[:, 12, 20][:, None]  # T12's values
+    foreground = (probabilities[0] < 0.5)
+    joined_area, body_area = (foreground[:36]).sum(), 14 * 20
+    assert 1.2 < joined_area / body_area < 1.6  # the area rule alone would keep it whole
+
+    levels, how = count_levels(probabilities, WITH_CONTEXT)
+    lumbar = (truth >= 1) & (truth <= 5)
+    assert np.array_equal(levels[lumbar], truth[lumbar])
+    assert how.from_above == "T12" and how.parted == 1 and how.doubtful
