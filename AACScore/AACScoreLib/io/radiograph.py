@@ -53,8 +53,7 @@ _DICOM_METADATA_TAGS = (
 class Radiograph:
     """A 2D grayscale radiograph; `pixels` follows the bone-bright convention whatever the file said."""
 
-    pixels: np.ndarray  # float32 (H, W); modality LUT and a non-linear VOI LUT applied; inverted where viewers
-    # invert it; bone bright
+    pixels: np.ndarray  # float32 (H, W) as a viewer shows it (modality LUT, non-linear VOI), bone bright
     spacing: tuple[float, float] | None  # (row_mm, col_mm), None when unknown
     spacing_source: str  # which tag or header gave the spacing, "unknown" when none did
     path: str

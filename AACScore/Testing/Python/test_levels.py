@@ -203,7 +203,7 @@ def test_a_small_t12_joined_to_l1_is_parted_by_its_height():
     bridge = np.zeros((150, 40), bool)
     bridge[16:22, 19:21] = True  # across the T12-L1 disc
     probabilities[:, bridge] = probabilities[:, 12, 20][:, None]  # T12's values
-    foreground = (probabilities[0] < 0.5)
+    foreground = probabilities[0] < 0.5
     joined_area, body_area = (foreground[:36]).sum(), 14 * 20
     assert 1.2 < joined_area / body_area < 1.6  # the area rule alone would keep it whole
 
