@@ -208,7 +208,7 @@ def _calibrate_qc_by_folds(written: ModelPackage, data: str | Path, base: ModelP
 
     assignment = fold_of_cases(rated, s.qc_folds, s.seed)
     fold_settings = replace(s, qc_folds=0)
-    residual_keys = ("truth", "score", "spread", "flagged")
+    residual_keys = ("truth", "score", "spread", "variant_spread", "flagged")
     measured: dict[str, list] = {key: [] for key in residual_keys}
     with tempfile.TemporaryDirectory(prefix="aacscore-qc-folds-") as scratch:
         for fold in range(s.qc_folds):

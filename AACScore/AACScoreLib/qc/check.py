@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import anatomy, domain, levels
+from . import anatomy, domain, levels, stability
 from .interval import score_uncertainty
 from .reference import load_reference
 from .verdict import QCVerdict, Reason, verdict_of
@@ -19,7 +19,7 @@ class QualityControl:
     def __init__(self, scorer, segmenter=None):
         self.scorer = scorer
         self.segmenter = segmenter
-        self.interval, self.features = load_reference(getattr(scorer, "package", None))
+        self.interval, self.features, self.stability = load_reference(getattr(scorer, "package", None))
 
     def assess(self, radiograph, labels: np.ndarray, labels_source: str, geometry, crop: np.ndarray,
                aac24: float, level_assignment=None, notes: list[Reason] | None = None,
@@ -39,16 +39,19 @@ class QualityControl:
             found, numbers = check()
             reasons += found
             measured.update(numbers)
-        uncertainty = score_uncertainty(self.scorer, crop)
+        uncertainty = score_uncertainty(self.scorer, crop, stability.crop_variants(crop))
         measured["mc_spread"] = uncertainty.spread
-        found, numbers = domain.domain_reasons(self.features, uncertainty.features)
-        reasons += found
-        measured.update(numbers)
+        spread = stability.variant_spread([uncertainty.total, *uncertainty.variant_totals])
+        for found, numbers in (domain.domain_reasons(self.features, uncertainty.features),
+                               stability.stability_reasons(self.stability, spread)):
+            reasons += found
+            measured.update(numbers)
         low = high = None
         if self.interval is not None:  # flagged by the checks above: the wider quantile of flagged results
             flagged = bool(reasons)
-            low, high = self.interval.interval(aac24, uncertainty.spread, flagged)
-            half = self.interval.half_width(uncertainty.spread, flagged)
+            scale = self.interval.spread_of(uncertainty.spread, spread)
+            low, high = self.interval.interval(aac24, scale, flagged)
+            half = self.interval.half_width(scale, flagged)
             if half > MAX_HALF_WIDTH:
                 reasons.append(Reason(SCORE_UNCERTAIN, f"{self.interval.coverage:.0%} interval "
                                                          f"{low:.1f}-{high:.1f} is wider than +-{MAX_HALF_WIDTH:g}"))

@@ -1,11 +1,13 @@
-"""The AAC-24 prediction interval: MC dropout on the scorer's head, scaled by a split-conformal quantile.
+"""The AAC-24 prediction interval: a split-conformal quantile of the residuals, scaled by a spread of the score.
 
-Why this recipe: the head is BatchNorm -> Dropout(0.5) -> Linear, so sampling dropout masks costs one backbone pass
-(the features) and a few matrix products, not one network pass per sample. The spread of those samples says how
-much the score rests on a few features; a conformal quantile of |truth - score| / (spread + floor) on held-out
-images turns it into an interval that covers the truth at the stated rate. `calibrate-qc` also fits the plain
-constant-width conformal interval and keeps whichever is narrower on held-out folds (its figures go in qc.json).
-The point score stays the network's deterministic output.
+Three candidates, all from one batched backbone pass: the MC-dropout spread on the scorer's head (the head is
+BatchNorm -> Dropout(0.5) -> Linear, so dropout masks cost a few matrix products), the spread over the crop's
+blurred and sharpened variants (`stability`), or no spread (a constant width). A conformal quantile of
+|truth - score| / (spread + floor) on held-out images turns a spread into an interval that covers the truth at the
+stated rate. `calibrate-qc` measures each candidate on held-out cases and keeps one (its figures go in qc.json):
+when the calibration cases come from three or more sets (families, restyled or cropped copies), the one whose
+coverage holds best on a set left out of its fitting, since users' images differ from all of them; else the
+narrower on held-out folds. The point score stays the network's deterministic output.
 
 Results that other checks flag for review (levels counted with doubt, odd body shapes, an unfamiliar image) miss
 by more than the others, and they are most of what changes on images from elsewhere. So when the calibration set
@@ -16,6 +18,7 @@ intervals where it needs them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +27,8 @@ from ..kauppila import MAX_TOTAL
 
 MC_SAMPLES = 64
 MC_SEED = 0  # fixed masks: the same image always gets the same interval
-METHODS = ("mc_dropout_conformal", "constant_conformal")
+MC_DROPOUT, VARIANTS, CONSTANT = "mc_dropout_conformal", "variant_conformal", "constant_conformal"
+METHODS = (MC_DROPOUT, VARIANTS, CONSTANT)  # the constant last: spread-based methods must earn their place
 MIN_GAIN = 1.05
 MIN_GROUP = 20  # calibration cases each of flagged / unflagged needs for its own quantile
 
@@ -36,26 +40,30 @@ class Uncertainty:
     features: np.ndarray  # (F,)
     total: float  # deterministic total, unclipped
     spread: float  # SD of the total over dropout masks
+    variant_totals: np.ndarray  # deterministic totals of the extra crops, unclipped
 
 
-def score_uncertainty(scorer, crop: np.ndarray, samples: int = MC_SAMPLES) -> Uncertainty:
-    """Features and MC-dropout spread of the total head for one crop (one backbone pass)."""
+def score_uncertainty(scorer, crop: np.ndarray, variants: Sequence[np.ndarray] = (),
+                      samples: int = MC_SAMPLES) -> Uncertainty:
+    """Features and MC-dropout spread of the total head for one crop, and the totals of `variants` (other
+    versions of the same crop), all in one batched backbone pass."""
     import torch
     from torch import nn
 
     model = scorer.model
     model.eval()
     with torch.no_grad():
-        features = model.features(scorer.prepare(crop))
+        batch = torch.cat([scorer.prepare(c) for c in (crop, *variants)])
+        features = model.features(batch)
         norm = next(m for m in model.head if isinstance(m, nn.BatchNorm1d))
         dropout = next(m for m in model.head if isinstance(m, nn.Dropout))
         linear = next(m for m in model.head if isinstance(m, nn.Linear))
         normed = norm(features)
-        total = float(linear(normed)[0, 0] * model.target_std + model.target_mean)
+        totals = (linear(normed)[:, 0] * model.target_std + model.target_mean).float().cpu().numpy()
         generator = torch.Generator(device=normed.device).manual_seed(MC_SEED)
         keep = (torch.rand((samples, normed.shape[1]), generator=generator, device=normed.device) >= dropout.p)
-        sampled = linear(normed * keep / (1.0 - dropout.p))[:, 0] * model.target_std + model.target_mean
-    return Uncertainty(features[0].float().cpu().numpy(), total, float(sampled.std()))
+        sampled = linear(normed[:1] * keep / (1.0 - dropout.p))[:, 0] * model.target_std + model.target_mean
+    return Uncertainty(features[0].float().cpu().numpy(), float(totals[0]), float(sampled.std()), totals[1:])
 
 
 @dataclass
@@ -68,9 +76,13 @@ class IntervalCalibration:
     floor: float = 0.0  # added to the spread so that a zero spread still gives a width
     review_quantile: float | None = None  # the quantile of results other checks flag; None: one quantile for all
 
+    def spread_of(self, mc_spread: float, variant_spread: float) -> float:
+        """The spread this method scales its width by."""
+        return variant_spread if self.method == VARIANTS else mc_spread
+
     def half_width(self, spread: float, flagged: bool = False) -> float:
         quantile = self.review_quantile if flagged and self.review_quantile is not None else self.quantile
-        if self.method == "constant_conformal":
+        if self.method == CONSTANT:
             return quantile
         return quantile * (spread + self.floor)
 
@@ -106,7 +118,7 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
 def fit_interval(method: str, truth: np.ndarray, score: np.ndarray, spread: np.ndarray,
                  coverage: float) -> IntervalCalibration:
     residual = np.abs(np.asarray(truth, float) - np.asarray(score, float))
-    if method == "constant_conformal":
+    if method == CONSTANT:
         return IntervalCalibration(method, coverage, conformal_quantile(residual, coverage))
     floor = float(np.median(spread))  # keeps near-zero spreads from giving near-zero widths
     return IntervalCalibration(method, coverage, conformal_quantile(residual / (spread + floor), coverage), floor)
@@ -128,37 +140,61 @@ def fit_by_flag(method: str, truth: np.ndarray, score: np.ndarray, spread: np.nd
     pooled = fit_interval(method, truth, score, spread, coverage)
     if min(int(flagged.sum()), int((~flagged).sum())) < MIN_GROUP:
         return pooled
-    scale = 1.0 if method == "constant_conformal" else spread + pooled.floor
+    scale = 1.0 if method == CONSTANT else spread + pooled.floor
     residual = np.abs(truth - score) / scale
     ok, review = (conformal_quantile(residual[group], coverage) for group in (~flagged, flagged))
     return IntervalCalibration(method, coverage, ok, pooled.floor, review)
 
 
 def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, coverage: float = 0.8,
-                    folds: int = 2, seed: int = 0, flagged: np.ndarray | None = None) -> tuple[IntervalCalibration, dict]:
-    """Fit every method on all but one fold and measure it on that fold; keep the narrower one whose held-out
-    coverage is nearest the nominal, refitted on all cases. Returns (calibration, the figures per method).
+                    folds: int = 2, seed: int = 0, flagged: np.ndarray | None = None,
+                    variant_spread: np.ndarray | None = None,
+                    groups: np.ndarray | None = None) -> tuple[IntervalCalibration, dict]:
+    """Measure every method on cases left out of its fitting and keep one, refitted on all cases. Returns
+    (calibration, the figures per method). `spread` is the MC-dropout spread; the variant method is a candidate
+    when `variant_spread` is given.
 
+    With `groups` of three or more calibration sets, each set is left out in turn and the method whose coverage
+    there is nearest the nominal on average is kept (the narrower on a tie): the one that holds best on images
+    unlike those it was fitted on. Otherwise `folds` random folds, keeping the narrower method whose held-out
+    coverage is within 0.05 of the nominal, a spread-based one only when it narrows the interval by MIN_GAIN.
     With `flagged` (which results other QC checks flagged), each method is fitted per group (`fit_by_flag`)."""
     truth, score, spread = (np.asarray(a, float) for a in (truth, score, spread))
     flagged = np.zeros(len(truth), bool) if flagged is None else np.asarray(flagged, bool)
-    order = np.random.default_rng(seed).permutation(len(truth))
-    parts = np.array_split(order, folds)
+    spreads = {MC_DROPOUT: spread, CONSTANT: spread}
+    if variant_spread is not None:
+        spreads[VARIANTS] = np.asarray(variant_spread, float)
+    spreads = {method: values for method, values in spreads.items()  # a spread that never varies says nothing
+               if method == CONSTANT or np.ptp(values) > 0}
+    by_set = groups is not None and len(set(np.asarray(groups).tolist())) >= 3
+    if by_set:
+        labels = np.asarray(groups)
+        parts = [np.flatnonzero(labels == label) for label in dict.fromkeys(labels.tolist())]
+    else:
+        parts = np.array_split(np.random.default_rng(seed).permutation(len(truth)), folds)
     figures = {}
-    for method in METHODS:
-        covered, widths = [], []
-        for k in range(folds):
-            test = parts[k]
-            train = np.concatenate([parts[j] for j in range(folds) if j != k])
-            fitted = fit_by_flag(method, truth[train], score[train], spread[train], flagged[train], coverage)
-            result = evaluate_interval(fitted, truth[test], score[test], spread[test], flagged[test])
-            covered.append(result["coverage"] * len(test))
-            widths.append(result["mean_width"] * len(test))
-        figures[method] = {"held_out_coverage": float(sum(covered) / len(truth)),
-                           "held_out_mean_width": float(sum(widths) / len(truth))}
-    # the spread must earn its place: MC dropout is kept only when it narrows the interval by MIN_GAIN
-    best = min(METHODS, key=lambda m: (abs(figures[m]["held_out_coverage"] - coverage) > 0.05,
-                                       figures[m]["held_out_mean_width"] * (1.0 if m == METHODS[-1] else MIN_GAIN)))
+    for method in (m for m in METHODS if m in spreads):
+        use = spreads[method]
+        results = []
+        for k, test in enumerate(parts):
+            train = np.concatenate([part for j, part in enumerate(parts) if j != k])
+            fitted = fit_by_flag(method, truth[train], score[train], use[train], flagged[train], coverage)
+            results.append(evaluate_interval(fitted, truth[test], score[test], use[test], flagged[test]))
+        sizes = np.array([len(test) for test in parts])
+        covered = np.array([r["coverage"] for r in results])
+        figures[method] = {"held_out_coverage": float(covered @ sizes / sizes.sum()),
+                           "held_out_mean_width": float(np.array([r["mean_width"] for r in results]) @ sizes
+                                                        / sizes.sum())}
+        if by_set:
+            figures[method]["coverage_by_set_left_out"] = [round(float(c), 4) for c in covered]
+            figures[method]["mean_coverage_error"] = float(np.mean(np.abs(covered - coverage)))
+    candidates = [m for m in METHODS if m in figures]
+    if by_set:
+        best = min(candidates, key=lambda m: (figures[m]["mean_coverage_error"], figures[m]["held_out_mean_width"]))
+    else:
+        best = min(candidates, key=lambda m: (abs(figures[m]["held_out_coverage"] - coverage) > 0.05,
+                                              figures[m]["held_out_mean_width"] * (1.0 if m == CONSTANT else MIN_GAIN)))
     figures["chosen"] = best
+    figures["chosen_by"] = "sets left out" if by_set else f"{folds} random folds"
     figures["flagged_cases"] = int(flagged.sum())
-    return fit_by_flag(best, truth, score, spread, flagged, coverage), figures
+    return fit_by_flag(best, truth, score, spreads[best], flagged, coverage), figures

@@ -257,8 +257,9 @@ def test_qc_calibration_end_to_end_scores_from_the_segmenter_and_leaves_out_what
     records = read_score_csv(tmp_path / "truth.csv")
     Image.fromarray(np.full((600, 500), 1000, np.uint16)).save(tmp_path / "blank.png")
     records.append(ScoreRecord(tmp_path / "blank.png", records[0].labels, 3.0))
-    measured = measure(demo_pipeline, records, end_to_end=True)
+    measured = measure(demo_pipeline, records, end_to_end=True, groups=[0, 1, 2])
     from_labels = measure(demo_pipeline, records[:2])
     assert int(measured["not_scored"]) == 1 and len(measured["score"]) == 2
+    assert list(measured["group"]) == [0, 1] and len(measured["variant_spread"]) == 2  # the blank's set left out
     assert measured["features"].shape[0] == 2 and list(measured["truth"]) == list(from_labels["truth"])
     assert not np.array_equal(measured["score"], from_labels["score"])  # the segmenter's crop is not the drawn one

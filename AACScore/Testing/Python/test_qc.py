@@ -13,7 +13,7 @@ from AACScoreLib.errors import ModelPackageError
 from AACScoreLib.geometry.spine import analyze_spine
 from AACScoreLib.io.results_file import COLUMNS, QC_COLUMNS, ResultsFile
 from AACScoreLib.phantoms.generator import generate_phantom
-from AACScoreLib.qc import anatomy, domain, interval, levels
+from AACScoreLib.qc import anatomy, domain, interval, levels, stability
 from AACScoreLib.qc.verdict import Reason, format_reasons, reason_codes, verdict_of, STATUS_OF_QC
 
 
@@ -164,6 +164,25 @@ def test_intervals_cover_new_cases_at_the_nominal_rate_and_the_spread_helps_when
     assert same.method == "constant_conformal"
 
 
+def test_with_calibration_sets_the_method_that_holds_on_a_set_left_out_is_kept():
+    """Four sets; the last, unlike the others, misses by more, and only the variant spread says so."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 150)
+    variant = rng.uniform(0.2, 1.0, 600) * np.where(groups == 3, 3.0, 1.0)
+    truth = rng.uniform(2, 22, 600)
+    score = truth + rng.normal(0, 1, 600) * variant
+    mc = rng.uniform(0.2, 1.0, 600)  # says nothing
+    chosen, figures = interval.choose_interval(truth, score, mc, 0.8, variant_spread=variant, groups=groups)
+    assert chosen.method == figures["chosen"] == interval.VARIANTS and figures["chosen_by"] == "sets left out"
+    assert len(figures[interval.CONSTANT]["coverage_by_set_left_out"]) == 4
+    assert figures[interval.CONSTANT]["coverage_by_set_left_out"][3] < 0.6  # the constant misses the odd set
+    assert figures[interval.VARIANTS]["mean_coverage_error"] < figures[interval.CONSTANT]["mean_coverage_error"]
+    assert chosen.spread_of(mc_spread=9.0, variant_spread=0.5) == 0.5
+    assert interval.choose_interval(truth, score, mc, 0.8, groups=groups)[0].spread_of(9.0, 0.5) == 9.0
+    two_sets = interval.choose_interval(truth, score, mc, 0.8, variant_spread=variant, groups=groups % 2)[1]
+    assert two_sets["chosen_by"] == "2 random folds"
+
+
 def _flagged_wider(n: int, seed: int, flagged_share: float):
     """Unflagged results miss by N(0, 1), flagged ones by N(0, 4): the spread says nothing."""
     rng = np.random.default_rng(seed)
@@ -205,6 +224,33 @@ def test_mc_dropout_spread_is_deterministic_and_centred_on_the_score(tiny_scorer
     assert first.spread > 0 and first.spread == second.spread and first.features.shape == (512,)
     scored = tiny_scorer.score(crop).aac24
     assert scored == pytest.approx(float(np.clip(first.total, 0, 24)), abs=1e-4)
+    assert first.variant_totals.shape == (0,)
+
+
+def test_variants_are_scored_in_the_same_pass_as_the_scorer_scores_them_alone(tiny_scorer):
+    crop = np.random.default_rng(1).random((80, 40)).astype(np.float32)
+    variants = stability.crop_variants(crop)
+    assert [v.shape for v in variants] == [crop.shape] * 2 and not np.allclose(variants[0], crop)
+    both = interval.score_uncertainty(tiny_scorer, crop, variants)
+    alone = interval.score_uncertainty(tiny_scorer, crop)
+    assert both.total == pytest.approx(alone.total, abs=1e-4) and both.spread == pytest.approx(alone.spread, abs=1e-4)
+    for variant, total in zip(variants, both.variant_totals):
+        assert tiny_scorer.score(variant).aac24 == pytest.approx(float(np.clip(total, 0, 24)), abs=1e-4)
+
+
+def test_a_score_that_moves_with_its_crop_variants_is_flagged_above_the_calibrated_limit():
+    assert stability.variant_spread([30.0, 26.0, 24.0]) == 0.0  # clipped to the scale first
+    assert stability.variant_spread([10.0, 12.0, 8.0]) == pytest.approx(np.std([10, 12, 8]))
+    limit = stability.ScoreStability.fit(np.linspace(0.0, 2.0, 101))
+    assert limit.max_spread == pytest.approx(1.8)
+    assert stability.stability_reasons(limit, 1.7) == ([], {"variant_spread": 1.7})
+    reasons, measured = stability.stability_reasons(limit, 2.5)
+    assert [r.code for r in reasons] == ["score_unstable"] and "SD 2.50" in reasons[0].text
+    assert stability.stability_reasons(None, 9.0)[0] == []
+    again = stability.ScoreStability.from_json(json.loads(json.dumps(limit.to_json())))
+    assert again == limit
+    with pytest.raises(ValueError):
+        stability.ScoreStability.from_json({"max_spread": 0})
 
 
 # ------------------------------------------------------------------------------------------------ domain
@@ -234,16 +280,23 @@ def test_calibration_file_is_pinned_in_the_package_and_read_back(tiny_scorer, tm
     folder = tmp_path / "scorer"
     shutil.copytree(tiny_scorer.package.path, folder)
     package = read_package(folder)
-    assert load_reference(package) == (None, None)
+    assert load_reference(package) == (None, None, None)
     truth, score, spread = _heteroscedastic(60, 3)
     measured = {"truth": truth, "score": score, "spread": spread,
                 "features": np.random.default_rng(0).normal(size=(60, 512))}
     write_calibration(package, calibration_file(measured, 0.8, "test cases", package.manifest))
     package = verify_package(folder)
+    assert load_reference(package)[2] is None  # measured without crop variants: the stability check is skipped
+    measured["variant_spread"] = np.linspace(0.0, 2.0, 60)
+    data = calibration_file(measured, 0.8, "test cases", package.manifest)
+    assert data["interval_selection"]["flagged_cases"] >= 6  # the least stable tenth joins the flagged group
+    write_calibration(package, data)
+    package = verify_package(folder)
     assert QC_FILE in package.files and package.files["weights.safetensors"] == tiny_scorer.package.files[
         "weights.safetensors"]
-    calibration, reference = load_reference(package)
+    calibration, reference, limit = load_reference(package)
     assert calibration.coverage == 0.8 and reference.mean.shape == (512,)
+    assert limit.max_spread == pytest.approx(np.quantile(measured["variant_spread"], 0.9))
     (folder / QC_FILE).write_text((folder / QC_FILE).read_text().replace('"format": 1', '"format": 1 '))
     with pytest.raises(ModelPackageError, match="checksum"):
         load_reference(package)
