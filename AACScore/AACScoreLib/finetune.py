@@ -208,7 +208,7 @@ def _calibrate_qc_by_folds(written: ModelPackage, data: str | Path, base: ModelP
 
     assignment = fold_of_cases(rated, s.qc_folds, s.seed)
     fold_settings = replace(s, qc_folds=0)
-    residual_keys = ("truth", "score", "spread", "variant_spread", "flagged")
+    residual_keys = ("truth", "score", "spread", "variant_spread", "flagged", "noted")
     measured: dict[str, list] = {key: [] for key in residual_keys}
     with tempfile.TemporaryDirectory(prefix="aacscore-qc-folds-") as scratch:
         for fold in range(s.qc_folds):
@@ -233,9 +233,11 @@ def _calibrate_qc_by_folds(written: ModelPackage, data: str | Path, base: ModelP
 
 
 def _interval_text(interval: dict) -> str:
-    flagged = interval.get("review_quantile")
-    scale = "" if interval["method"] == "constant_conformal" else " x (MC-dropout spread + floor)"
-    return f"+-{interval['quantile']:.2f}{scale}" + ("" if flagged is None else f", flagged results +-{flagged:.2f}")
+    flagged, many = interval.get("review_quantile"), interval.get("many_flags_quantile")
+    scale = {"mc_dropout_conformal": " x (MC-dropout spread + floor)",
+             "variant_conformal": " x (crop-variant spread + floor)"}.get(interval["method"], "")
+    return (f"+-{interval['quantile']:.2f}{scale}" + ("" if flagged is None else f", flagged results +-{flagged:.2f}")
+            + ("" if many is None else f", flagged by 2+ checks +-{many:.2f}"))
 
 
 def _crops_of(dataset: TrainingSet, cases: Sequence[TrainingCase], input_size: tuple[int, int], work: Path):

@@ -21,7 +21,7 @@ from . import kauppila
 from .errors import AACScoreError, Cancelled
 from .io.radiograph import Radiograph, read_radiograph
 from .qc.check import QualityControl
-from .qc.verdict import Reason, format_reasons
+from .qc.verdict import SEGMENTER_NOTE, Reason, format_reasons
 from .segmentation.levels import LevelAssignment
 
 Progress = Callable[[float, str], None]
@@ -230,7 +230,7 @@ class Pipeline:
         if segmentation.status == "error":
             raise AACScoreError(f"{radiograph.path}: {segmentation.message}")
         if segmentation.message:
-            warnings.append(Reason("segmenter_note", segmentation.message))
+            warnings.append(Reason(SEGMENTER_NOTE, segmentation.message))
         bright = _bone_bright(result, radiograph, segmentation.labels, warnings,
                               getattr(segmentation, "bone_contrast", None))  # the segmenter's measure, if it took one
         return bright, segmentation.labels, "segmenter"

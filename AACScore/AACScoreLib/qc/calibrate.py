@@ -23,6 +23,7 @@ from .domain import UNFAMILIAR_IMAGE, FeatureReference
 from .interval import choose_interval, score_uncertainty
 from .reference import FORMAT, QC_FILE
 from .stability import SCORE_UNSTABLE, ScoreStability, crop_variants, variant_spread
+from .verdict import SEGMENTER_NOTE
 
 REFITTED = (SCORE_UNCERTAIN, UNFAMILIAR_IMAGE, SCORE_UNSTABLE)  # reasons that come from the calibration fitted here
 
@@ -33,7 +34,7 @@ def measure(pipeline, records, progress=None, end_to_end: bool = False,
     or, with `end_to_end`, from the pipeline's own segmentation (cases it cannot score are left out and counted);
     `groups` (the calibration set of each record) is kept for the cases scored."""
     columns: dict[str, list] = {"truth": [], "score": [], "spread": [], "variant_spread": [], "features": [],
-                                "flagged": [], "group": []}
+                                "flagged": [], "noted": [], "group": []}
     skipped = 0
     for index, record in enumerate(records):
         result = pipeline.run(record.image, None if end_to_end else record.labels, heatmap=False)
@@ -48,7 +49,9 @@ def measure(pipeline, records, progress=None, end_to_end: bool = False,
         columns["score"].append(result.aac24)
         columns["spread"].append(uncertainty.spread)
         columns["variant_spread"].append(variant_spread([uncertainty.total, *uncertainty.variant_totals]))
-        columns["flagged"].append(any(reason.code not in REFITTED for reason in result.qc_reasons))
+        raised = {reason.code for reason in result.qc_reasons if reason.code not in REFITTED}
+        columns["flagged"].append(len(raised - {SEGMENTER_NOTE}))  # as `verdict.flag_kinds` counts them
+        columns["noted"].append(SEGMENTER_NOTE in raised)
         columns["features"].append(uncertainty.features)
         columns["group"].append(0 if groups is None else groups[index])
         if progress is not None:
@@ -60,13 +63,16 @@ def measure(pipeline, records, progress=None, end_to_end: bool = False,
 
 def calibration_file(measured: dict[str, np.ndarray], coverage: float, source: str, scorer_manifest: dict) -> dict:
     reference = FeatureReference.fit(measured["features"])
-    flagged = np.array([reference.distance(f) > reference.max_distance for f in measured["features"]])
+    # how many kinds of check flag each case: those fitted here, and the others as the pipeline raised them
+    flagged = np.array([reference.distance(f) > reference.max_distance for f in measured["features"]], int)
     stability = None
     if "variant_spread" in measured:  # cases measured without crop variants: no limit, the check is skipped
         stability = ScoreStability.fit(measured["variant_spread"])
-        flagged |= measured["variant_spread"] > stability.max_spread
-    if "flagged" in measured:  # the other checks' reasons, as the pipeline raised them
-        flagged |= measured["flagged"].astype(bool)
+        flagged += measured["variant_spread"] > stability.max_spread
+    if "flagged" in measured:
+        flagged += measured["flagged"].astype(int)
+    if "noted" in measured:  # the segmenter's note counts when nothing else flags the case
+        flagged[(flagged == 0) & measured["noted"].astype(bool)] = 1
     interval, figures = choose_interval(measured["truth"], measured["score"], measured["spread"], coverage,
                                         flagged=flagged, variant_spread=measured.get("variant_spread"),
                                         groups=measured.get("group"))

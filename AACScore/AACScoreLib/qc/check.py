@@ -7,7 +7,7 @@ import numpy as np
 from . import anatomy, domain, levels, stability
 from .interval import score_uncertainty
 from .reference import load_reference
-from .verdict import QCVerdict, Reason, verdict_of
+from .verdict import QCVerdict, Reason, flag_kinds, verdict_of
 
 MAX_HALF_WIDTH = 4.0  # an 80% interval wider than +-4 points: an error above 4 (a wrong result) is likely
 SCORE_UNCERTAIN = "score_uncertain"  # the one reason that comes from the interval itself
@@ -48,7 +48,7 @@ class QualityControl:
             measured.update(numbers)
         low = high = None
         if self.interval is not None:  # flagged by the checks above: the wider quantile of flagged results
-            flagged = bool(reasons)
+            flagged = flag_kinds(reasons)
             scale = self.interval.spread_of(uncertainty.spread, spread)
             low, high = self.interval.interval(aac24, scale, flagged)
             half = self.interval.half_width(scale, flagged)

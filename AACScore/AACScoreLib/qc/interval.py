@@ -13,7 +13,8 @@ Results that other checks flag for review (levels counted with doubt, odd body s
 by more than the others, and they are most of what changes on images from elsewhere. So when the calibration set
 holds enough of both, the quantile is fitted separately for flagged and unflagged results (Mondrian conformal,
 Vovk et al. 2005): each group is covered at the nominal rate, and a set with more flagged results gets wider
-intervals where it needs them.
+intervals where it needs them. Results flagged by two or more kinds of check miss by more than those flagged by one,
+so they get a third quantile when the calibration set holds enough of them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MC_SEED = 0  # fixed masks: the same image always gets the same interval
 MC_DROPOUT, VARIANTS, CONSTANT = "mc_dropout_conformal", "variant_conformal", "constant_conformal"
 METHODS = (MC_DROPOUT, VARIANTS, CONSTANT)  # the constant last: spread-based methods must earn their place
 MIN_GAIN = 1.05
-MIN_GROUP = 20  # calibration cases each of flagged / unflagged needs for its own quantile
+MIN_GROUP = 20  # calibration cases each group (unflagged, flagged once, flagged more) needs for its own quantile
 
 
 @dataclass
@@ -75,18 +76,23 @@ class IntervalCalibration:
     quantile: float  # conformal quantile of the (scaled) absolute residual (of unflagged results, with review_quantile)
     floor: float = 0.0  # added to the spread so that a zero spread still gives a width
     review_quantile: float | None = None  # the quantile of results other checks flag; None: one quantile for all
+    many_flags_quantile: float | None = None  # of results flagged by 2+ kinds of check; None: review_quantile
 
     def spread_of(self, mc_spread: float, variant_spread: float) -> float:
         """The spread this method scales its width by."""
         return variant_spread if self.method == VARIANTS else mc_spread
 
-    def half_width(self, spread: float, flagged: bool = False) -> float:
-        quantile = self.review_quantile if flagged and self.review_quantile is not None else self.quantile
+    def half_width(self, spread: float, flagged: int = 0) -> float:
+        """`flagged`: how many kinds of check flagged the result (`verdict.flag_kinds`; True counts as one)."""
+        quantile = self.quantile
+        if flagged and self.review_quantile is not None:
+            many = flagged >= 2 and self.many_flags_quantile is not None
+            quantile = self.many_flags_quantile if many else self.review_quantile
         if self.method == CONSTANT:
             return quantile
         return quantile * (spread + self.floor)
 
-    def interval(self, score: float, spread: float, flagged: bool = False) -> tuple[float, float]:
+    def interval(self, score: float, spread: float, flagged: int = 0) -> tuple[float, float]:
         half = self.half_width(spread, flagged)
         return max(0.0, score - half), min(float(MAX_TOTAL), score + half)
 
@@ -94,15 +100,17 @@ class IntervalCalibration:
         data = {"method": self.method, "coverage": self.coverage, "quantile": self.quantile, "floor": self.floor}
         if self.review_quantile is not None:
             data["review_quantile"] = self.review_quantile
+        if self.many_flags_quantile is not None:
+            data["many_flags_quantile"] = self.many_flags_quantile
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "IntervalCalibration":
         if data.get("method") not in METHODS:
             raise ValueError(f"interval method must be one of {METHODS}, got {data.get('method')!r}")
-        review = data.get("review_quantile")
+        review, many = (data.get(key) for key in ("review_quantile", "many_flags_quantile"))
         return cls(str(data["method"]), float(data["coverage"]), float(data["quantile"]), float(data.get("floor", 0)),
-                   None if review is None else float(review))
+                   None if review is None else float(review), None if many is None else float(many))
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -126,8 +134,8 @@ def fit_interval(method: str, truth: np.ndarray, score: np.ndarray, spread: np.n
 
 def evaluate_interval(calibration: IntervalCalibration, truth: np.ndarray, score: np.ndarray,
                       spread: np.ndarray, flagged: np.ndarray | None = None) -> dict[str, float]:
-    flagged = np.zeros(len(truth), bool) if flagged is None else np.asarray(flagged, bool)
-    bounds = np.array([calibration.interval(float(s), float(u), bool(f)) for s, u, f in zip(score, spread, flagged)])
+    flagged = np.zeros(len(truth), int) if flagged is None else np.asarray(flagged, int)
+    bounds = np.array([calibration.interval(float(s), float(u), int(f)) for s, u, f in zip(score, spread, flagged)])
     covered = (truth >= bounds[:, 0]) & (truth <= bounds[:, 1])
     return {"coverage": float(covered.mean()), "mean_width": float(np.mean(bounds[:, 1] - bounds[:, 0])),
             "n": int(len(truth))}
@@ -135,15 +143,21 @@ def evaluate_interval(calibration: IntervalCalibration, truth: np.ndarray, score
 
 def fit_by_flag(method: str, truth: np.ndarray, score: np.ndarray, spread: np.ndarray, flagged: np.ndarray,
                 coverage: float) -> IntervalCalibration:
-    """One quantile for unflagged and one for flagged results (each group needs MIN_GROUP cases, else one for
-    all); both on the scale (MC-dropout floor) of all cases."""
+    """One quantile for unflagged results, one for flagged ones and, when there are enough of them, one for those
+    flagged by two or more kinds of check (`flagged` counts the kinds; each group needs MIN_GROUP cases, else it
+    joins the group before); all on the scale (spread floor) of all cases."""
+    kinds = np.asarray(flagged, int)
     pooled = fit_interval(method, truth, score, spread, coverage)
-    if min(int(flagged.sum()), int((~flagged).sum())) < MIN_GROUP:
+    if min(int((kinds > 0).sum()), int((kinds == 0).sum())) < MIN_GROUP:
         return pooled
     scale = 1.0 if method == CONSTANT else spread + pooled.floor
     residual = np.abs(truth - score) / scale
-    ok, review = (conformal_quantile(residual[group], coverage) for group in (~flagged, flagged))
-    return IntervalCalibration(method, coverage, ok, pooled.floor, review)
+    once, many = kinds == 1, kinds >= 2
+    if min(int(once.sum()), int(many.sum())) < MIN_GROUP:
+        ok, review = (conformal_quantile(residual[group], coverage) for group in (kinds == 0, kinds > 0))
+        return IntervalCalibration(method, coverage, ok, pooled.floor, review)
+    ok, review, more = (conformal_quantile(residual[group], coverage) for group in (kinds == 0, once, many))
+    return IntervalCalibration(method, coverage, ok, pooled.floor, review, more)
 
 
 def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, coverage: float = 0.8,
@@ -158,9 +172,10 @@ def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, co
     there is nearest the nominal on average is kept (the narrower on a tie): the one that holds best on images
     unlike those it was fitted on. Otherwise `folds` random folds, keeping the narrower method whose held-out
     coverage is within 0.05 of the nominal, a spread-based one only when it narrows the interval by MIN_GAIN.
-    With `flagged` (which results other QC checks flagged), each method is fitted per group (`fit_by_flag`)."""
+    With `flagged` (how many kinds of QC check flagged each result), each method is fitted per group
+    (`fit_by_flag`)."""
     truth, score, spread = (np.asarray(a, float) for a in (truth, score, spread))
-    flagged = np.zeros(len(truth), bool) if flagged is None else np.asarray(flagged, bool)
+    flagged = np.zeros(len(truth), int) if flagged is None else np.asarray(flagged, int)
     spreads = {MC_DROPOUT: spread, CONSTANT: spread}
     if variant_spread is not None:
         spreads[VARIANTS] = np.asarray(variant_spread, float)
@@ -196,5 +211,6 @@ def choose_interval(truth: np.ndarray, score: np.ndarray, spread: np.ndarray, co
                                               figures[m]["held_out_mean_width"] * (1.0 if m == CONSTANT else MIN_GAIN)))
     figures["chosen"] = best
     figures["chosen_by"] = "sets left out" if by_set else f"{folds} random folds"
-    figures["flagged_cases"] = int(flagged.sum())
+    figures["flagged_cases"] = int((flagged > 0).sum())
+    figures["flagged_by_two_or_more"] = int((flagged >= 2).sum())
     return fit_by_flag(best, truth, score, spreads[best], flagged, coverage), figures

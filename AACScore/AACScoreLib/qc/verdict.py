@@ -44,6 +44,16 @@ def verdict_of(reasons: list[Reason] | tuple[Reason, ...], scored: bool) -> str:
     return "review" if reasons else "ok"
 
 
+SEGMENTER_NOTE = "segmenter_note"  # the segmenter's own message, which repeats what the levels reasons say
+
+
+def flag_kinds(reasons: list[Reason] | tuple[Reason, ...]) -> int:
+    """How many kinds of check flagged a result: distinct reason codes, the segmenter's note counted only when it
+    stands alone. The interval widens with it (`interval.fit_by_flag`)."""
+    codes = {reason.code for reason in reasons}
+    return len(codes - {SEGMENTER_NOTE}) or len(codes)
+
+
 def format_reasons(reasons: list[Reason] | tuple[Reason, ...]) -> str:
     """One cell of results.csv: "code: text; code: text" (separators inside a text are replaced)."""
     return REASON_SEPARATOR.join(f"{r.code}: {r.text.replace(';', ',')}" for r in reasons)

@@ -224,15 +224,19 @@ def test_a_level_shifted_label_map_gets_review_and_the_true_one_does_not(demo_pi
         assert "levels_differ_from_segmenter" in [r.code for r in result.qc_reasons]
         row = result.record()
         assert row["qc"] == "review" and "levels_differ_from_segmenter:" in row["qc_reasons"]
-        _assert_interval_of_its_group(demo_pipeline, result, flagged=True)
-    _assert_interval_of_its_group(demo_pipeline, honest, flagged=bool(honest.qc_reasons))
+        _assert_interval_of_its_group(demo_pipeline, result)
+    _assert_interval_of_its_group(demo_pipeline, honest)
 
 
-def _assert_interval_of_its_group(pipeline, result, flagged: bool) -> None:
-    """The demo scorer's qc.json has a wider quantile for flagged results: each result gets its group's width."""
+def _assert_interval_of_its_group(pipeline, result) -> None:
+    """The demo scorer's qc.json has wider quantiles for flagged results, widest for those flagged by two or more
+    kinds of check: each result gets its group's width."""
+    from AACScoreLib.qc.verdict import flag_kinds
+
     calibration = pipeline.quality.interval
-    assert calibration.review_quantile is not None and calibration.review_quantile > calibration.quantile
-    half = calibration.review_quantile if flagged else calibration.quantile
+    assert calibration.quantile < calibration.review_quantile < calibration.many_flags_quantile
+    kinds = flag_kinds([reason for reason in result.qc_reasons if reason.code != "score_uncertain"])
+    half = [calibration.quantile, calibration.review_quantile, calibration.many_flags_quantile][min(kinds, 2)]
     assert (result.aac24_low, result.aac24_high) == pytest.approx((max(0.0, result.aac24 - half),
                                                                    min(24.0, result.aac24 + half)))
 

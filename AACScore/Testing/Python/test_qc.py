@@ -205,6 +205,35 @@ def test_flagged_results_get_their_own_wider_quantile_and_each_group_is_covered(
     assert interval.evaluate_interval(pooled, *new)["coverage"] < 0.7  # one quantile for all under-covers it
     few = flagged & (np.cumsum(flagged) <= interval.MIN_GROUP - 1)  # too few flagged cases: one quantile
     assert interval.choose_interval(truth, score, spread, 0.8, flagged=few)[0].review_quantile is None
+    assert chosen.many_flags_quantile is None  # no result flagged twice: two groups
+    assert chosen.interval(10.0, 1.0, flagged=3) == chosen.interval(10.0, 1.0, flagged=1)
+
+
+def test_results_flagged_by_more_kinds_of_check_get_a_third_wider_quantile():
+    rng = np.random.default_rng(0)
+    kinds = rng.choice([0, 1, 2, 3], 900, p=[0.6, 0.2, 0.1, 0.1])
+    truth = rng.uniform(4, 20, 900)
+    score = truth + rng.normal(0, 1, 900) * np.array([1.0, 2.0, 5.0, 5.0])[kinds]
+    chosen = interval.choose_interval(truth, score, np.ones(900), 0.8, flagged=kinds)[0]
+    assert chosen.quantile < chosen.review_quantile < chosen.many_flags_quantile
+    assert chosen.many_flags_quantile == pytest.approx(1.28 * 5, rel=0.2)
+    assert chosen.interval(10.0, 1.0, flagged=3) == chosen.interval(10.0, 1.0, flagged=2) != \
+        chosen.interval(10.0, 1.0, flagged=1)
+    again = interval.IntervalCalibration.from_json(json.loads(json.dumps(chosen.to_json())))
+    assert again == chosen
+    many = kinds >= 2
+    got = interval.evaluate_interval(chosen, truth[many], score[many], np.ones(int(many.sum())), kinds[many])
+    assert got["coverage"] == pytest.approx(0.8, abs=0.06)
+    kinds[kinds >= 2] = np.where(np.arange(int(many.sum())) < interval.MIN_GROUP - 1, 2, 1)  # too few: two groups
+    assert interval.choose_interval(truth, score, np.ones(900), 0.8, flagged=kinds)[0].many_flags_quantile is None
+
+
+def test_the_segmenters_note_counts_as_a_kind_of_flag_only_when_it_stands_alone():
+    from AACScoreLib.qc.verdict import flag_kinds
+
+    note, levels = Reason("segmenter_note", "levels doubtful"), Reason("levels_disagree", "T12 and S1 disagree")
+    assert flag_kinds([]) == 0 and flag_kinds([note]) == 1 and flag_kinds([note, levels]) == 1
+    assert flag_kinds([note, levels, Reason("body_outline", "ragged"), Reason("body_outline", "ragged L2")]) == 2
 
 
 def test_interval_stays_on_the_scale_and_round_trips_through_json():
