@@ -172,8 +172,13 @@ class Pipeline:
                 anterior=anterior,
                 patient_orientation=radiograph.patient_orientation,
                 image=radiograph.pixels,
+                box_ragged=True,
             )
             crop = self.scorer.crop(radiograph.pixels, result.geometry)
+        if result.geometry.boxed:
+            warnings.append(Reason("body_boxed", f"no four sides could be fitted to the outline of "
+                                                 f"{', '.join(result.geometry.boxed)}: its box along the spine was "
+                                                 "taken for its corners; check the segment"))
         if result.geometry.anterior_source == "default":
             warnings.append(Reason("anterior_guessed",
                                    "anterior side not evident from the image: check the boundaries or set it"))

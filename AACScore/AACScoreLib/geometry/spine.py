@@ -74,6 +74,7 @@ class SpineGeometry:
     t12_inferior_border: np.ndarray | None = None  # L1.superior_mid - h(T12/L1) across the disc: the crop's top
     # anatomy votes in [-1, 1]; + votes for anterior = (-inferior[1], inferior[0]): image right when upright
     anterior_evidence: dict[str, float] = field(default_factory=dict)
+    boxed: tuple[str, ...] = ()  # bodies whose sides are their box along the spine (`box_ragged`), not fitted lines
 
     @property
     def mean_ap_length_px(self) -> float:
@@ -100,11 +101,15 @@ def analyze_spine(
     anterior: str | Sequence[float] | None = None,
     patient_orientation: Sequence[str] | str | None = None,
     image: np.ndarray | None = None,
+    box_ragged: bool = False,
 ) -> SpineGeometry:
     """Kauppila geometry of an L1–L5 label map (0 background, 1..5 = L1..L5).
 
     anterior: "left" | "right" | a (row, col) vector, overriding PatientOrientation, which overrides anatomy
     (lumbar lordosis, and when `image` is given, posterior elements brighter behind the bodies).
+    box_ragged: a body whose outline gives no four side lines (a ragged or partly missing segment) takes the
+    sides of its box along the spine instead of raising, and is named in `boxed`; a segmenter's output is scored
+    that way (and flagged), while truth written from drawn label maps stays exact.
     Raises GeometryError naming the missing, split, merged or out-of-order vertebra.
     """
     labels = _checked_labels(labels)
@@ -121,10 +126,19 @@ def analyze_spine(
     _check_order(centroids, inferior)
     across = np.array([-inferior[1], inferior[0]])
 
-    sides = []
+    sides, boxed = [], []
     for index, name in enumerate(VERTEBRAE):
         before, after = centroids[max(index - 1, 0)], centroids[min(index + 1, len(VERTEBRAE) - 1)]
-        sides.append(_fit_sides(name, points[index], centroids[index], _unit(after - before), across))
+        along = _unit(after - before)
+        try:
+            fitted = _fit_sides(name, points[index], centroids[index], along, across)
+            _check_corners(name, _corners_of(fitted), points[index])
+        except GeometryError:
+            if not box_ragged:
+                raise
+            fitted = _box_sides(points[index], centroids[index], along, across)
+            boxed.append(name)
+        sides.append(fitted)
 
     sign, source, evidence = _anterior_sign(
         anterior, patient_orientation, image, labels.shape, scale, across, centroids, inferior, sides
@@ -141,7 +155,6 @@ def analyze_spine(
             "inferior_posterior": _intersect(bottom, back),
             "inferior_anterior": _intersect(bottom, front),
         }
-        _check_corners(name, corners, points[index])
         vertebrae.append(_make_vertebra(name, index + 1, centroids[index], corners))
 
     _check_disc_spaces(vertebrae, inferior)
@@ -167,6 +180,7 @@ def analyze_spine(
         spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         t12_inferior_border=t12_border / scale,
         anterior_evidence=evidence,
+        boxed=tuple(boxed),
     )
 
 
@@ -340,6 +354,25 @@ def _fit_sides(name: str, points: np.ndarray, centroid: np.ndarray, inferior: np
     plus = _fit_line(points[walls & (v > 0)], f"a wall of {name}")
     minus = _fit_line(points[walls & (v < 0)], f"a wall of {name}")
     return top, bottom, plus, minus
+
+
+def _box_sides(points: np.ndarray, centroid: np.ndarray, inferior: np.ndarray, across: np.ndarray):
+    """Superior, inferior, +across and -across sides of the body's box along the local spine axis, from robust
+    extremes of its edge (2nd and 98th percentiles, so that a spur or a stray edge does not widen it)."""
+    v_dir = np.array([-inferior[1], inferior[0]])
+    if np.dot(v_dir, across) < 0:
+        v_dir = -v_dir
+    u_low, u_high = np.percentile((points - centroid) @ inferior, [2, 98])
+    v_low, v_high = np.percentile((points - centroid) @ v_dir, [2, 98])
+    return (_Line(centroid + u_low * inferior, v_dir), _Line(centroid + u_high * inferior, v_dir),
+            _Line(centroid + v_high * v_dir, inferior), _Line(centroid + v_low * v_dir, inferior))
+
+
+def _corners_of(sides) -> dict[str, np.ndarray]:
+    """The four intersections of a body's side lines, whichever side is anterior."""
+    top, bottom, plus, minus = sides
+    return {"top_plus": _intersect(top, plus), "top_minus": _intersect(top, minus),
+            "bottom_plus": _intersect(bottom, plus), "bottom_minus": _intersect(bottom, minus)}
 
 
 def _intersect(a: _Line, b: _Line) -> np.ndarray:

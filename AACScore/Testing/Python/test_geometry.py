@@ -472,6 +472,35 @@ def test_error_merged_vertebrae(clean):
         analyze_spine(one_label)
 
 
+def _with_triangular_l3(labels: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """L3 redrawn as a triangle (apex up) over its own extent: no superior endplate to fit; and that extent."""
+    rows, cols = np.nonzero(labels == 3)
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    ragged = np.where(labels == 3, 0, labels)
+    rr, cc = fill_polygon([top, bottom, bottom], [(left + right) / 2, right, left], labels.shape)
+    ragged[rr, cc] = 3
+    return ragged, (top, bottom, left, right)
+
+
+def test_a_body_without_four_sides_is_an_error_or_boxed_on_request(clean):
+    ragged, (top, bottom, left, right) = _with_triangular_l3(clean)
+    with pytest.raises(GeometryError, match="the superior endplate of L3 could not be found"):
+        analyze_spine(ragged, anterior="left")
+    geometry = analyze_spine(ragged, anterior="left", box_ragged=True)
+    assert geometry.boxed == ("L3",)
+    corners = np.array(list(geometry.vertebrae[2].corners.values()))
+    # the box along the (nearly vertical) spine spans the triangle's extent, within a few pixels
+    np.testing.assert_allclose(np.sort(corners[:, 0])[[0, -1]], [top, bottom], atol=6)
+    np.testing.assert_allclose(np.sort(corners[:, 1])[[0, -1]], [left, right], atol=6)
+    # the other bodies keep their fitted sides: the same corners as without the ragged one
+    reference = analyze_spine(clean, anterior="left", box_ragged=True)
+    assert reference.boxed == ()
+    for index in (0, 1, 3, 4):
+        for name in CORNER_NAMES:
+            np.testing.assert_allclose(geometry.vertebrae[index].corners[name],
+                                       reference.vertebrae[index].corners[name], atol=1e-6)
+
+
 def test_error_out_of_order(clean):
     swapped = clean.copy()
     swapped[clean == 3], swapped[clean == 4] = 4, 3

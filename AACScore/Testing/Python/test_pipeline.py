@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage.draw import polygon as fill_polygon
 
 from AACScoreLib.batch import merge_shards, score_cohort
 from AACScoreLib.io.cohort import WorkItem, collect, output_names
@@ -57,6 +58,19 @@ def test_pipeline_reports_bad_label_maps_as_error_results(tiny_scorer, phantoms,
     result = Pipeline(tiny_scorer).run(phantoms[0], damage(labels))
     assert result.status == "error"
     assert re.search(problem, result.message), result.message
+
+
+def test_a_body_whose_sides_cannot_be_fitted_is_scored_from_its_box_and_flagged(tiny_scorer, phantoms):
+    labels = np.asarray(Image.open(_labels_of(phantoms[0])))
+    rows, cols = np.nonzero(labels == 3)
+    ragged = np.where(labels == 3, 0, labels)  # L3 redrawn as a triangle: no superior endplate to fit
+    rr, cc = fill_polygon([rows.min(), rows.max(), rows.max()], [cols.mean(), cols.max(), cols.min()], labels.shape)
+    ragged[rr, cc] = 3
+    result = Pipeline(tiny_scorer).run(phantoms[0], ragged)
+    assert result.qc == "review" and result.status == "warning" and 0.0 <= result.aac24 <= 24.0
+    boxed = [reason for reason in result.qc_reasons if reason.code == "body_boxed"]
+    assert len(boxed) == 1 and "L3" in boxed[0].text, result.qc_reasons
+    assert "body_boxed:" in result.record()["qc_reasons"]
 
 
 def test_pipeline_without_segmenter_or_labels_says_so(tiny_scorer, phantoms):
