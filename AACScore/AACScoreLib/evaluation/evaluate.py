@@ -27,6 +27,7 @@ from ..errors import AACScoreError, GeometryError, OutputError
 from ..kauppila import CATEGORIES, CATEGORY_RANGES, MAX_SUBSCORE, MAX_TOTAL, SUBSCORE_COLUMNS, VERTEBRAE
 from ..io.cohort import OUTPUT_HASH_DIGITS, csv_text
 from ..io.labelmaps import read_label_map
+from ..qc.verdict import SCORE_UNCERTAIN, SEGMENTER_NOTE, kinds_of, reason_codes
 
 LABEL_MAP_SUFFIXES = (".png", ".nrrd")
 METRIC_NAMES: dict[str, str] = {
@@ -38,6 +39,7 @@ PLOT_FILES = ("scatter.png", "bland_altman.png", "confusion_matrix.png")
 WRONG_ERROR = 4.0  # |prediction - truth| above this makes a result wrong
 WRONG_LEVEL_DICE = 0.5  # a vertebra below this Dice against the truth map is at the wrong level (or missing)
 FLAGGED = ("review", "error")
+MAX_LISTED = 20  # wrong results passed as ok named in the report (metrics.json lists them all)
 
 
 @dataclass
@@ -271,6 +273,9 @@ def dice_by_vertebra(truth_folder: str | Path, pred_folder: str | Path) -> dict:
 
 # ---------------------------------------------------------------- quality control
 
+REASON_COUNTS = ("wrong", "right", "wrong_alone", "right_alone")  # results each kind of check flagged, and alone
+
+
 def _fraction(part: int, whole: int) -> dict:
     return {"flagged": part, "n": whole, "share": part / whole if whole else math.nan}
 
@@ -289,6 +294,8 @@ def qc_figures(truth_csv: str | Path, pred_csv: str | Path, dice: dict | None = 
     why = Counter()
     covered = with_interval = unchecked = 0
     flagged_codes = Counter()
+    by_reason: dict[str, Counter] = {}
+    missed = []
     for truth_row, pred_row in _pair_rows(truth_rows, pred_rows, truth_path, pred_path):
         qc, truth, pred = pred_row["qc"].lower(), _number(truth_row["aac24"]), _number(pred_row["aac24"])
         if truth is None or not qc:
@@ -303,15 +310,23 @@ def qc_figures(truth_csv: str | Path, pred_csv: str | Path, dice: dict | None = 
         if kind == "wrong":
             why.update(["not scored" if qc == "error" else "level wrong" if level_wrong else "|error| > 4"])
         if qc in FLAGGED:
-            from ..qc.verdict import reason_codes
-
-            flagged_codes.update(reason_codes(pred_row.get("qc_reasons", "")) or ["(none given)"])
+            codes = reason_codes(pred_row.get("qc_reasons", "")) or ["(none given)"]
+            flagged_codes.update(codes)
+            kinds = kinds_of(codes)
+            for code in kinds:
+                by_reason.setdefault(code, Counter()).update([kind] + ([f"{kind}_alone"] if len(kinds) == 1 else []))
+        elif kind == "wrong":
+            missed.append({"file": _basename(truth_row["file"]), "error": round(pred - truth, 3),
+                           "level_wrong": level_wrong})
         low, high = _number(pred_row.get("aac24_low", "")), _number(pred_row.get("aac24_high", ""))
         if low is not None and high is not None:
             with_interval += 1
             covered += low <= truth <= high
     return {"wrong": _fraction(*counts["wrong"]), "right": _fraction(*counts["right"]),
             "wrong_because": dict(why), "levels_checked": bool(cases), "reason_codes": dict(flagged_codes.most_common()),
+            "by_reason": {code: {key: counts[key] for key in REASON_COUNTS}
+                          for code, counts in sorted(by_reason.items(), key=lambda item: -sum(item[1].values()))},
+            "wrong_not_flagged": missed,
             "interval": {"covered": covered, "n": with_interval,
                          "coverage": covered / with_interval if with_interval else math.nan},
             "without_qc": unchecked}
@@ -427,9 +442,19 @@ def _qc_report(quality: dict) -> list[str]:
              f"| wrong | {share(wrong)} |", f"| right | {share(right)} |", ""]
     if quality["wrong_because"]:
         lines.append("Wrong because: " + ", ".join(f"{k} {v}" for k, v in quality["wrong_because"].items()) + ".  ")
-    if quality["reason_codes"]:
-        lines.append("Reasons of the flagged: " + ", ".join(f"{k} {v}" for k, v in quality["reason_codes"].items())
-                     + ".  ")
+    if quality["by_reason"]:  # which checks flag what: the ones that flag right results alone cost the most review
+        lines += ["", "| Reason | wrong results it flagged | right results it flagged | wrong, no other reason | "
+                      "right, no other reason |", "|---|---|---|---|---|"]
+        lines += [f"| {code} | " + " | ".join(str(counts[key]) for key in REASON_COUNTS) + " |"
+                  for code, counts in quality["by_reason"].items()]
+        lines += ["", f"(`{SCORE_UNCERTAIN}` follows from the others and is left out; `{SEGMENTER_NOTE}` counts only "
+                      "when it stands alone.)", ""]
+    if quality["wrong_not_flagged"]:
+        shown = quality["wrong_not_flagged"][:MAX_LISTED]
+        lines.append("Wrong results passed as ok: " + ", ".join(
+            f"{case['file']} ({case['error']:+.1f}{', level wrong' if case['level_wrong'] else ''})" for case in shown)
+            + (f" and {len(quality['wrong_not_flagged']) - len(shown)} more" if len(shown) < len(quality["wrong_not_flagged"]) else "")
+            + ".  ")
     lines.append(f"Prediction interval held the truth in {interval['covered']}/{interval['n']} "
                  + (f"({100 * interval['coverage']:.1f}%) " if interval["n"] else "") + "of the results that have one.")
     if quality["without_qc"]:

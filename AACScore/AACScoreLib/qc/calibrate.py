@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AACScoreError
-from .check import SCORE_UNCERTAIN
 from .domain import UNFAMILIAR_IMAGE, FeatureReference
 from .interval import choose_interval, score_uncertainty
 from .reference import FORMAT, QC_FILE
 from .stability import SCORE_UNSTABLE, ScoreStability, crop_variants, variant_spread
-from .verdict import SEGMENTER_NOTE
+from .verdict import SCORE_UNCERTAIN, SEGMENTER_NOTE
 
 REFITTED = (SCORE_UNCERTAIN, UNFAMILIAR_IMAGE, SCORE_UNSTABLE)  # reasons that come from the calibration fitted here
 

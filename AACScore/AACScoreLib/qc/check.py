@@ -7,10 +7,9 @@ import numpy as np
 from . import anatomy, domain, levels, stability
 from .interval import score_uncertainty
 from .reference import load_reference
-from .verdict import QCVerdict, Reason, flag_kinds, verdict_of
+from .verdict import SCORE_UNCERTAIN, QCVerdict, Reason, flag_kinds, verdict_of
 
 MAX_HALF_WIDTH = 4.0  # an 80% interval wider than +-4 points: an error above 4 (a wrong result) is likely
-SCORE_UNCERTAIN = "score_uncertain"  # the one reason that comes from the interval itself
 
 
 class QualityControl:

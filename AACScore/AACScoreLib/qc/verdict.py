@@ -7,6 +7,7 @@ ok -> "ok", review -> "warning", error -> "error". A result to review is therefo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 QC_VALUES: tuple[str, ...] = ("ok", "review", "error")
 STATUS_OF_QC: dict[str, str] = {"ok": "ok", "review": "warning", "error": "error"}
@@ -45,13 +46,19 @@ def verdict_of(reasons: list[Reason] | tuple[Reason, ...], scored: bool) -> str:
 
 
 SEGMENTER_NOTE = "segmenter_note"  # the segmenter's own message, which repeats what the levels reasons say
+SCORE_UNCERTAIN = "score_uncertain"  # the one reason that comes from the interval itself, after the others
+
+
+def kinds_of(codes: Iterable[str]) -> set[str]:
+    """The kinds of check among reason codes: the distinct codes, the segmenter's note only when it stands alone,
+    and `score_uncertain` left out (the interval widens because other checks flagged the result)."""
+    kinds = set(codes) - {SCORE_UNCERTAIN}
+    return (kinds - {SEGMENTER_NOTE}) or kinds
 
 
 def flag_kinds(reasons: list[Reason] | tuple[Reason, ...]) -> int:
-    """How many kinds of check flagged a result: distinct reason codes, the segmenter's note counted only when it
-    stands alone. The interval widens with it (`interval.fit_by_flag`)."""
-    codes = {reason.code for reason in reasons}
-    return len(codes - {SEGMENTER_NOTE}) or len(codes)
+    """How many kinds of check flagged a result (`kinds_of`). The interval widens with it (`interval.fit_by_flag`)."""
+    return len(kinds_of(reason.code for reason in reasons))
 
 
 def format_reasons(reasons: list[Reason] | tuple[Reason, ...]) -> str:

@@ -349,6 +349,15 @@ def _write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def test_kinds_of_check_leave_out_the_interval_and_a_note_beside_other_reasons():
+    from AACScoreLib.qc.verdict import kinds_of
+
+    assert kinds_of(["segmenter_note", "bodies_parted", "score_uncertain", "bodies_parted"]) == {"bodies_parted"}
+    assert kinds_of(["segmenter_note", "score_uncertain"]) == {"segmenter_note"}
+    assert kinds_of(["levels_disagree", "score_unstable"]) == {"levels_disagree", "score_unstable"}
+    assert kinds_of([]) == set()
+
+
 def test_evaluate_reports_flagged_wrong_and_right_results_and_coverage(tmp_path):
     from AACScoreLib.evaluation.evaluate import evaluate
 
@@ -370,6 +379,11 @@ def test_evaluate_reports_flagged_wrong_and_right_results_and_coverage(tmp_path)
     assert (quality["right"]["flagged"], quality["right"]["n"]) == (1, 3)
     assert quality["interval"] == {"covered": 2, "n": 5, "coverage": 0.4}
     assert quality["reason_codes"] == {"body_area": 1, "unfamiliar_image": 1, "not_scored": 1}
+    assert quality["by_reason"]["body_area"] == {"wrong": 0, "right": 1, "wrong_alone": 0, "right_alone": 1}
+    assert quality["by_reason"]["unfamiliar_image"] == {"wrong": 1, "right": 0, "wrong_alone": 1, "right_alone": 0}
+    assert quality["wrong_not_flagged"] == [{"file": "c3.dcm", "error": -7.0, "level_wrong": False}]
+    assert "| body_area | 0 | 1 | 0 | 1 |" in results["report"]
+    assert "Wrong results passed as ok: c3.dcm (-7.0)." in results["report"]
     assert results["n"] == 5  # rows to review are scored results: they count in the statistics
     assert "## Quality control" in results["report"] and "| wrong | 2/3 (66.7%) |" in results["report"]
     no_qc = [{k: v for k, v in row.items() if k not in QC_COLUMNS} for row in pred]
