@@ -449,12 +449,12 @@ def _qc_report(quality: dict) -> list[str]:
                   for code, counts in quality["by_reason"].items()]
         lines += ["", f"(`{SCORE_UNCERTAIN}` follows from the others and is left out; `{SEGMENTER_NOTE}` counts only "
                       "when it stands alone.)", ""]
-    if quality["wrong_not_flagged"]:
-        shown = quality["wrong_not_flagged"][:MAX_LISTED]
-        lines.append("Wrong results passed as ok: " + ", ".join(
-            f"{case['file']} ({case['error']:+.1f}{', level wrong' if case['level_wrong'] else ''})" for case in shown)
-            + (f" and {len(quality['wrong_not_flagged']) - len(shown)} more" if len(shown) < len(quality["wrong_not_flagged"]) else "")
-            + ".  ")
+    missed = quality["wrong_not_flagged"]
+    if missed:
+        named = ", ".join(f"{case['file']} ({case['error']:+.1f}{', level wrong' if case['level_wrong'] else ''})"
+                          for case in missed[:MAX_LISTED])
+        more = f" and {len(missed) - MAX_LISTED} more" if len(missed) > MAX_LISTED else ""
+        lines.append(f"Wrong results passed as ok: {named}{more}.  ")
     lines.append(f"Prediction interval held the truth in {interval['covered']}/{interval['n']} "
                  + (f"({100 * interval['coverage']:.1f}%) " if interval["n"] else "") + "of the results that have one.")
     if quality["without_qc"]:

@@ -356,7 +356,8 @@ def _fit_sides(name: str, points: np.ndarray, centroid: np.ndarray, inferior: np
     return top, bottom, plus, minus
 
 
-def _box_sides(points: np.ndarray, centroid: np.ndarray, inferior: np.ndarray, across: np.ndarray):
+def _box_sides(points: np.ndarray, centroid: np.ndarray, inferior: np.ndarray,
+               across: np.ndarray) -> tuple[_Line, _Line, _Line, _Line]:
     """Superior, inferior, +across and -across sides of the body's box along the local spine axis, from robust
     extremes of its edge (2nd and 98th percentiles, so that a spur or a stray edge does not widen it)."""
     v_dir = np.array([-inferior[1], inferior[0]])
