@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.gradcam_report",
     "evaluation.generalisation",
     "evaluation.segmentation_benchmark",
+    "evaluation.ct_radiographs",
     "models",
     "finetune",
 )

@@ -9,6 +9,8 @@ left unknown, every image is segmented without its pixel spacing, as a PNG or JP
 widened, every image is first padded to a wider field of view (a full-spine view, an export padded to landscape);
 with a turn, every image is stored turned by that many quarter turns without its PatientOrientation (an export
 on its side or upside down), so the segmenter's upright check has to find the turn.
+With `--cases`, folders of images with their label maps take the phantoms' place (one row per folder), such as
+the lateral radiographs `aacscore ct-radiographs` computes from segmented CT scans: real anatomy.
 A benchmark is a command, not a test: its table goes in the README.
 """
 
@@ -120,19 +122,55 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
     L5 (without `spacing_known`, each image without its pixel spacing; with `widen` above 1, each view first padded
     to that many times its size; with `turns`, each stored turned by that many quarter turns, untagged); returns
     the figures per family and set, and every case."""
-    from ..segmentation.segmenter import turned
-
     from ..phantoms.families import FAMILIES
     from ..phantoms.generator import check_styles, generate_phantom, read_back
 
-    families = check_styles(families)
-    trained_on = segmenter.manifest.get("training_data", {}).get("phantoms", {}).get("styles", [])
-    results, cases = {}, []
-    for family in families:
-        by_set: dict[str, list[dict]] = {name: [] for name in (SETS if sacrum_cropped else SETS[:1])}
+    def phantoms(family: str):
         for index in range(n):
             phantom = generate_phantom(seed, family, index)
-            radiograph, truth = read_back(phantom), phantom.labels
+            yield phantom.name, read_back(phantom), phantom.labels, phantom.truth.get("transitional", "")
+
+    families = check_styles(families)
+    trained_on = segmenter.manifest.get("training_data", {}).get("phantoms", {}).get("styles", [])
+    groups = {family: phantoms(family) for family in families}
+    kinds = {family: {"held_out_family": FAMILIES[family].held_out, "seen_in_training": family in trained_on}
+             for family in families}
+    return _run_groups(segmenter, groups, kinds, sacrum_cropped, spacing_known, widen, turns, progress,
+                       {"trained_on_families": trained_on, "seed": seed, "n_per_family": n})
+
+
+def run_case_benchmark(segmenter, folders: Sequence[str | Path], sacrum_cropped: bool = True,
+                       spacing_known: bool = True, widen: float = 1.0, turns: int | None = None,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """The same figures for image and label map pairs on disk (`<name>.<ext>` beside `<name>_labels.png` or
+    `<name>.seg.nrrd`; e.g. written by `aacscore ct-radiographs`), one group per folder."""
+    from ..segmentation.dataset import load_case, phantom_cases
+
+    groups, sizes = {}, []
+    for folder in map(Path, folders):
+        cases = phantom_cases(folder) if folder.is_dir() else []
+        if not cases:
+            raise AACScoreError(f"{folder}: no image with a label map beside it (<name>_labels.png or <name>.seg.nrrd)")
+        if folder.name in groups:
+            raise AACScoreError(f"{folder}: another folder of the same name is given; rows are named by folder")
+        groups[folder.name] = ((image.name, *load_case((image, labels), context=False), "") for image, labels in cases)
+        sizes.append(len(cases))
+    kinds = {name: {"held_out_family": False, "seen_in_training": False, "from_files": True} for name in groups}
+    trained_on = segmenter.manifest.get("training_data", {}).get("phantoms", {}).get("styles", [])
+    return _run_groups(segmenter, groups, kinds, sacrum_cropped, spacing_known, widen, turns, progress,
+                       {"trained_on_families": trained_on, "seed": None, "n_per_family": sizes,
+                        "folders": [str(f) for f in folders]})
+
+
+def _run_groups(segmenter, groups: dict, kinds: dict, sacrum_cropped: bool, spacing_known: bool, widen: float,
+                turns: int | None, progress: Callable[[str], None] | None, header: dict) -> dict:
+    """Segment every (name, radiograph, truth, transitional) of every group in each set; the benchmark's figures."""
+    from ..segmentation.segmenter import turned
+
+    results, cases = {}, []
+    for group, items in groups.items():
+        by_set: dict[str, list[dict]] = {name: [] for name in (SETS if sacrum_cropped else SETS[:1])}
+        for index, (name, radiograph, truth, transitional) in enumerate(items):
             if widen > 1:
                 radiograph, truth = widen_view(radiograph, truth, widen)
             if not cases and index == 0:
@@ -140,21 +178,20 @@ def run_segmentation_benchmark(segmenter, families: Sequence[str], n: int, seed:
             images = {"full": (radiograph, truth)}
             if sacrum_cropped:
                 images["sacrum cropped"] = crop_below_l5(radiograph, truth)
-            for name, (image, labels) in images.items():
+            for set_name, (image, labels) in images.items():
                 image = image if spacing_known else replace(image, spacing=None, spacing_source="unknown")
                 if turns is not None:
                     image, labels = turned(image, turns), np.rot90(labels, turns)
-                case = {"family": family, "set": name, "name": phantom.name,
-                        "transitional": phantom.truth.get("transitional", ""), **score_case(segmenter, image, labels)}
-                by_set[name].append(case)
+                case = {"family": group, "set": set_name, "name": name, "transitional": transitional,
+                        **score_case(segmenter, image, labels)}
+                by_set[set_name].append(case)
                 cases.append(case)
             if progress:
-                progress(f"{family} {index + 1}/{n}")
-        results[family] = {"held_out_family": FAMILIES[family].held_out, "seen_in_training": family in trained_on,
-                           **{name: summarise(items, turns or 0) for name, items in by_set.items()}}
+                progress(f"{group} {index + 1}")
+        results[group] = {**kinds[group], **{set_name: summarise(items, turns or 0) for set_name, items in by_set.items()}}
     return {
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
-        "classes": list(segmenter.classes), "trained_on_families": trained_on, "seed": seed, "n_per_family": n,
+        "classes": list(segmenter.classes), **header,
         "level_right_if_dice_at_least": LEVEL_DICE_RIGHT, "sacrum_margin_mm": SACRUM_MARGIN_MM,
         "spacing": "known" if spacing_known else "unknown", "view_widened": widen, "stored_turns": turns,
         "upright_check": None if segmenter.upright is None else
@@ -169,8 +206,9 @@ def format_table(figures: dict) -> str:
     """The README table: one row per family and set."""
     turned = figures.get("stored_turns") is not None
     lines = [f"Segmenter {figures['segmenter']} (classes {', '.join(figures['classes'])}; trained on "
-             f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), {figures['n_per_family']} "
-             f"phantoms per family, seed {figures['seed']}, {figures['device']}"
+             f"{', '.join(figures['trained_on_families']) or 'no phantom family recorded'}), "
+             + (f"images and label maps from {', '.join(figures['folders'])}" if figures.get("folders") else
+                f"{figures['n_per_family']} phantoms per family, seed {figures['seed']}") + f", {figures['device']}"
              + (f", each view padded to {figures['view_widened']:g} times its size"
                 if figures.get("view_widened", 1) > 1 else "")
              + (f", each image stored turned by {figures['stored_turns']} quarter turn(s) (numpy.rot90) without "
@@ -181,8 +219,8 @@ def format_table(figures: dict) -> str:
              "| levels counted by | s / image |" + (" segmented upright |" if turned else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if turned else "")]
     for family, entry in figures["families"].items():
-        label = family + (" (held out)" if entry["held_out_family"] else
-                          "" if entry["seen_in_training"] else " (not trained on)")
+        label = family + (" (held out)" if entry["held_out_family"] else "" if entry["seen_in_training"] or
+                          entry.get("from_files") else " (not trained on)")
         for name in SETS:
             if name not in entry:
                 continue
@@ -201,11 +239,15 @@ def format_table(figures: dict) -> str:
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment-benchmark", help="how a segmenter generalises: unseen phantom families, sacrum out of view",
-        description="Segment phantoms of each family (made in memory) and the same images cut just below L5; "
+        description="Segment phantoms of each family (made in memory), or the images of --cases folders, and the "
+                    "same images cut just below L5; "
                     "write segment_benchmark.json and segment_benchmark.md (share with all five levels right, "
                     "Dice per vertebra, error rows, wrong-but-ok rows, how levels were counted, s/image) to --out.")
     parser.add_argument("--families", default=None,
                         help="comma-separated phantom families (default: all; see aacscore phantoms --list-families)")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="DIR",
+                        help="instead of phantoms: folders of images with <name>_labels.png beside them (e.g. from "
+                             "aacscore ct-radiographs), one row per folder")
     parser.add_argument("--n", type=int, default=100, help="phantoms per family")
     parser.add_argument("--seed", type=int, default=BENCHMARK_SEED)
     parser.add_argument("--model", default=None, help="segmenter package name or path (default: newest installed)")
@@ -232,11 +274,16 @@ def _run(args) -> int:
         raise AACScoreError(f"--n must be at least 1, not {args.n}")
     if not 1 <= args.widen <= 4:
         raise AACScoreError(f"--widen must be between 1 and 4, not {args.widen:g}")
+    if args.cases and args.families:
+        raise AACScoreError("give --cases or --families, not both")
     families = parse_styles(args.families) if args.families else STYLES
     segmenter = Segmenter.from_package(args.model, args.device, upright=None if args.no_upright_check else "auto")
-    figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, not args.no_sacrum_cropped,
-                                         args.spacing == "known", args.widen, args.turn,
-                                         progress=lambda text: print(text, end="\r", flush=True))
+    settings = dict(sacrum_cropped=not args.no_sacrum_cropped, spacing_known=args.spacing == "known",
+                    widen=args.widen, turns=args.turn, progress=lambda text: print(text, end="\r", flush=True))
+    if args.cases:
+        figures = run_case_benchmark(segmenter, args.cases, **settings)
+    else:
+        figures = run_segmentation_benchmark(segmenter, families, args.n, args.seed, **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "segment_benchmark.json", json.dumps(figures, indent=2) + "\n")

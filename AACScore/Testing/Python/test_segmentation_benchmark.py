@@ -94,3 +94,22 @@ def test_benchmark_stores_images_turned_without_their_tag_for_the_upright_check(
     figures = json.loads((tmp_path / "off" / "segment_benchmark.json").read_text())
     assert code == 0 and figures["upright_check"] is None
     assert figures["families"]["default"]["full"]["segmented_upright"] == 0.0
+
+
+def test_benchmark_of_image_folders(tmp_path):
+    from AACScoreLib.phantoms.generator import write_phantoms
+
+    write_phantoms(tmp_path / "site", 1, 9301, style="default")
+    code = cli_main(["segment-benchmark", "--cases", str(tmp_path / "site"), "--device", "cpu",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    figures = json.loads((tmp_path / "out" / "segment_benchmark.json").read_text())
+    entry = figures["families"]["site"]
+    assert entry["from_files"] and entry["full"]["n"] == 1 and entry["full"]["all_levels_right"] == 1.0
+    assert entry["sacrum cropped"]["n"] == 1 and figures["folders"] == [str(tmp_path / "site")]
+    table = (tmp_path / "out" / "segment_benchmark.md").read_text()
+    assert f"images and label maps from {tmp_path / 'site'}" in table and "| site | full | 1 | 100% |" in table
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["segment-benchmark", "--cases", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert cli_main(["segment-benchmark", "--cases", str(tmp_path / "site"), "--families", "default",
+                     "--out", str(tmp_path / "o")]) == 2
