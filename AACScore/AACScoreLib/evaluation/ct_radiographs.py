@@ -2,11 +2,12 @@
 counting can be tested on real anatomy.
 
 No public lateral radiographs come with their vertebral levels, but CT scans segmented by TotalSegmentator, or
-annotated as in VerSe, do. The CT is turned about its long axis by each beam angle, its attenuation (from Hounsfield
-units, water 0.02 per mm) summed along the left-right axis (a parallel beam: the line integral a radiograph shows,
-bone bright), and written facing either way, with the field of view as scanned and cut just above L1. Its label map
-holds the projected vertebral bodies: where bodies are crossed over at least `MIN_PATH_MM`, the one crossed longest
-(1..5 = L1..L5, 6 = T12, 7 = S1). `aacscore segment-benchmark --cases DIR` reads the pairs.
+annotated as in VerSe, do. The patient (not the CT's table) is turned about the long axis by each beam angle, its
+attenuation (from Hounsfield units, water 0.02 per mm) summed along the left-right axis (a parallel beam: the line
+integral a radiograph shows, bone bright), and written facing either way, with the field of view as scanned and cut
+just above L1. Its label map holds the projected vertebral bodies: where bodies are crossed over at least
+`MIN_PATH_MM`, the one crossed longest (1..5 = L1..L5, 6 = T12, 7 = S1). `aacscore segment-benchmark --cases DIR`
+reads the pairs.
 
 They test anatomy and counting, not the look: a radiograph also has a cone beam, scatter, a focal spot and its
 maker's processing, which this projection does not add. Bodies come from a body mask when one is given
@@ -39,6 +40,7 @@ ID_PRESETS: dict[str, dict[str, int]] = {
 }
 OUR_VALUE = {**{name: index + 1 for index, name in enumerate(VERTEBRAE)}, **CONTEXT_LABELS}
 MU_WATER_PER_MM = 0.02  # linear attenuation of water at about 60 keV
+PATIENT_HU = -400.0  # tissue denser than this is the patient's (air and lung below)
 MIN_PATH_MM = 6.0  # a pixel belongs to a body crossed over at least this length
 BODY_SHARE = 0.45  # the body's share of a vertebra's depth (front to tip of the spinous process)
 IN_PLANE_MM = 1.0  # the CT is resampled to at least this in-plane voxel before turning it
@@ -100,6 +102,48 @@ def vertebral_bodies(vertebra: np.ndarray, body_mask: np.ndarray | None) -> np.n
     return body
 
 
+def vertebra_masks(labels_path: str | Path, ids: dict[str, int], shape: tuple[int, ...], affine: np.ndarray
+                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({level: mask} of the levels in view, {file: sha256}) from one label volume with `ids`, or from a folder of
+    one mask per structure as TotalSegmentator writes by default (`vertebrae_L1.nii.gz`, ...)."""
+    labels_path = Path(labels_path)
+    if labels_path.is_dir():
+        files = {name: labels_path / f"vertebrae_{name}.nii.gz" for name in OUR_VALUE}
+        masks = {name: _on_grid(path, f"mask of {name}", shape, affine) > 0
+                 for name, path in files.items() if path.is_file()}
+        sources = {files[name].name: sha256_file(files[name]) for name in masks}
+    else:
+        values = _on_grid(labels_path, "segmentation", shape, affine)
+        masks = {name: values == ids[name] for name in ids}
+        sources = {labels_path.name: sha256_file(labels_path)}
+    masks = {name: mask for name, mask in masks.items() if mask.any()}
+    missing = [name for name in VERTEBRAE if name not in masks]
+    if missing:
+        where = (f"no vertebrae_<level>.nii.gz with voxels for {', '.join(missing)}" if labels_path.is_dir() else
+                 f"no voxel has the label of {', '.join(missing)} ({', '.join(f'{n}={ids[n]}' for n in missing)}); "
+                 "check --ids")
+        raise AACScoreError(f"{labels_path}: {where}")
+    return masks, sources
+
+
+def patient_mask(ct: np.ndarray) -> np.ndarray:
+    """The patient in a CT: the largest connected body of tissue denser than PATIENT_HU. A radiograph does not show
+    the CT's table, cushions or the edge of its reconstruction field, which lie apart from the patient."""
+    pieces, count = ndimage.label(ct > PATIENT_HU)
+    if count == 0:
+        return np.zeros(ct.shape, bool)
+    sizes = ndimage.sum(np.ones(ct.shape, bool), pieces, index=range(1, count + 1))
+    return pieces == 1 + int(np.argmax(sizes))
+
+
+def _on_grid(path: str | Path, what: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A volume that must lie on the CT's voxel grid."""
+    values, _, own_affine = load_volume(path, what)
+    if values.shape != tuple(shape) or not np.allclose(own_affine, affine, atol=1e-3):
+        raise AACScoreError(f"{path}: the {what}'s grid ({values.shape}) is not the CT's ({tuple(shape)})")
+    return values
+
+
 def _in_plane(volume: np.ndarray, zooms: Sequence[float], order: int) -> tuple[np.ndarray, float]:
     """The volume resampled to square in-plane voxels of max(x, y, IN_PLANE_MM) mm (z kept), and that size."""
     size = max(zooms[0], zooms[1], IN_PLANE_MM)
@@ -136,23 +180,12 @@ def make_ct_radiographs(ct_path: str | Path, labels_path: str | Path, out_dir: s
     """Write `<ct>_a<angle>_<facing>_<view>.nrrd` with `_labels.png` beside each into `out_dir`, and
     `ct_radiographs.json` (sources and settings); returns the images written."""
     ct, zooms, affine = load_volume(ct_path, "CT")
-    segmentation, seg_zooms, seg_affine = load_volume(labels_path, "segmentation")
-    if segmentation.shape != ct.shape or not np.allclose(affine, seg_affine, atol=1e-3):
-        raise AACScoreError(f"{labels_path}: the segmentation's grid ({segmentation.shape}) is not the CT's "
-                            f"({ct.shape}, {ct_path})")
+    vertebrae, sources = vertebra_masks(labels_path, ids, ct.shape, affine)
     body_mask = None
     if bodies_path is not None:
-        body_values, _, body_affine = load_volume(bodies_path, "body mask")
-        if body_values.shape != ct.shape or not np.allclose(affine, body_affine, atol=1e-3):
-            raise AACScoreError(f"{bodies_path}: the body mask's grid ({body_values.shape}) is not the CT's")
-        body_mask = body_values == 1
-    missing = [name for name in VERTEBRAE if not (segmentation == ids[name]).any()]
-    if missing:
-        raise AACScoreError(f"{labels_path}: no voxel has the label of {', '.join(missing)} "
-                            f"({', '.join(f'{n}={ids[n]}' for n in missing)}); check --ids")
-    bodies = {name: vertebral_bodies(segmentation == value, body_mask)
-              for name, value in ids.items() if (segmentation == value).any()}
-    mu = np.clip(ct.astype(np.float32) + 1000.0, 0.0, None) * (MU_WATER_PER_MM / 1000.0)
+        body_mask = _on_grid(bodies_path, "body mask", ct.shape, affine) == 1
+    bodies = {name: vertebral_bodies(mask, body_mask) for name, mask in vertebrae.items()}
+    mu = np.clip(ct.astype(np.float32) + 1000.0, 0.0, None) * (MU_WATER_PER_MM / 1000.0) * patient_mask(ct)
     mu, voxel_mm = _in_plane(mu, zooms, 1)
     bodies = {name: _in_plane(mask.astype(np.float32), zooms, 1)[0] >= 0.5 for name, mask in bodies.items()}
 
@@ -173,7 +206,7 @@ def make_ct_radiographs(ct_path: str | Path, labels_path: str | Path, out_dir: s
                 write_label_png(out_dir / f"{name}_labels.png", truth[rows])
                 written.append(out_dir / f"{name}.nrrd")
     record = {"ct": str(ct_path), "ct_sha256": sha256_file(ct_path), "segmentation": str(labels_path),
-              "segmentation_sha256": sha256_file(labels_path), "ids": ids,
+              "segmentation_sha256": sources, "ids": ids if Path(labels_path).is_file() else "vertebrae_<level> files",
               "bodies": str(bodies_path) if bodies_path else "vertebra masks in front of the spinal canal",
               "ct_voxel_mm": list(zooms), "angles_deg": list(angles), "facings": list(facings), "views": list(views),
               "pixel_spacing_mm": spacing_mm, "mu_water_per_mm": MU_WATER_PER_MM, "min_path_mm": MIN_PATH_MM,
@@ -201,7 +234,9 @@ def add_cli(subparsers) -> None:
                     "radiographs (NRRD) with label maps of the vertebral bodies, for `aacscore segment-benchmark "
                     "--cases`: level counting tested on real anatomy.")
     parser.add_argument("ct", help="CT volume (NIfTI, Hounsfield units)")
-    parser.add_argument("--labels", required=True, help="vertebra segmentation on the CT's grid (NIfTI)")
+    parser.add_argument("--labels", required=True,
+                        help="vertebra segmentation on the CT's grid (NIfTI), or a folder of vertebrae_L1.nii.gz ... "
+                             "masks as TotalSegmentator writes them by default")
     parser.add_argument("--ids", default="totalsegmentator",
                         help=f"label values: a preset ({', '.join(ID_PRESETS)}) or L1=31,L2=30,... (default "
                              "totalsegmentator: its 'total' task)")
@@ -223,9 +258,11 @@ def _run(args: argparse.Namespace) -> int:
         raise AACScoreError(f"--angles: give one or more angles within +-45 degrees, not '{args.angles}'")
     if not 0.1 <= args.spacing <= 3.0:
         raise AACScoreError(f"--spacing must be between 0.1 and 3 mm, not {args.spacing:g}")
-    for path in (args.ct, args.labels, args.bodies):
+    for path in (args.ct, args.bodies):
         if path is not None and not Path(path).is_file():
             raise AACScoreError(f"{path}: no such file")
+    if not Path(args.labels).exists():
+        raise AACScoreError(f"{args.labels}: no such file or folder")
     written = make_ct_radiographs(args.ct, args.labels, args.out, parse_ids(args.ids), args.bodies, angles,
                                   spacing_mm=args.spacing)
     print(f"{len(written)} radiographs with label maps in {args.out}")

@@ -188,7 +188,8 @@ def _run_groups(segmenter, groups: dict, kinds: dict, sacrum_cropped: bool, spac
                 cases.append(case)
             if progress:
                 progress(f"{group} {index + 1}")
-        results[group] = {**kinds[group], **{set_name: summarise(items, turns or 0) for set_name, items in by_set.items()}}
+        results[group] = {**kinds[group],
+                          **{set_name: summarise(items, turns or 0) for set_name, items in by_set.items()}}
     return {
         "segmenter": f"{segmenter.manifest.get('name')}=={segmenter.manifest.get('version')}",
         "classes": list(segmenter.classes), **header,

@@ -10,7 +10,7 @@ import pytest
 from AACScoreLib.cli import main as cli_main
 from AACScoreLib.errors import AACScoreError
 from AACScoreLib.evaluation.ct_radiographs import (ID_PRESETS, TOP_MARGIN_MM, make_ct_radiographs, parse_ids,
-                                                   vertebral_bodies)
+                                                   patient_mask, vertebral_bodies)
 from AACScoreLib.io.labelmaps import read_label_map
 from AACScoreLib.io.radiograph import read_radiograph
 
@@ -66,6 +66,16 @@ def test_a_body_is_the_part_in_front_of_the_canal():
     assert kept.min() == 31 and kept.max() == 49  # 49 - 0.45 * 39, rounded
 
 
+def test_the_ct_table_is_not_part_of_the_patient():
+    ct = np.full((30, 40, 20), -1000.0)
+    ct[5:25, 10:35, :] = 40  # the patient
+    ct[12:18, 20:26, 5:15] = 600  # bone inside
+    ct[:, 2:5, :] = 300  # the table, apart from the patient by air
+    mask = patient_mask(ct)
+    assert mask[5:25, 10:35, :].all() and not mask[:, 2:5, :].any() and mask.sum() == 20 * 25 * 20
+    assert not patient_mask(np.full((4, 4, 4), -1000.0)).any()
+
+
 def test_lateral_radiographs_with_their_levels(tmp_path):
     ct, seg = _ct(tmp_path)
     written = make_ct_radiographs(ct, seg, tmp_path / "out", TS, angles=(0.0, 10.0), spacing_mm=0.5)
@@ -117,3 +127,28 @@ def test_label_values_by_preset_or_named():
         parse_ids("L1=3")
     with pytest.raises(AACScoreError, match="'L7=3' is not NAME=VALUE"):
         parse_ids("L7=3")
+
+
+def test_a_folder_of_masks_as_totalsegmentator_writes_them(tmp_path):
+    import nibabel
+
+    ct, seg = _ct(tmp_path)
+    image = nibabel.load(str(seg))
+    values = np.asarray(image.dataobj)
+    folder = tmp_path / "segmentations"
+    folder.mkdir()
+    for name in ("L1", "L2", "L3", "L4", "L5", "T12", "S1", "T11"):  # T11: not a level read, and empty
+        nibabel.save(nibabel.Nifti1Image((values == TS.get(name, -1)).astype(np.uint8), image.affine),
+                     str(folder / f"vertebrae_{name}.nii.gz"))
+    from_file = make_ct_radiographs(ct, seg, tmp_path / "a", TS, angles=(0.0,), facings=("right",), views=("full",))
+    from_folder = make_ct_radiographs(ct, folder, tmp_path / "b", TS, angles=(0.0,), facings=("right",),
+                                      views=("full",))
+    labels = [read_label_map(path.with_name(path.stem + "_labels.png"), None, context=True)
+              for path in (from_file[0], from_folder[0])]
+    assert np.array_equal(*labels) and set(np.unique(labels[0])) == set(range(8))
+    record = json.loads((tmp_path / "b" / "ct_radiographs.json").read_text())
+    assert set(record["segmentation_sha256"]) == {f"vertebrae_{n}.nii.gz" for n in ("L1", "L2", "L3", "L4", "L5",
+                                                                                     "T12", "S1")}
+    (folder / "vertebrae_L4.nii.gz").unlink()
+    with pytest.raises(AACScoreError, match="segmentations: no vertebrae_<level>.nii.gz with voxels for L4"):
+        make_ct_radiographs(ct, folder, tmp_path / "c", TS)
