@@ -66,8 +66,8 @@ def parse_ids(text: str) -> dict[str, int]:
     return ids
 
 
-def load_volume(path: str | Path, what: str):
-    """(array in RAS order, voxel size in mm) of a NIfTI volume, or a one-line error naming the file."""
+def load_volume(path: str | Path, what: str) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """(array in RAS order, voxel size in mm, affine) of a NIfTI volume, or a one-line error naming the file."""
     import nibabel
 
     try:
