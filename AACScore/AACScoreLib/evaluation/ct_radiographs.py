@@ -26,9 +26,10 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import AACScoreError
-from ..io.atomic import atomic_path, write_text_atomic
+from ..io.atomic import write_text_atomic
 from ..io.checksums import sha256_file
 from ..io.labelmaps import write_label_png
+from ..io.training_set import write_nrrd_2d
 from ..kauppila import CONTEXT_LABELS, VERTEBRAE
 
 # Label value of each vertebra in a segmentation, by the tool that wrote it.
@@ -144,30 +145,30 @@ def _on_grid(path: str | Path, what: str, shape: tuple[int, ...], affine: np.nda
     return values
 
 
-def _in_plane(volume: np.ndarray, zooms: Sequence[float], order: int) -> tuple[np.ndarray, float]:
+def _in_plane(volume: np.ndarray, zooms: Sequence[float]) -> tuple[np.ndarray, float]:
     """The volume resampled to square in-plane voxels of max(x, y, IN_PLANE_MM) mm (z kept), and that size."""
     size = max(zooms[0], zooms[1], IN_PLANE_MM)
     factors = (zooms[0] / size, zooms[1] / size, 1.0)
     if np.allclose(factors, 1.0):
         return volume, size
-    return ndimage.zoom(volume, factors, order=order, grid_mode=True, mode="grid-constant"), size
+    return ndimage.zoom(volume, factors, order=1, grid_mode=True, mode="grid-constant"), size
 
 
 def project_lateral(mu: np.ndarray, bodies: dict[str, np.ndarray], voxel_mm: float, z_mm: float, angle: float,
                     spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """(image, label map) of a lateral view turned by `angle` degrees about the long axis, rows superior to
     inferior, anterior on the right, pixels of `spacing_mm`."""
-    def turned(array: np.ndarray, order: int) -> np.ndarray:
-        return ndimage.rotate(array, angle, axes=(0, 1), reshape=False, order=order) if angle else array
+    def turned(array: np.ndarray) -> np.ndarray:
+        return ndimage.rotate(array, angle, axes=(0, 1), reshape=False, order=1) if angle else array
 
     factors = (z_mm / spacing_mm, voxel_mm / spacing_mm)
 
     def view(plane: np.ndarray, order: int) -> np.ndarray:  # (y, z) plane -> rows z (superior first), columns y
         return ndimage.zoom(plane.T[::-1], factors, order=order, grid_mode=True, mode="grid-constant")
 
-    image = view(turned(mu, 1).sum(axis=0) * voxel_mm, 3).astype(np.float32)
+    image = view(turned(mu).sum(axis=0) * voxel_mm, 3).astype(np.float32)
     names = list(bodies)
-    paths = np.stack([view(turned(bodies[n].astype(np.float32), 1).sum(axis=0) * voxel_mm, 1) for n in names])
+    paths = np.stack([view(turned(bodies[n].astype(np.float32)).sum(axis=0) * voxel_mm, 1) for n in names])
     values = np.array([OUR_VALUE[n] for n in names], np.uint8)
     labels = np.where(paths.max(axis=0) >= MIN_PATH_MM, values[paths.argmax(axis=0)], 0).astype(np.uint8)
     return image, labels
@@ -186,8 +187,8 @@ def make_ct_radiographs(ct_path: str | Path, labels_path: str | Path, out_dir: s
         body_mask = _on_grid(bodies_path, "body mask", ct.shape, affine) == 1
     bodies = {name: vertebral_bodies(mask, body_mask) for name, mask in vertebrae.items()}
     mu = np.clip(ct.astype(np.float32) + 1000.0, 0.0, None) * (MU_WATER_PER_MM / 1000.0) * patient_mask(ct)
-    mu, voxel_mm = _in_plane(mu, zooms, 1)
-    bodies = {name: _in_plane(mask.astype(np.float32), zooms, 1)[0] >= 0.5 for name, mask in bodies.items()}
+    mu, voxel_mm = _in_plane(mu, zooms)
+    bodies = {name: _in_plane(mask.astype(np.float32), zooms)[0] >= 0.5 for name, mask in bodies.items()}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def make_ct_radiographs(ct_path: str | Path, labels_path: str | Path, out_dir: s
             for view in views:
                 rows = slice(top if view == "top-at-L1" else 0, None)
                 name = f"{stem}_a{angle:+g}_{facing}_{view}"
-                _write_nrrd(out_dir / f"{name}.nrrd", pixels[rows], spacing_mm)
+                write_nrrd_2d(out_dir / f"{name}.nrrd", pixels[rows].astype(np.float32), (spacing_mm,) * 2)
                 write_label_png(out_dir / f"{name}_labels.png", truth[rows])
                 written.append(out_dir / f"{name}.nrrd")
     record = {"ct": str(ct_path), "ct_sha256": sha256_file(ct_path), "segmentation": str(labels_path),
@@ -213,15 +214,6 @@ def make_ct_radiographs(ct_path: str | Path, labels_path: str | Path, out_dir: s
               "images": [p.name for p in written]}
     write_text_atomic(out_dir / "ct_radiographs.json", json.dumps(record, indent=2) + "\n")
     return written
-
-
-def _write_nrrd(path: Path, pixels: np.ndarray, spacing_mm: float) -> None:
-    import nrrd
-
-    with atomic_path(path) as temporary:
-        nrrd.write(str(temporary), np.ascontiguousarray(pixels, np.float32),
-                   {"space dimension": 2, "space directions": [[spacing_mm, 0.0], [0.0, spacing_mm]]},
-                   index_order="C")
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -158,8 +158,8 @@ class TrainingSet:
             (self.folder / LABELS).mkdir(parents=True, exist_ok=True)
             image = self.folder / IMAGES / f"{case}_0000{FILE_ENDING}"
             label_file = self.folder / LABELS / f"{case}{FILE_ENDING}"
-            _write_nrrd(image, _storage_pixels(radiograph.pixels), radiograph.spacing)
-            _write_nrrd(label_file, labels.astype(np.uint8), radiograph.spacing)
+            write_nrrd_2d(image, _storage_pixels(radiograph.pixels), radiograph.spacing)
+            write_nrrd_2d(label_file, labels.astype(np.uint8), radiograph.spacing)
             rows = {row["case"]: row for row in self._read_csv(CASES_CSV)}
             old = rows.get(case, {})
             rows[case] = {
@@ -237,7 +237,7 @@ def _storage_pixels(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
-def _write_nrrd(path: Path, array: np.ndarray, spacing: tuple[float, float]) -> None:
+def write_nrrd_2d(path: Path, array: np.ndarray, spacing: tuple[float, float]) -> None:
     """A 2D NRRD with its spacing as space directions (columns first, as NRRD orders axes), atomically."""
     import nrrd
 
